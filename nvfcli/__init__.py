@@ -1,0 +1,1 @@
+"""The nvf command line: a thin Typer shell over `stages`."""

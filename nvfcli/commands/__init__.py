@@ -1,0 +1,1 @@
+"""One module per command: parse options, build the stage Config, call the stage."""

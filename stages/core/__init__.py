@@ -1,0 +1,1 @@
+"""Shared core of the stages: formats, layouts, geometry, batching, models. Imports no stage."""

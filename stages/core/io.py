@@ -1,0 +1,568 @@
+"""Every on-disk format nvf reads or writes, in one place.
+
+- safetensors *records*: named tensors + string metadata (kind, producing stage, nvf version, config
+  JSON, input hash, row names, capture id, conventions), validated on load;
+- atomic writes: every file nvf writes goes to a temp file beside the target and is renamed into
+  place, so an interrupted run never leaves a half-written output;
+- PLY point clouds (points, colours, normals) through Open3D;
+- images (EXIF orientation applied, RGB uint8);
+- nerfstudio ``transforms.json`` (OpenGL camera-to-world, per-frame intrinsics when cameras differ);
+- COLMAP text models (cameras.txt, images.txt, points3D.txt).
+
+Convention: poses in records are world-to-camera OpenCV (x_cam = R x_world + T), see
+`stages.core.geometry`. Conversions to other frames happen here, at the format boundary, only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.core import geometry
+from stages.core.errors import InputError, RecordError
+
+FORMAT_VERSION = "1"
+POSE_CONVENTION = "opencv_w2c: x_cam = R @ x_world + T; x right, y down, z forward; pixel centres at +0.5"
+DEPTH_CONVENTION = "z-depth along the optical axis; 0 = invalid"
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it is renamed onto ``path``, on error removed.
+
+    The temp name keeps the suffix (libraries such as Open3D pick the format from it) and starts
+    with ``.`` plus ends in ``.tmp-<suffix>`` so that half-written files are easy to spot and are
+    never mistaken for outputs.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder beside ``path``; on success it replaces ``path`` (which must not exist)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically; returns its path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write JSON (indented, keys in insertion order, numpy values converted) atomically."""
+    return write_text(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; a missing or malformed file is an InputError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); rewrite or delete it") from None
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, numpy scalars/arrays, Paths and tuples -> plain JSON types."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def hash_inputs(*parts: Any) -> str:
+    """A short stable hash (sha256, 16 hex) of JSON-able parts, file paths hashed by content."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path):
+            digest.update(hash_file(part).encode())
+        elif isinstance(part, bytes):
+            digest.update(part)
+        else:
+            digest.update(json.dumps(to_jsonable(part), sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def hash_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors records
+# ----------------------------------------------------------------------------------------------
+
+# Expected tensors per record kind: key -> shape, where "N" is the row count (len(names)) and other
+# strings are symbols that must agree across keys of one record (e.g. "H", "W").
+SCHEMAS: dict[str, dict[str, tuple[int | str, ...]]] = {
+    "poses": {"R": ("N", 3, 3), "T": ("N", 3), "K": ("N", 3, 3), "width": ("N",), "height": ("N",)},
+    "depth": {"depth": ("N", "H", "W")},
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    """A loaded record: tensors (numpy) plus the metadata written with them."""
+
+    path: Path
+    tensors: dict[str, np.ndarray]
+    kind: str
+    stage: str
+    capture: str
+    names: list[str]
+    config: dict[str, Any] = field(default_factory=dict)
+    inputs_hash: str = ""
+    nvf_version: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        try:
+            return self.tensors[key]
+        except KeyError:
+            raise RecordError(f"{self.path}: no tensor '{key}' in this {self.kind} record") from None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def save_record(
+    path: str | os.PathLike,
+    tensors: Mapping[str, Any],
+    *,
+    kind: str,
+    stage: str,
+    capture: str,
+    names: Sequence[str],
+    config: Any = None,
+    inputs_hash: str = "",
+    extra: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``tensors`` (numpy arrays or torch tensors) as a safetensors record, atomically.
+
+    ``names`` are the row names (image file names) in row order; ``kind`` is what the record holds
+    (poses, depth, ...), ``stage`` what produced it. Every record carries the nvf version, the
+    config as JSON, the input hash and the pose/depth conventions in its metadata.
+    """
+    from safetensors.numpy import save_file
+
+    from stages import __version__
+
+    arrays = {key: _to_numpy(value) for key, value in tensors.items()}
+    _validate_shapes(Path(path), kind, arrays, len(names))
+    metadata = {
+        "nvf_format": FORMAT_VERSION,
+        "nvf_kind": kind,
+        "nvf_stage": stage,
+        "nvf_version": __version__,
+        "capture": capture,
+        "names": json.dumps(list(names)),
+        "config": json.dumps(to_jsonable(config if config is not None else {}), sort_keys=True),
+        "inputs": inputs_hash,
+        "pose_convention": POSE_CONVENTION,
+        "depth_convention": DEPTH_CONVENTION,
+    }
+    for key, value in (extra or {}).items():
+        if key in metadata:
+            raise ValueError(f"extra metadata key '{key}' clashes with a reserved key")
+        metadata[key] = str(value)
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def load_record(
+    path: str | os.PathLike,
+    *,
+    kind: str | None = None,
+    capture: str | None = None,
+    stage: str | None = None,
+    schema: Mapping[str, tuple[int | str, ...]] | None = None,
+) -> Record:
+    """Read and validate a record. Every mismatch is a RecordError naming the file and the fix.
+
+    ``kind``/``capture``/``stage`` must match the metadata when given; tensors are checked against
+    ``schema`` (default: ``SCHEMAS[kind]``).
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecordError(f"{path}: record not found; run the stage that writes it first")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = dict(handle.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RecordError(f"{path}: not a readable safetensors file ({exc}); delete it and rerun the stage") from None
+    if "nvf_kind" not in metadata:
+        raise RecordError(f"{path}: not an nvf record (no nvf metadata); was it written by nvf?")
+    found_kind = metadata["nvf_kind"]
+    if kind is not None and found_kind != kind:
+        raise RecordError(f"{path}: holds a '{found_kind}' record where a '{kind}' record was expected")
+    if stage is not None and metadata.get("nvf_stage") != stage:
+        raise RecordError(f"{path}: written by stage '{metadata.get('nvf_stage')}', expected '{stage}'")
+    if capture is not None and metadata.get("capture") != capture:
+        raise RecordError(
+            f"{path}: belongs to capture '{metadata.get('capture')}', not '{capture}'; records of different captures "
+            "cannot be combined"
+        )
+    try:
+        names = json.loads(metadata.get("names", "[]"))
+        config = json.loads(metadata.get("config", "{}"))
+    except json.JSONDecodeError:
+        raise RecordError(f"{path}: corrupt metadata (names/config are not JSON); delete it and rerun") from None
+    _validate_shapes(path, found_kind, tensors, len(names), schema)
+    reserved = {"nvf_format", "nvf_kind", "nvf_stage", "nvf_version", "capture", "names", "config", "inputs"}
+    return Record(
+        path=path,
+        tensors=tensors,
+        kind=found_kind,
+        stage=metadata.get("nvf_stage", ""),
+        capture=metadata.get("capture", ""),
+        names=names,
+        config=config,
+        inputs_hash=metadata.get("inputs", ""),
+        nvf_version=metadata.get("nvf_version", ""),
+        extra={k: v for k, v in metadata.items() if k not in reserved},
+    )
+
+
+def read_record_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a record without loading its tensors (cheap: used to decide what to skip)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        return dict(handle.metadata() or {})
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch.Tensor without importing torch here
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _validate_shapes(
+    path: Path,
+    kind: str,
+    tensors: Mapping[str, np.ndarray],
+    n_rows: int,
+    schema: Mapping[str, tuple[int | str, ...]] | None = None,
+) -> None:
+    schema = SCHEMAS.get(kind, {}) if schema is None else schema
+    symbols: dict[str, int] = {"N": n_rows}
+    for key, expected in schema.items():
+        if key not in tensors:
+            raise RecordError(f"{path}: {kind} record is missing tensor '{key}'; rerun the stage that writes it")
+        shape = tensors[key].shape
+        ok = len(shape) == len(expected)
+        for dim, want in zip(shape, expected) if ok else ():
+            if isinstance(want, str):
+                ok = ok and symbols.setdefault(want, dim) == dim
+            else:
+                ok = ok and dim == want
+        if not ok:
+            want_text = "[" + ", ".join(str(symbols.get(w, w)) if isinstance(w, str) else str(w) for w in expected) + "]"
+            raise RecordError(f"{path}: tensor '{key}' has shape {list(shape)}, expected {want_text}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as RGB uint8 [H, W, 3] with its EXIF orientation applied.
+
+    A missing, truncated or undecodable file is an InputError naming the file.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: corrupt or unreadable image ({exc}); replace or remove the file") from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, reading only the header."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{path}: corrupt or unreadable image ({exc}); replace or remove the file") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def write_image(path: str | os.PathLike, image_hw3: np.ndarray) -> Path:
+    """Write an RGB (or grey) uint8 image atomically; the format follows the suffix."""
+    from PIL import Image
+
+    image_hw3 = np.asarray(image_hw3)
+    if image_hw3.dtype != np.uint8:
+        raise ValueError(f"write_image wants uint8, got {image_hw3.dtype}")
+    with atomic_path(path) as tmp:
+        Image.fromarray(image_hw3).save(tmp, format=Image.registered_extensions()[Path(path).suffix.lower()])
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# PLY point clouds (Open3D)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PointCloud:
+    """Points [N,3] float64 with optional colours [N,3] float64 in 0..1 and normals [N,3]."""
+
+    points: np.ndarray
+    colors: np.ndarray | None = None
+    normals: np.ndarray | None = None
+
+
+def write_ply(
+    path: str | os.PathLike,
+    points_n3: np.ndarray,
+    colors_n3: np.ndarray | None = None,
+    normals_n3: np.ndarray | None = None,
+) -> Path:
+    """Write a binary PLY atomically. Colours are uint8 0..255 or float 0..1."""
+    o3d = import_open3d()
+    points_n3 = np.asarray(points_n3, dtype=np.float64).reshape(-1, 3)
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points_n3))
+    if colors_n3 is not None:
+        colors_n3 = np.asarray(colors_n3)
+        colors_n3 = colors_n3 / 255.0 if colors_n3.dtype == np.uint8 else colors_n3
+        cloud.colors = o3d.utility.Vector3dVector(np.asarray(colors_n3, dtype=np.float64).reshape(-1, 3))
+    if normals_n3 is not None:
+        cloud.normals = o3d.utility.Vector3dVector(np.asarray(normals_n3, dtype=np.float64).reshape(-1, 3))
+    with atomic_path(path) as tmp:
+        if not o3d.io.write_point_cloud(str(tmp), cloud, write_ascii=False):
+            raise OSError(f"Open3D could not write {path}")
+    return Path(path)
+
+
+def read_ply(path: str | os.PathLike) -> PointCloud:
+    """Read a PLY point cloud; a missing or empty file is an InputError."""
+    o3d = import_open3d()
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: point cloud not found")
+    cloud = o3d.io.read_point_cloud(str(path), format="ply")
+    if len(cloud.points) == 0:
+        raise InputError(f"{path}: no points could be read (empty or not a PLY file)")
+    return PointCloud(
+        points=np.asarray(cloud.points),
+        colors=np.asarray(cloud.colors) if cloud.has_colors() else None,
+        normals=np.asarray(cloud.normals) if cloud.has_normals() else None,
+    )
+
+
+def import_open3d():
+    """Import Open3D, turning its missing-system-library failure into a clear error."""
+    try:
+        import open3d
+    except OSError as exc:  # e.g. libusb-1.0.so.0: cannot open shared object file
+        raise InputError(
+            f"open3d cannot load a system library ({exc}); install it: apt-get install libusb-1.0-0 libgomp1"
+        ) from None
+    return open3d
+
+
+# ----------------------------------------------------------------------------------------------
+# nerfstudio transforms.json
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CameraSet:
+    """Posed pinhole cameras: names [N], R [N,3,3], T [N,3] (OpenCV w2c), K [N,3,3], width/height [N]."""
+
+    names: list[str]
+    R: np.ndarray
+    T: np.ndarray
+    K: np.ndarray
+    width: np.ndarray
+    height: np.ndarray
+
+
+def write_transforms(
+    path: str | os.PathLike,
+    cameras: CameraSet,
+    *,
+    image_dir: str = "images",
+    extra_frames: Sequence[Mapping[str, Any]] | None = None,
+    applied_transform: np.ndarray | None = None,
+) -> Path:
+    """Write nerfstudio's transforms.json (camera-to-world, OpenGL frame: x right, y up, z back).
+
+    Intrinsics go at the top level when every camera shares them, per frame otherwise; file paths
+    are ``<image_dir>/<name>``. ``applied_transform`` (3x4) is recorded for dataparsers that undo it.
+    """
+    c2w = geometry.opencv_w2c_to_opengl_c2w(cameras.R, cameras.T)  # [N, 4, 4]
+    intrinsics = [_intrinsics_dict(k, int(w), int(h)) for k, w, h in zip(cameras.K, cameras.width, cameras.height)]
+    shared = all(entry == intrinsics[0] for entry in intrinsics)
+    doc: dict[str, Any] = {"camera_model": "OPENCV"}
+    if shared and intrinsics:
+        doc.update(intrinsics[0])
+    frames = []
+    for i, name in enumerate(cameras.names):
+        frame: dict[str, Any] = {"file_path": f"{image_dir}/{name}" if image_dir else name}
+        if not shared:
+            frame.update(intrinsics[i])
+        frame["transform_matrix"] = c2w[i].tolist()
+        if extra_frames is not None:
+            frame.update(extra_frames[i])
+        frames.append(frame)
+    doc["frames"] = frames
+    if applied_transform is not None:
+        doc["applied_transform"] = np.asarray(applied_transform, dtype=float)[:3].tolist()
+    return write_json(path, doc)
+
+
+def read_transforms(path: str | os.PathLike) -> CameraSet:
+    """Read a nerfstudio transforms.json back into OpenCV world-to-camera cameras."""
+    doc = read_json(path)
+    if not isinstance(doc, dict) or not doc.get("frames"):
+        raise InputError(f"{path}: no frames in transforms.json")
+    names, c2w, Ks, widths, heights = [], [], [], [], []
+    for frame in doc["frames"]:
+        source = {**doc, **frame}
+        try:
+            Ks.append([[source["fl_x"], 0, source["cx"]], [0, source["fl_y"], source["cy"]], [0, 0, 1]])
+            widths.append(int(source["w"]))
+            heights.append(int(source["h"]))
+            c2w.append(frame["transform_matrix"])
+        except KeyError as exc:
+            raise InputError(f"{path}: frame {frame.get('file_path')} lacks {exc}") from None
+        names.append(Path(frame["file_path"]).name)
+    R, T = geometry.opengl_c2w_to_opencv_w2c(np.asarray(c2w, dtype=np.float64))
+    return CameraSet(names, R, T, np.asarray(Ks, dtype=np.float64), np.asarray(widths), np.asarray(heights))
+
+
+def _intrinsics_dict(K: np.ndarray, width: int, height: int) -> dict[str, Any]:
+    return {
+        "fl_x": float(K[0, 0]),
+        "fl_y": float(K[1, 1]),
+        "cx": float(K[0, 2]),
+        "cy": float(K[1, 2]),
+        "w": width,
+        "h": height,
+        "k1": 0.0,
+        "k2": 0.0,
+        "p1": 0.0,
+        "p2": 0.0,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# COLMAP text model
+# ----------------------------------------------------------------------------------------------
+
+
+def write_colmap_text(
+    folder: str | os.PathLike,
+    cameras: CameraSet,
+    points_n3: np.ndarray | None = None,
+    colors_n3: np.ndarray | None = None,
+) -> Path:
+    """Export cameras, images and (optionally) 3D points as a COLMAP text model, atomically.
+
+    One PINHOLE camera per distinct (K, width, height); image poses as COLMAP stores them
+    (quaternion w,x,y,z and translation of world-to-camera, the same convention as nvf). Points
+    are written without tracks (COLMAP accepts empty tracks). COLMAP's K uses the same +0.5 pixel
+    centre convention as nvf, so no shift is applied.
+    """
+    camera_ids: dict[tuple, int] = {}
+    camera_lines, image_lines = [], []
+    quats = geometry.rotmat_to_quat(cameras.R)
+    for i, name in enumerate(cameras.names):
+        K, width, height = cameras.K[i], int(cameras.width[i]), int(cameras.height[i])
+        key = (width, height, float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2]))
+        if key not in camera_ids:
+            camera_ids[key] = len(camera_ids) + 1
+            camera_lines.append(f"{camera_ids[key]} PINHOLE {width} {height} " + " ".join(repr(v) for v in key[2:]))
+        qw, qx, qy, qz = (repr(float(v)) for v in quats[i])
+        tx, ty, tz = (repr(float(v)) for v in cameras.T[i])
+        image_lines.append(f"{i + 1} {qw} {qx} {qy} {qz} {tx} {ty} {tz} {camera_ids[key]} {name}")
+        image_lines.append("")  # no 2D points
+    point_lines = []
+    if points_n3 is not None:
+        colors = np.zeros_like(points_n3, dtype=np.uint8) if colors_n3 is None else np.asarray(colors_n3)
+        colors = (np.clip(colors, 0, 1) * 255).round().astype(np.uint8) if colors.dtype != np.uint8 else colors
+        for j, (point, color) in enumerate(zip(np.asarray(points_n3, dtype=float), colors)):
+            point_lines.append(f"{j + 1} {point[0]!r} {point[1]!r} {point[2]!r} {color[0]} {color[1]} {color[2]} 0")
+    header = "# written by nvf\n"
+    with atomic_dir(folder) as tmp:
+        (tmp / "cameras.txt").write_text(header + "\n".join(camera_lines) + "\n")
+        (tmp / "images.txt").write_text(header + "\n".join(image_lines) + "\n")
+        (tmp / "points3D.txt").write_text(header + "\n".join(point_lines) + ("\n" if point_lines else ""))
+    return Path(folder)

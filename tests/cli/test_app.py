@@ -1,0 +1,90 @@
+"""The command line as a user meets it: version, info, scan, synth, and the one error path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from nvfcli.app import app
+from stages import __version__
+from tests.helpers import make_multipie_tree, write_tiny_png
+
+runner = CliRunner()
+
+
+def invoke(*args: str, env: dict | None = None):
+    return runner.invoke(app, list(args), env=env)
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"nvf {__version__}"
+
+
+def test_info_json_reports_versions_devices_and_offline_hub():
+    result = invoke("info", "--json", env={"HF_HUB_OFFLINE": "1"})
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["libraries"]["torch"] and report["libraries"]["safetensors"]
+    assert report["devices"][0]["name"].startswith("cpu") and report["devices"][0]["free_gib"] > 0
+    assert report["hub"] == {"endpoint": report["hub"]["endpoint"], "offline": True, "reachable": False}
+    assert "nvf cache" in report["caches"]
+
+
+def test_scan_summary_list_and_json(tmp_path):
+    make_multipie_tree(tmp_path / "data", subjects=(1, 2), shots=(0, 7))
+    listed = invoke("scan", str(tmp_path / "data"), "--list")
+    assert listed.exit_code == 0
+    assert listed.stdout.split() == ["001_01_01_00", "001_01_01_07", "002_01_01_00", "002_01_01_07"]
+    as_json = invoke("scan", str(tmp_path / "data"), "--json", "--subject", "2", "--protocol", "p")
+    summary = json.loads(as_json.stdout)["summary"]
+    assert summary["subjects"] == 1 and summary["images"] == 2 * 13
+    written = invoke("scan", str(tmp_path / "data"), "--out", str(tmp_path / "index.json"))
+    assert written.exit_code == 0 and str(tmp_path / "index.json") in written.stdout
+    doc = json.loads((tmp_path / "index.json").read_text())
+    assert doc["summary"]["captures"] == 4 and len(doc["captures"][0]["images"]) == 15
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["scan", "{tmp}/missing"], "no such folder"),
+        (["scan", "{tmp}/misnamed", "--layout", "multipie"], "do not follow the Multi-PIE naming"),
+        (["scan", "{tmp}/misnamed", "--protocol", "Z"], "unknown protocol 'Z'"),
+        (["scan", "{tmp}/misnamed", "--subject", "one"], "bad subject 'one'"),
+        (["synth", "{tmp}/s", "--preset", "huge"], "unknown preset 'huge'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    write_tiny_png(tmp_path / "misnamed" / "face.png")
+    result = invoke(*[a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_unknown_layout_is_a_usage_error(tmp_path):
+    result = invoke("scan", str(tmp_path), "--layout", "sideways")
+    assert result.exit_code == 2 and "sideways" in result.stderr
+
+
+def test_nvf_debug_shows_the_traceback(tmp_path):
+    result = invoke("scan", str(tmp_path / "missing"), env={"NVF_DEBUG": "1"})
+    assert result.exit_code != 0 and type(result.exception).__name__ == "InputError"
+
+
+def test_console_script_error_line_and_exit_code(tmp_path):
+    """The installed entry point, run as a user would, keeps stdout clean and says one line on stderr."""
+    nvf = os.path.join(os.path.dirname(sys.executable), "nvf")
+    if not os.path.exists(nvf):
+        pytest.skip("nvf console script not installed in this environment (pip install -e .)")
+    done = subprocess.run([nvf, "scan", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "no such folder" in done.stderr

@@ -1,0 +1,264 @@
+"""Round trips and error paths of every on-disk format in stages.core.io."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages.core import geometry, io
+from stages.core.errors import InputError, RecordError
+
+
+def _poses(n: int = 4) -> dict[str, np.ndarray]:
+    R, T = geometry.ring_pose(np.linspace(-45, 45, n), np.zeros(n), 3.0)
+    K = np.tile(np.array([[100.0, 0, 32], [0, 100.0, 32], [0, 0, 1]]), (n, 1, 1))
+    size = np.full(n, 64, dtype=np.int32)
+    return {"R": R, "T": T, "K": K, "width": size, "height": size}
+
+
+def _cameras(n: int = 4) -> io.CameraSet:
+    p = _poses(n)
+    return io.CameraSet([f"v{i}.png" for i in range(n)], p["R"], p["T"], p["K"], p["width"], p["height"])
+
+
+# -- atomic writes ---------------------------------------------------------------------------------
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_atomic_path_replaces_on_success(tmp_path):
+    target = tmp_path / "sub" / "out.json"
+    io.write_json(target, {"a": np.float32(1.5), "b": np.arange(3)})
+    assert json.loads(target.read_text()) == {"a": 1.5, "b": [0, 1, 2]}
+    assert [p.name for p in target.parent.iterdir()] == ["out.json"]
+
+
+# -- records ---------------------------------------------------------------------------------------
+
+
+def test_record_round_trip_keeps_values_and_metadata(tmp_path):
+    tensors = _poses()
+    path = io.save_record(
+        tmp_path / "poses.safetensors", tensors, kind="poses", stage="poses", capture="001_01_01_00",
+        names=[f"v{i}.png" for i in range(4)], config={"mapper": "incremental"}, inputs_hash="abc",
+        extra={"camera_ids": json.dumps(["110", "120", "090", "080"])},
+    )  # fmt: skip
+    record = io.load_record(path, kind="poses", capture="001_01_01_00")
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(record[key], value)
+        assert record[key].dtype == value.dtype
+    assert record.names == ["v0.png", "v1.png", "v2.png", "v3.png"]
+    assert record.config == {"mapper": "incremental"}
+    assert record.inputs_hash == "abc" and record.stage == "poses" and record.kind == "poses"
+    assert json.loads(record.extra["camera_ids"]) == ["110", "120", "090", "080"]
+    assert "opencv_w2c" in record.extra["pose_convention"]
+    assert record.nvf_version
+
+
+def test_record_accepts_torch_tensors(tmp_path):
+    torch = pytest.importorskip("torch")
+    depth = torch.rand(2, 5, 7)
+    path = io.save_record(tmp_path / "d.safetensors", {"depth": depth}, kind="depth", stage="depth",
+                          capture="c", names=["a", "b"])  # fmt: skip
+    np.testing.assert_array_equal(io.load_record(path, kind="depth")["depth"], depth.numpy())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda t: t.pop("K"), "missing tensor 'K'"),
+        (lambda t: t.update(T=np.zeros((4, 4))), "tensor 'T' has shape [4, 4], expected [4, 3]"),
+        (lambda t: t.update(R=np.zeros((3, 3, 3))), "tensor 'R' has shape [3, 3, 3], expected [4, 3, 3]"),
+    ],
+)
+def test_record_shape_errors_name_the_tensor(tmp_path, mutate, message):
+    tensors = _poses()
+    mutate(tensors)
+    with pytest.raises(RecordError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        io.save_record(tmp_path / "p.safetensors", tensors, kind="poses", stage="poses", capture="c",
+                       names=[str(i) for i in range(4)])  # fmt: skip
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_record_symbolic_dims_must_agree(tmp_path):
+    schema = {"a": ("N", "H"), "b": ("N", "H")}
+    path = tmp_path / "x.safetensors"
+    io.save_record(path, {"a": np.zeros((2, 3)), "b": np.zeros((2, 4))}, kind="other", stage="s", capture="c",
+                   names=["p", "q"])  # fmt: skip
+    with pytest.raises(RecordError, match=r"tensor 'b' has shape \[2, 4\], expected \[2, 3\]"):
+        io.load_record(path, schema=schema)
+
+
+def test_record_wrong_kind_capture_stage(tmp_path):
+    path = io.save_record(tmp_path / "p.safetensors", _poses(), kind="poses", stage="synth", capture="001_01_01_00",
+                          names=list("abcd"))  # fmt: skip
+    with pytest.raises(RecordError, match="holds a 'poses' record where a 'depth' record was expected"):
+        io.load_record(path, kind="depth")
+    with pytest.raises(RecordError, match="belongs to capture '001_01_01_00', not '002_01_01_00'"):
+        io.load_record(path, capture="002_01_01_00")
+    with pytest.raises(RecordError, match="written by stage 'synth', expected 'poses'"):
+        io.load_record(path, stage="poses")
+
+
+def test_record_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(RecordError, match="record not found"):
+        io.load_record(tmp_path / "nope.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(RecordError, match="not a readable safetensors file"):
+        io.load_record(bad)
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(RecordError, match="not an nvf record"):
+        io.load_record(tmp_path / "foreign.safetensors")
+
+
+def test_hash_inputs_is_stable_and_content_based(tmp_path):
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"same")
+    b.write_bytes(b"same")
+    assert io.hash_inputs(a, {"x": 1}) == io.hash_inputs(b, {"x": 1})
+    assert io.hash_inputs(a, {"x": 1}) != io.hash_inputs(a, {"x": 2})
+    assert len(io.hash_inputs("anything")) == 16
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+
+def test_image_round_trip_png(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    path = io.write_image(tmp_path / "a.png", image)
+    np.testing.assert_array_equal(io.read_image(path), image)
+    assert io.image_size(path) == (7, 5)
+
+
+def test_image_exif_orientation_is_applied(tmp_path):
+    image = np.zeros((16, 24, 3), dtype=np.uint8)
+    image[:4, :, 0] = 255  # top rows red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    Image.fromarray(image).save(tmp_path / "r.jpg", exif=exif, quality=100)
+    shown = io.read_image(tmp_path / "r.jpg")
+    assert shown.shape == (24, 16, 3)
+    assert shown[:, -2:, 0].mean() > 200 and shown[:, :8, 0].mean() < 30  # the red rows are now the right columns
+    assert io.image_size(tmp_path / "r.jpg") == (16, 24)
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(InputError, match="broken.png: corrupt or unreadable image"):
+        io.read_image(bad)
+    truncated = tmp_path / "trunc.png"
+    io.write_image(truncated, np.zeros((64, 64, 3), np.uint8) + 7)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    with pytest.raises(InputError, match="trunc.png"):
+        io.read_image(truncated)
+
+
+# -- PLY -------------------------------------------------------------------------------------------
+
+
+def test_ply_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    points = rng.normal(size=(100, 3))
+    colors = rng.integers(0, 256, (100, 3), dtype=np.uint8)
+    normals = rng.normal(size=(100, 3))
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    path = io.write_ply(tmp_path / "c.ply", points, colors, normals)
+    cloud = io.read_ply(path)
+    np.testing.assert_allclose(cloud.points, points, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(cloud.colors * 255, colors, atol=0.51)
+    np.testing.assert_allclose(cloud.normals, normals, atol=1e-12)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.ply"]
+
+
+def test_ply_missing_is_input_error(tmp_path):
+    with pytest.raises(InputError, match="point cloud not found"):
+        io.read_ply(tmp_path / "none.ply")
+
+
+# -- transforms.json -------------------------------------------------------------------------------
+
+
+def test_transforms_round_trip_shared_intrinsics(tmp_path):
+    cameras = _cameras()
+    path = io.write_transforms(tmp_path / "transforms.json", cameras)
+    doc = json.loads(path.read_text())
+    assert doc["fl_x"] == 100.0 and "fl_x" not in doc["frames"][0]
+    assert doc["frames"][0]["file_path"] == "images/v0.png"
+    back = io.read_transforms(path)
+    np.testing.assert_allclose(back.R, cameras.R, atol=1e-12)
+    np.testing.assert_allclose(back.T, cameras.T, atol=1e-12)
+    np.testing.assert_allclose(back.K, cameras.K)
+    assert back.names == cameras.names
+
+
+def test_transforms_per_frame_intrinsics_when_cameras_differ(tmp_path):
+    cameras = _cameras()
+    cameras.K[2, 0, 0] = 120.0
+    doc = json.loads(io.write_transforms(tmp_path / "t.json", cameras).read_text())
+    assert "fl_x" not in doc
+    assert [f["fl_x"] for f in doc["frames"]] == [100.0, 100.0, 120.0, 100.0]
+    np.testing.assert_allclose(io.read_transforms(tmp_path / "t.json").K, cameras.K)
+
+
+def test_transforms_camera_centre_is_opengl_c2w_translation(tmp_path):
+    cameras = _cameras()
+    doc = json.loads(io.write_transforms(tmp_path / "t.json", cameras).read_text())
+    c2w = np.array(doc["frames"][1]["transform_matrix"])
+    np.testing.assert_allclose(c2w[:3, 3], geometry.camera_centers(cameras.R[1], cameras.T[1]), atol=1e-12)
+    # OpenGL looks down -z: the camera's -z axis in world points at the origin the ring looks at
+    forward = -c2w[:3, 2]
+    np.testing.assert_allclose(forward, -c2w[:3, 3] / np.linalg.norm(c2w[:3, 3]), atol=1e-12)
+
+
+def test_transforms_load_in_nerfstudio_dataparser(tmp_path):
+    pytest.importorskip("nerfstudio")
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+    cameras = _cameras(6)
+    (tmp_path / "images").mkdir()
+    for name in cameras.names:
+        io.write_image(tmp_path / "images" / name, np.full((64, 64, 3), 128, np.uint8))
+    io.write_transforms(tmp_path / "transforms.json", cameras)
+    parser = NerfstudioDataParserConfig(data=tmp_path, eval_mode="all", auto_scale_poses=False,
+                                        center_method="none", orientation_method="none").setup()  # fmt: skip
+    outputs = parser.get_dataparser_outputs(split="train")
+    assert len(outputs.image_filenames) == 6
+    assert float(outputs.cameras.fx[0]) == 100.0
+    # with no re-orientation, re-centring or scaling, nerfstudio's c2w equals ours
+    c2w = geometry.opencv_w2c_to_opengl_c2w(cameras.R, cameras.T)[:, :3, :]
+    np.testing.assert_allclose(outputs.cameras.camera_to_worlds.numpy(), c2w, atol=1e-5)
+
+
+# -- COLMAP text -----------------------------------------------------------------------------------
+
+
+def test_colmap_text_loads_in_pycolmap(tmp_path):
+    pycolmap = pytest.importorskip("pycolmap")
+    cameras = _cameras(5)
+    points = np.random.default_rng(2).normal(size=(10, 3))
+    folder = io.write_colmap_text(tmp_path / "sparse", cameras, points)
+    reconstruction = pycolmap.Reconstruction(str(folder))
+    assert reconstruction.num_images() == 5 and reconstruction.num_points3D() == 10
+    assert reconstruction.num_cameras() == 1
+    for image in reconstruction.images.values():
+        i = cameras.names.index(image.name)
+        cam_from_world = image.cam_from_world() if callable(image.cam_from_world) else image.cam_from_world
+        matrix = cam_from_world.matrix()
+        np.testing.assert_allclose(matrix[:, :3], cameras.R[i], atol=1e-9)
+        np.testing.assert_allclose(matrix[:, 3], cameras.T[i], atol=1e-9)
