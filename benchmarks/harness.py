@@ -1,0 +1,92 @@
+"""Time a candidate against a named baseline in one run and report the ratio.
+
+Each side runs ``warmup`` times untimed, then ``repeats`` times; the median wall time counts.
+ratio = candidate / baseline: below 1 means the candidate is faster. Peak memory (RSS high-water
+mark growth, and CUDA peak when on a GPU) is recorded per side when asked.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a comparison: a label and a zero-argument callable doing the work once."""
+
+    label: str
+    fn: Callable[[], object]
+
+
+@dataclass
+class Result:
+    name: str
+    candidate: str
+    baseline: str
+    candidate_s: float
+    baseline_s: float
+    repeats: int
+    goal: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.candidate_s / self.baseline_s if self.baseline_s > 0 else float("inf")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio}
+
+
+def time_side(side: Side, *, repeats: int, warmup: int) -> list[float]:
+    """Wall times (s) of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        side.fn()
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        side.fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def compare(name: str, candidate: Side, baseline: Side, *, repeats: int = 3, warmup: int = 1, goal: str = "",
+            extra: dict | None = None) -> Result:  # fmt: skip
+    """Median wall time of each side, interleaving sides per repeat so drifts in machine load hit both."""
+    for side in (candidate, baseline):
+        time_side(side, repeats=0, warmup=warmup)
+    cand, base = [], []
+    for _ in range(repeats):
+        cand += time_side(candidate, repeats=1, warmup=0)
+        base += time_side(baseline, repeats=1, warmup=0)
+    return Result(name, candidate.label, baseline.label, statistics.median(cand), statistics.median(base), repeats,
+                  goal, dict(extra or {}))  # fmt: skip
+
+
+def peak_rss_mib() -> float:
+    """This process's resident-set high-water mark so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def format_results(results: list[Result]) -> str:
+    """A plain-text table: name, candidate vs baseline, times, ratio, goal, extra figures."""
+    lines = []
+    for r in results:
+        extras = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.extra.items())
+        lines.append(
+            f"{r.name}: {r.candidate} {r.candidate_s:.3f}s vs {r.baseline} {r.baseline_s:.3f}s "
+            f"-> ratio {r.ratio:.3f}" + (f" (goal {r.goal})" if r.goal else "") + (f"; {extras}" if extras else "")
+        )
+    return "\n".join(lines)
+
+
+def write_json(path: Path, results: list[Result]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")

@@ -1,0 +1,237 @@
+"""Device choice, batch sizing to free memory, and out-of-memory back-off.
+
+Convention: memory figures are bytes. A batch size is a number of items handed to one call of the
+model function. `run_batched` follows accelerate's `find_executable_batch_size`: on
+`torch.cuda.OutOfMemoryError` (caught by type, nothing else) it frees the CUDA cache, halves the
+batch size and retries the same slice; later slices keep the reduced size.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from stages.core.errors import InputError, StageFailure
+
+log = logging.getLogger("nvf")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+ProgressFn = Callable[[int, int], None]
+"""Progress callback used across stages: `progress(n_done, n_total)`, counts of items."""
+
+_CUDA_SPEC = re.compile(r"^cuda(?::(\d+))?$")
+_MEMINFO = Path("/proc/meminfo")
+
+
+def choose_device(spec: str = "auto") -> torch.device:
+    """Turn a `--device` value into a `torch.device`.
+
+    `auto` picks the current CUDA device when one is visible, else the CPU; `cpu`; `cuda` (the
+    current CUDA device); `cuda:N`. Anything else, or CUDA asked for where none is visible, or an
+    index past the last GPU, raises `InputError` saying what to pass instead.
+    """
+    text = spec.strip().lower()
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    match = _CUDA_SPEC.match(text)
+    if match is None:
+        raise InputError(f"unknown device {spec!r}: use --device auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise InputError(
+            f"--device {spec} asked for a GPU but torch sees none (no CUDA device or driver): "
+            "use --device cpu (or --device auto)"
+        )
+    n_gpus = torch.cuda.device_count()
+    index = torch.cuda.current_device() if match.group(1) is None else int(match.group(1))
+    if index >= n_gpus:
+        raise InputError(
+            f"--device {spec}: found {n_gpus} GPU(s), so the valid choices are "
+            f"cuda:0..cuda:{n_gpus - 1}; pick one of those or use --device cpu"
+        )
+    return torch.device("cuda", index)
+
+
+def free_memory_bytes(device: torch.device | str) -> int:
+    """Bytes a new batch can use on `device`.
+
+    CUDA: free device memory (`torch.cuda.mem_get_info`) plus what PyTorch's caching allocator holds
+    reserved but unallocated (it reuses that before asking the driver). CPU: `MemAvailable` from
+    /proc/meminfo, or available physical pages from `os.sysconf` where that file is missing.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(cached, 0))
+    return _cpu_available_bytes()
+
+
+def _cpu_available_bytes(meminfo: Path = _MEMINFO) -> int:
+    """`MemAvailable` of /proc/meminfo in bytes; `os.sysconf` available pages where unreadable."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the file counts kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+
+
+def auto_batch_size(
+    device: torch.device | str,
+    bytes_per_item: int,
+    *,
+    fixed_bytes: int = 0,
+    headroom: float = 0.8,
+    max_batch: int = 256,
+) -> int:
+    """Largest batch that fits `headroom` of the free memory on `device`, in [1, max_batch].
+
+    batch = floor((free * headroom - fixed_bytes) / bytes_per_item), where `fixed_bytes` is what the
+    call needs whatever the batch (weights not yet loaded, workspace) and `bytes_per_item` the peak
+    extra memory one more item costs. Deterministic for a given free memory; logged.
+    """
+    if bytes_per_item <= 0:
+        raise ValueError(f"bytes_per_item must be positive, got {bytes_per_item}")
+    if not 0.0 < headroom <= 1.0:
+        raise ValueError(f"headroom must be in (0, 1], got {headroom}")
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    free = free_memory_bytes(device)
+    budget = free * headroom - fixed_bytes
+    batch = int(budget // bytes_per_item) if budget > 0 else 0
+    batch = max(1, min(max_batch, batch))
+    log.info(
+        "batch size %d on %s (%.2f GiB free x %.2f headroom, %.1f MiB fixed, %.2f MiB per item)",
+        batch,
+        torch.device(device),
+        free / 2**30,
+        headroom,
+        fixed_bytes / 2**20,
+        bytes_per_item / 2**20,
+    )
+    return batch
+
+
+def resolve_batch_size(
+    requested: int | None,
+    device: torch.device | str,
+    bytes_per_item: int | None = None,
+    **auto_kwargs: Any,
+) -> int:
+    """`--batch-size` as given (must be >= 1), or `auto_batch_size` when it is None (auto).
+
+    `auto_kwargs` go to `auto_batch_size` (fixed_bytes, headroom, max_batch).
+    """
+    if requested is not None:
+        if requested < 1:
+            raise InputError(
+                f"--batch-size must be at least 1, got {requested}: pass a positive "
+                "number, or leave it out to size batches to free memory"
+            )
+        return int(requested)
+    if bytes_per_item is None:
+        raise ValueError("automatic batch size needs bytes_per_item")
+    return auto_batch_size(device, bytes_per_item, **auto_kwargs)
+
+
+def _release_cuda_memory() -> None:
+    """Drop garbage and hand PyTorch's cached CUDA blocks back after an OOM."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def iter_batched(
+    fn: Callable[[Sequence[T]], Sequence[R]],
+    items: Sequence[T],
+    *,
+    batch_size: int,
+    min_batch_size: int = 1,
+    progress: ProgressFn | None = None,
+    logger: logging.Logger | None = None,
+) -> Iterator[tuple[Sequence[T], Sequence[R]]]:
+    """Yield `(batch, fn(batch))` over consecutive slices of `items`, halving the size on OOM.
+
+    `fn` must return one result per item (a list, or a tensor/array whose first axis is the batch).
+    On `torch.cuda.OutOfMemoryError` the CUDA cache is emptied and the failed slice is retried at
+    half its length (not below `min_batch_size`); later slices keep the reduced size. An OOM at
+    `min_batch_size` raises `StageFailure`. Any other exception propagates unchanged.
+    `progress(n_done, n_total)` is called once with 0 and after every finished slice.
+    """
+    logger = logger or log
+    if batch_size < 1 or min_batch_size < 1:
+        raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, min_batch_size={min_batch_size}")
+    n_total = len(items)
+    size = max(batch_size, min_batch_size)
+    start = 0
+    if progress is not None:
+        progress(0, n_total)
+    while start < n_total:
+        batch = items[start : start + size]
+        out_of_memory = False
+        try:
+            results = fn(batch)
+        except torch.cuda.OutOfMemoryError as err:
+            if len(batch) <= min_batch_size:
+                raise StageFailure(
+                    f"out of memory even at batch size {len(batch)}: lower --max-res, use "
+                    "--precision fp16, or run on --device cpu"
+                ) from err
+            out_of_memory = True
+        if out_of_memory:  # outside the except block, so the traceback's tensors can be freed
+            new_size = max(min_batch_size, len(batch) // 2)
+            logger.warning("out of memory at batch size %d; retrying at %d", len(batch), new_size)
+            del batch
+            _release_cuda_memory()
+            size = new_size
+            continue
+        if len(results) != len(batch):
+            raise ValueError(f"batch function returned {len(results)} results for {len(batch)} items")
+        start += len(batch)
+        if progress is not None:
+            progress(start, n_total)
+        yield batch, results
+    if size < batch_size:
+        logger.info("batch size settled at %d (asked for %d) after running out of memory", size, batch_size)
+    else:
+        logger.debug("batch size %d", size)
+
+
+def run_batched(
+    fn: Callable[[Sequence[T]], Sequence[R]],
+    items: Sequence[T],
+    *,
+    batch_size: int,
+    min_batch_size: int = 1,
+    progress: ProgressFn | None = None,
+    logger: logging.Logger | None = None,
+) -> list[R]:
+    """`fn` over `items` in batches (see `iter_batched`); one result per item, in input order.
+
+    A tensor returned by `fn` contributes its rows, so `torch.stack(run_batched(...))` rebuilds it.
+    """
+    outputs: list[R] = []
+    for _batch, results in iter_batched(
+        fn,
+        items,
+        batch_size=batch_size,
+        min_batch_size=min_batch_size,
+        progress=progress,
+        logger=logger,
+    ):
+        outputs.extend(results)
+    return outputs
