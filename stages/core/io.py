@@ -152,6 +152,24 @@ def hash_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
 SCHEMAS: dict[str, dict[str, tuple[int | str, ...]]] = {
     "poses": {"R": ("N", 3, 3), "T": ("N", 3), "K": ("N", 3, 3), "width": ("N",), "height": ("N",)},
     "depth": {"depth": ("N", "H", "W")},
+    # SfM points with their tracks in CSR form: the observations of point p are rows
+    # track_offsets[p]:track_offsets[p+1] of track_images (row index into names) and track_uv (pixels).
+    "sparse": {
+        "points": ("P", 3),
+        "colors": ("P", 3),
+        "error": ("P",),
+        "track_offsets": ("P+1",),
+        "track_images": ("M",),
+        "track_uv": ("M", 2),
+    },
+    "aligned": {
+        "depth": ("N", "H", "W"),
+        "scale": ("N",),
+        "shift": ("N",),
+        "residual_rms": ("N",),
+        "inliers": ("N",),
+    },
+    "embed": {"embedding": ("N", "D")},
 }
 
 
@@ -314,13 +332,21 @@ def _validate_shapes(
         shape = tensors[key].shape
         ok = len(shape) == len(expected)
         for dim, want in zip(shape, expected) if ok else ():
-            if isinstance(want, str):
+            if isinstance(want, str) and want.endswith("+1"):
+                ok = ok and symbols.setdefault(want[:-2], dim - 1) == dim - 1
+            elif isinstance(want, str):
                 ok = ok and symbols.setdefault(want, dim) == dim
             else:
                 ok = ok and dim == want
         if not ok:
-            want_text = "[" + ", ".join(str(symbols.get(w, w)) if isinstance(w, str) else str(w) for w in expected) + "]"
+            want_text = "[" + ", ".join(_dim_text(w, symbols) for w in expected) + "]"
             raise RecordError(f"{path}: tensor '{key}' has shape {list(shape)}, expected {want_text}")
+
+
+def _dim_text(want: int | str, symbols: Mapping[str, int]) -> str:
+    if isinstance(want, str) and want.endswith("+1") and want[:-2] in symbols:
+        return str(symbols[want[:-2]] + 1)
+    return str(symbols.get(want, want)) if isinstance(want, str) else str(want)
 
 
 # ----------------------------------------------------------------------------------------------

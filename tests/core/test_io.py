@@ -262,3 +262,18 @@ def test_colmap_text_loads_in_pycolmap(tmp_path):
         matrix = cam_from_world.matrix()
         np.testing.assert_allclose(matrix[:, :3], cameras.R[i], atol=1e-9)
         np.testing.assert_allclose(matrix[:, 3], cameras.T[i], atol=1e-9)
+
+
+def test_sparse_record_csr_tracks_are_checked(tmp_path):
+    tensors = {
+        "points": np.zeros((3, 3)), "colors": np.zeros((3, 3), np.uint8), "error": np.zeros(3),
+        "track_offsets": np.array([0, 2, 4, 5]), "track_images": np.array([0, 1, 0, 2, 1]),
+        "track_uv": np.zeros((5, 2)),
+    }  # fmt: skip
+    path = io.save_record(tmp_path / "s.safetensors", tensors, kind="sparse", stage="poses", capture="c",
+                          names=["a", "b", "c"])  # fmt: skip
+    assert io.load_record(path, kind="sparse")["track_offsets"].tolist() == [0, 2, 4, 5]
+    tensors["track_offsets"] = np.array([0, 2, 5])
+    with pytest.raises(RecordError, match=r"tensor 'track_offsets' has shape \[3\], expected \[4\]"):
+        io.save_record(tmp_path / "s.safetensors", tensors, kind="sparse", stage="poses", capture="c",
+                       names=["a", "b", "c"])  # fmt: skip
