@@ -88,3 +88,22 @@ def test_console_script_error_line_and_exit_code(tmp_path):
     done = subprocess.run([nvf, "scan", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "no such folder" in done.stderr
+
+
+def test_synth_then_scan_reports_two_subjects_with_15_cameras(tmp_path):
+    out = tmp_path / "s"
+    made = invoke("synth", str(out), "--subjects", "2", "--resolution", "32")
+    assert made.exit_code == 0, made.output
+    assert (out / "session01/multiview/002/01/05_1/002_01_01_051_00.png").is_file()
+    assert (out / "groundtruth/001_01_01_00/poses.safetensors").is_file()
+    scanned = json.loads(invoke("scan", str(out), "--json").stdout)["summary"]
+    assert scanned["subjects"] == 2 and scanned["cameras_per_capture"] == {"15": 2}
+    assert set(scanned["per_camera"].values()) == {2} and len(scanned["per_camera"]) == 15
+    again = invoke("synth", str(out), "--subjects", "2", "--resolution", "32")
+    assert again.exit_code == 0  # second run skips finished captures
+
+
+def test_synth_bad_config_is_one_line(tmp_path):
+    result = invoke("synth", str(tmp_path / "s"), "--textureless", "999")
+    assert result.exit_code == 2 and result.stderr.startswith("error:") and "999" in result.stderr
+    assert not (tmp_path / "s").exists()
