@@ -1,0 +1,106 @@
+"""nvf poses vs the COLMAP command line (feature_extractor, exhaustive_matcher, mapper), same data, same run.
+
+Data: a synthetic 13-camera ring (256 px, default texture), a low-contrast one (192 px, texture
+contrast 0.15) and ../shared/data/kermit (11 real photos, when present).
+
+- candidate: `stages.poses.run` end to end (validation, SfM with the fast-then-tuned passes,
+  records written), default config;
+- baseline: Debian's `colmap` binary with its defaults, single camera per capture, CPU SIFT
+  (`feature_extractor`, `exhaustive_matcher`, `mapper`), as a user would run it.
+
+Goals: time ratio <= 0.5x and views registered >= COLMAP's (reported in `extra`). Skips the
+baseline with a note when no `colmap` binary is on PATH (`apt-get install colmap`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from benchmarks.harness import Result, Side, compare
+
+SHARED_KERMIT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kermit"
+
+
+def _datasets(root: Path) -> dict[str, Path]:
+    from stages import synth
+
+    base = dataclasses.replace(synth.PRESETS["default"], subjects=1, elevated=False, surface_points=2000)
+    found = {}
+    for name, cfg in (("synth-ring-256", dataclasses.replace(base, resolution=256)),
+                      ("synth-lowcontrast-192", dataclasses.replace(base, resolution=192, texture_contrast=0.15))):  # fmt: skip
+        synth.run(root / name, cfg)
+        shutil.rmtree(root / name / "groundtruth")  # COLMAP would read its files as images otherwise
+        found[name] = root / name
+    if SHARED_KERMIT.is_dir():
+        shutil.copytree(SHARED_KERMIT, root / "kermit", ignore=shutil.ignore_patterns("results*"))
+        found["kermit"] = root / "kermit"
+    return found
+
+
+def _nvf(data: Path, out: Path) -> dict:
+    from stages import poses
+
+    shutil.rmtree(out, ignore_errors=True)
+    from stages.core.errors import InputError
+
+    registered = 0
+    try:
+        written = poses.run(data, out, poses.Config(), overwrite=True)
+    except InputError as exc:  # fewer than 2 views registered
+        return {"registered": 0, "failed": str(exc)}
+    for path in written:
+        if path.name == "poses.safetensors":
+            from stages.core import io
+
+            registered += int((io.load_record(path)["source"] == poses.SOURCES["sfm"]).sum())
+    return {"registered": registered}
+
+
+def _colmap(data: Path, work: Path) -> dict:
+    import pycolmap
+
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    db, sparse = work / "database.db", work / "sparse"
+    sparse.mkdir()
+    steps = [
+        ["feature_extractor", "--database_path", db, "--image_path", data, "--ImageReader.single_camera", "1",
+         "--SiftExtraction.use_gpu", "0"],
+        ["exhaustive_matcher", "--database_path", db, "--SiftMatching.use_gpu", "0"],
+        ["mapper", "--database_path", db, "--image_path", data, "--output_path", sparse],
+    ]  # fmt: skip
+    for step in steps:
+        done = subprocess.run(["colmap", *map(str, step)], env=env, capture_output=True)
+        if done.returncode != 0:  # the mapper exits 1 when it builds no model at all
+            return {"registered": 0, "failed": step[0]}
+    sizes = [pycolmap.Reconstruction(str(model)).num_reg_images() for model in sorted(sparse.iterdir())]
+    return {"registered": max(sizes, default=0)}
+
+
+def run() -> list[Result]:
+    if shutil.which("colmap") is None:
+        raise SystemExit("bench_poses: no `colmap` binary on PATH; install it (apt-get install colmap) to compare")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="nvf-bench-poses-") as tmp:
+        root = Path(tmp)
+        for name, data in _datasets(root / "data").items():
+            counts: dict[str, dict] = {}
+
+            def candidate(data=data, name=name):
+                counts["nvf"] = _nvf(data, root / "nvf" / name)
+
+            def baseline(data=data, name=name):
+                counts["colmap"] = _colmap(data, root / "colmap" / name)
+
+            result = compare(f"poses/{name}", Side("nvf poses", candidate), Side("colmap CLI 3.x", baseline),
+                             repeats=1, warmup=0, goal="ratio <= 0.5, registered >= colmap's")  # fmt: skip
+            result.extra.update({"nvf_registered": counts["nvf"]["registered"],
+                                 "colmap_registered": counts["colmap"]["registered"]})  # fmt: skip
+            results.append(result)
+    return results

@@ -1,0 +1,756 @@
+"""Stage `poses`: camera poses per capture by structure-from-motion (pycolmap), with a tagged fallback.
+
+Paper §IV (Eq. 1-2, Algorithm 1): SIFT features, exhaustive (or sequential) matching, incremental
+(or global) mapping with bundle adjustment and RANSAC, then a fallback for views SfM could not
+register. nvf improves the fallback: cameras are ordered by azimuth (the Multi-PIE table, else
+their order in the capture), rotations are SLERPed between the nearest registered neighbours,
+centres are placed on a circle fitted to the registered centres (not a blend of T), intrinsics come
+from the neighbours, and every view says where its pose came from.
+
+Writes per capture (``WORK/<capture>/``):
+    - ``poses.safetensors`` (kind ``poses``): R [N,3,3] float64 world-to-camera (OpenCV), T [N,3],
+      K [N,3,3], width/height [N], source [N] int8 (`SOURCES`), confidence [N] in 0..1,
+      reproj_error [N] pixels (NaN when not from SfM); metadata: names, camera_ids (Multi-PIE camera
+      or file stem per row), colmap_cameras (model and parameters, distortion included), sources
+      mapping, unregistered views;
+    - ``sparse.safetensors`` (kind ``sparse``): the SfM points with colours, errors and CSR tracks
+      (row indices into the poses' names, pixel uv), the reference `align` uses;
+    - on request (``export``): ``transforms.json`` (nerfstudio; file paths relative to the capture
+      folder) and ``colmap/`` (COLMAP text model).
+
+Convention: COLMAP's ``cam_from_world`` is world-to-camera with the +0.5 pixel-centre convention,
+the same as nvf's, so poses and K are copied without change (the SfM world frame is arbitrary:
+compare with a similarity, `geometry.similarity_align_poses`). ``poses.safetensors`` is written
+last and carries the input hash (image bytes + config), so it marks a capture as complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from stages.core import dataset, geometry, io, worktree
+from stages.core.errors import InputError, StageFailure
+
+log = logging.getLogger("nvf")
+
+STAGE = "poses"
+SOURCES: dict[str, int] = {"sfm": 0, "rig": 1, "interp": 2}
+"""Where a view's pose came from, as stored in the ``source`` tensor (int8)."""
+EXPORTS = ("transforms", "colmap")
+CameraModel = Literal["SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV"]
+CAMERA_MODELS: tuple[str, ...] = typing.get_args(CameraModel)
+COLMAP_ROOTS = ("reader", "extraction", "matching", "pairing", "verification", "mapping")
+
+
+@dataclass(frozen=True)
+class Config:
+    """How poses are estimated. Defaults are tuned for smooth, low-contrast faces (see `PRESETS`)."""
+
+    layout: Literal["auto", "multipie", "folder"] = "auto"
+    """Dataset layout, as in `nvf scan`."""
+    camera_model: CameraModel = "SIMPLE_RADIAL"
+    """COLMAP camera model shared by the views of a capture (one camera per capture and image size)."""
+    focal_px: float | None = None
+    """Prior focal length in pixels; None guesses 1.2 x the larger image side (COLMAP's default)."""
+    refine_focal: bool = True
+    """Let bundle adjustment refine the focal length (turn off when `focal_px` is a calibration)."""
+    peak_threshold: float = 0.002
+    """SIFT peak threshold (COLMAP's default 0.0067 finds too few features on smooth skin)."""
+    max_features: int = 16384
+    """Most SIFT features per image."""
+    affine_shape: bool = True
+    """Affine-covariant SIFT (better under the strong foreshortening of a 180° ring)."""
+    domain_size_pooling: bool = True
+    """Domain-size pooling of SIFT descriptors (more distinctive on low texture)."""
+    matcher: Literal["exhaustive", "sequential"] = "exhaustive"
+    """Pairing: every pair (rings of ~15 views), or neighbours in name order (long orbits)."""
+    mapper: Literal["incremental", "global"] = "incremental"
+    """pycolmap's incremental mapper, or its global (GLOMAP) mapper."""
+    min_inliers: int = 15
+    """Fewest inlier matches for a pair, an initial pair's half of it, and a registration."""
+    max_reproj_error: float = 1.5
+    """Observations beyond this reprojection error (pixels) are dropped from tracks; COLMAP uses 4,
+    which keeps drifting silhouette features that bias poses by ~1° on faces."""
+    colmap: tuple[tuple[str, str], ...] = ()
+    """Pass-through options as (dotted key, value): roots reader, extraction, matching, pairing,
+    verification, mapping, e.g. ("extraction.sift.edge_threshold", "5")."""
+    rig: str = "off"
+    """Rig mode: off (per capture). auto or a rig file pool the captures of a session as frames of
+    one rig; not available in this version (an InputError says so)."""
+    export: tuple[str, ...] = ()
+    """Extra outputs: transforms (nerfstudio transforms.json), colmap (COLMAP text model)."""
+    fast_first: bool = True
+    """Try COLMAP's faster SIFT settings first and escalate to the settings above only when views
+    stay unregistered (textured captures finish fast, smooth faces still get the tuned pass)."""
+    seed: int = 0
+    """Seed of COLMAP's random sampling (RANSAC, mapper), for repeatable runs."""
+    num_threads: int = -1
+    """CPU threads for COLMAP (-1: all)."""
+
+
+PRESETS: dict[str, Config] = {
+    "default": Config(),
+    "colmap": Config(peak_threshold=0.0066666666666666671, max_features=8192, affine_shape=False,
+                     domain_size_pooling=False, max_reproj_error=4.0, fast_first=False),  # fmt: skip
+    "thorough": Config(fast_first=False),
+    "calibrated": Config(camera_model="SIMPLE_PINHOLE", refine_focal=False),
+}
+
+
+@dataclass(frozen=True)
+class CapturePoses:
+    """Poses of one capture in capture row order (what `poses.safetensors` holds)."""
+
+    names: list[str]
+    camera_ids: list[str]
+    R: np.ndarray  # [N, 3, 3] world-to-camera
+    T: np.ndarray  # [N, 3]
+    K: np.ndarray  # [N, 3, 3]
+    width: np.ndarray  # [N] int32
+    height: np.ndarray  # [N] int32
+    source: np.ndarray  # [N] int8, see SOURCES
+    confidence: np.ndarray  # [N] float32 in 0..1
+    reproj_error: np.ndarray  # [N] float64 pixels, NaN when not SfM
+    colmap_cameras: dict[str, dict[str, Any]] = field(default_factory=dict)  # row name -> model, params
+    points_p3: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    colors_p3: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.uint8))
+    point_error_p: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    track_offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    track_images: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    track_uv: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    models: int = 0  # how many models SfM made before merging
+
+
+# ----------------------------------------------------------------------------------------------
+# pycolmap options (detect features, not versions)
+# ----------------------------------------------------------------------------------------------
+
+
+def _pycolmap():
+    try:
+        import pycolmap
+    except ImportError as exc:  # pragma: no cover - pycolmap is a dependency
+        raise StageFailure(f"pycolmap is not installed ({exc}); pip install pycolmap") from None
+    return pycolmap
+
+
+def _set_if_present(obj: Any, name: str, value: Any) -> None:
+    """Set an option where this pycolmap has it (names moved between 0.x and 4.x)."""
+    if hasattr(obj, name):
+        setattr(obj, name, value)
+    else:
+        log.debug("poses: pycolmap has no option %s.%s; left at its default", type(obj).__name__, name)
+
+
+def build_options(cfg: Config) -> dict[str, Any]:
+    """pycolmap option objects by root name (see `COLMAP_ROOTS`), with `cfg` and its overrides applied.
+
+    Raises InputError for an unknown ``--colmap`` key or a value of the wrong type.
+    """
+    pycolmap = _pycolmap()
+    reader = pycolmap.ImageReaderOptions()
+    reader.camera_model = cfg.camera_model
+    extraction = pycolmap.FeatureExtractionOptions()
+    extraction.num_threads = cfg.num_threads
+    sift = extraction.sift
+    sift.peak_threshold = cfg.peak_threshold
+    sift.max_num_features = cfg.max_features
+    _set_if_present(sift, "estimate_affine_shape", cfg.affine_shape)
+    _set_if_present(sift, "domain_size_pooling", cfg.domain_size_pooling)
+    matching = pycolmap.FeatureMatchingOptions()
+    matching.num_threads = cfg.num_threads
+    pairing = pycolmap.ExhaustivePairingOptions() if cfg.matcher == "exhaustive" else pycolmap.SequentialPairingOptions()
+    verification = pycolmap.TwoViewGeometryOptions()
+    verification.min_num_inliers = cfg.min_inliers
+    _set_if_present(verification.ransac, "random_seed", cfg.seed)
+    if cfg.mapper == "incremental":
+        mapping = pycolmap.IncrementalPipelineOptions()
+        mapping.min_model_size = 3
+        mapping.min_num_matches = cfg.min_inliers
+        mapping.ba_refine_focal_length = cfg.refine_focal
+        mapper = mapping.mapper
+        mapper.init_min_num_inliers = max(2 * cfg.min_inliers, 30)
+        mapper.init_min_tri_angle = 4.0  # rings step 15°: COLMAP's 16° rejects every neighbour pair
+        mapper.abs_pose_min_num_inliers = cfg.min_inliers
+        mapper.abs_pose_refine_focal_length = cfg.refine_focal
+        mapper.filter_max_reproj_error = cfg.max_reproj_error
+        _set_if_present(mapper, "random_seed", cfg.seed)
+        tri = mapping.triangulation
+        tri.complete_max_reproj_error = cfg.max_reproj_error
+        tri.merge_max_reproj_error = cfg.max_reproj_error
+    else:
+        mapping = pycolmap.GlobalPipelineOptions()
+        mapping.min_model_size = 3
+        mapping.min_num_matches = cfg.min_inliers
+        _set_if_present(mapping.mapper.bundle_adjustment, "refine_focal_length", cfg.refine_focal)
+        _set_if_present(mapping.mapper, "random_seed", cfg.seed)
+    _set_if_present(mapping, "random_seed", cfg.seed)
+    mapping.num_threads = cfg.num_threads
+    options = {"reader": reader, "extraction": extraction, "matching": matching, "pairing": pairing,
+               "verification": verification, "mapping": mapping}  # fmt: skip
+    for key, value in cfg.colmap:
+        _apply_override(options, key, value)
+    return options
+
+
+def _camera_params_text(model: str, focal: float, width: int, height: int | None = None) -> str:
+    """COLMAP's camera_params string for a prior focal and a centred principal point."""
+    height = width if height is None else height
+    cx, cy = width / 2, height / 2
+    return {
+        "SIMPLE_PINHOLE": f"{focal},{cx},{cy}",
+        "PINHOLE": f"{focal},{focal},{cx},{cy}",
+        "SIMPLE_RADIAL": f"{focal},{cx},{cy},0",
+        "RADIAL": f"{focal},{cx},{cy},0,0",
+        "OPENCV": f"{focal},{focal},{cx},{cy},0,0,0,0",
+    }[model]
+
+
+def parse_overrides(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``["mapping.mapper.init_min_tri_angle=8"]`` -> ``(("mapping.mapper.init_min_tri_angle", "8"),)``."""
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"bad --colmap '{item}': use KEY=VALUE, e.g. extraction.sift.peak_threshold=0.001")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
+
+
+def _apply_override(options: dict[str, Any], key: str, text: str) -> None:
+    root, *parts = key.split(".")
+    if root not in options or not parts:
+        raise InputError(f"unknown --colmap key '{key}': it must start with one of {', '.join(COLMAP_ROOTS)} "
+                         "and name an option, e.g. extraction.sift.peak_threshold=0.001")  # fmt: skip
+    obj = options[root]
+    for depth, part in enumerate(parts):
+        if part.startswith("_") or not hasattr(obj, part) or callable(getattr(obj, part)) and depth == len(parts) - 1:
+            known = sorted(k for k in dir(obj) if not k.startswith("_") and not callable(getattr(obj, k)))
+            raise InputError(f"unknown --colmap key '{key}': {type(obj).__name__} has no option '{part}'; "
+                             f"it has: {', '.join(known)}")  # fmt: skip
+        if depth < len(parts) - 1:
+            obj = getattr(obj, part)
+    current = getattr(obj, parts[-1])
+    try:
+        setattr(obj, parts[-1], _parse_value(current, text))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"bad --colmap value {key}={text}: {exc}") from None
+
+
+def _parse_value(current: Any, text: str) -> Any:
+    """Parse ``text`` to the type of an option's current value."""
+    if isinstance(current, bool):
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError("expected true or false")
+        return text.lower() in ("1", "true", "yes", "on")
+    if isinstance(current, int) and not isinstance(current, enum.Enum) and not hasattr(current, "name"):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, str):
+        return text
+    members = getattr(type(current), "__members__", None)
+    if members:
+        if text not in members:
+            raise ValueError(f"expected one of {', '.join(members)}")
+        return members[text]
+    raise ValueError(f"options of type {type(current).__name__} cannot be set from the command line")
+
+
+# ----------------------------------------------------------------------------------------------
+# SfM
+# ----------------------------------------------------------------------------------------------
+
+
+def _quiet_colmap() -> None:
+    """Keep COLMAP's own logging (glog, stderr) to errors unless nvf logs at debug level."""
+    pycolmap = _pycolmap()
+    logging_ns = getattr(pycolmap, "logging", None)
+    if logging_ns is not None and hasattr(logging_ns, "minloglevel"):
+        logging_ns.minloglevel = 0 if log.isEnabledFor(logging.DEBUG) else 3
+
+
+def run_sfm(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequence[tuple[int, int]]):
+    """Run SfM on ``image_names`` (paths relative to ``root``) in a temp workspace.
+
+    With ``cfg.fast_first`` a pass with COLMAP's SIFT settings runs first; the tuned settings of
+    ``cfg`` run only when it leaves views unregistered. Returns (the best reconstruction or None,
+    the number of models of that pass).
+    """
+    passes = [fast_pass(cfg), cfg] if cfg.fast_first else [cfg]
+    best, n_models = None, 0
+    for number, pass_cfg in enumerate(passes):
+        rec, models = _sfm_pass(root, image_names, pass_cfg, sizes)
+        if rec is not None and (best is None or rec.num_reg_images() > best.num_reg_images()):
+            best, n_models = rec, models
+        if best is not None and best.num_reg_images() == len(image_names):
+            break
+        if number + 1 < len(passes):
+            log.info("poses: %d of %d views registered with the fast settings; trying the tuned ones",
+                     0 if best is None else best.num_reg_images(), len(image_names))  # fmt: skip
+    return best, n_models
+
+
+def fast_pass(cfg: Config) -> Config:
+    """``cfg`` with COLMAP's default SIFT settings (the first, cheap pass)."""
+    return dataclasses.replace(cfg, peak_threshold=0.0066666666666666671, max_features=8192, affine_shape=False,
+                               domain_size_pooling=False)  # fmt: skip
+
+
+def _sfm_pass(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequence[tuple[int, int]]):
+    """One extraction-matching-mapping pass; (largest model or None, number of models).
+
+    Models beyond the largest are not dropped silently: their views are logged, then retried by
+    registering them into the largest model with relaxed thresholds; what still fails is left to
+    the fallback.
+    """
+    pycolmap = _pycolmap()
+    _quiet_colmap()
+    if hasattr(pycolmap, "set_random_seed"):
+        pycolmap.set_random_seed(cfg.seed)
+    same_size = len(set(sizes)) == 1
+    options = build_options(cfg)
+    if cfg.focal_px is not None and same_size:
+        options["reader"].camera_params = _camera_params_text(cfg.camera_model, cfg.focal_px, *sizes[0])
+    mode = pycolmap.CameraMode.SINGLE if same_size else pycolmap.CameraMode.AUTO
+    clock = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="nvf-poses-") as tmp:
+        work = Path(tmp)
+        database = work / "database.db"
+        pycolmap.extract_features(database, root, image_names=list(image_names), camera_mode=mode,
+                                  reader_options=options["reader"], extraction_options=options["extraction"])  # fmt: skip
+        log.debug("poses: features in %.1f s", time.perf_counter() - clock)
+        match = pycolmap.match_exhaustive if cfg.matcher == "exhaustive" else pycolmap.match_sequential
+        match(database, matching_options=options["matching"], pairing_options=options["pairing"],
+              verification_options=options["verification"])  # fmt: skip
+        log.debug("poses: matching done at %.1f s", time.perf_counter() - clock)
+        models_dir = work / "models"
+        models_dir.mkdir()
+        if cfg.mapper == "global":
+            if not hasattr(pycolmap, "global_mapping"):
+                raise InputError("--mapper global needs pycolmap with global_mapping (>= 3.12); use incremental")
+            models = pycolmap.global_mapping(database, root, models_dir, options["mapping"])
+        else:
+            models = pycolmap.incremental_mapping(database, root, models_dir, options["mapping"])
+        log.debug("poses: mapping done at %.1f s", time.perf_counter() - clock)
+        if not models:
+            return None, 0
+        ranked = sorted(models.values(), key=lambda rec: rec.num_reg_images(), reverse=True)
+        best = ranked[0]
+        for other in ranked[1:]:
+            names = sorted(Path(im.name).name for im in other.images.values() if im.has_pose)
+            log.warning("poses: SfM split the views into %d models; a smaller one holds %s", len(ranked), ", ".join(names))
+        if best.num_reg_images() < len(image_names) and cfg.mapper == "incremental":
+            best = _register_more(pycolmap, database, root, work, best, options["mapping"]) or best
+        return best, len(models)
+
+
+def _register_more(pycolmap, database: Path, root: Path, work: Path, rec, mapping_options):
+    """Continue the incremental mapper from ``rec`` with relaxed registration thresholds."""
+    start = work / "start"
+    start.mkdir()
+    rec.write(start)
+    relaxed = type(mapping_options)(mapping_options.todict()) if hasattr(mapping_options, "todict") else mapping_options
+    try:
+        relaxed.mapper.abs_pose_min_num_inliers = max(8, relaxed.mapper.abs_pose_min_num_inliers // 2)
+        relaxed.mapper.abs_pose_min_inlier_ratio = 0.1
+        relaxed.mapper.max_reg_trials = 6
+        relaxed.multiple_models = False
+    except AttributeError:  # pragma: no cover - option names of another pycolmap
+        return None
+    out = work / "more"
+    out.mkdir()
+    try:
+        models = pycolmap.incremental_mapping(database, root, out, relaxed, input_path=start)
+    except Exception as exc:  # pycolmap raises plain RuntimeErrors here
+        log.debug("poses: registering more views failed: %s", exc)
+        return None
+    if not models:
+        return None
+    more = max(models.values(), key=lambda r: r.num_reg_images())
+    return more if more.num_reg_images() > rec.num_reg_images() else None
+
+
+def _cam_from_world(image) -> tuple[np.ndarray, np.ndarray]:
+    pose = image.cam_from_world() if callable(image.cam_from_world) else image.cam_from_world
+    return np.asarray(pose.rotation.matrix(), dtype=np.float64), np.asarray(pose.translation, dtype=np.float64)
+
+
+def extract_views(rec, image_names: Sequence[str]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Per registered view (by name): R, T, K, size, colmap camera, reprojection error, observations;
+    and the sparse points with CSR tracks indexed by position in ``image_names``."""
+    row_of = {name: i for i, name in enumerate(image_names)}
+    views: dict[str, dict[str, Any]] = {}
+    for image in rec.images.values():
+        if not image.has_pose or image.name not in row_of:
+            continue
+        camera = rec.cameras[image.camera_id]
+        R, T = _cam_from_world(image)
+        uv, xyz = [], []
+        for point2d in image.points2D:
+            if point2d.has_point3D():
+                uv.append(point2d.xy)
+                xyz.append(rec.points3D[point2d.point3D_id].xyz)
+        errors = np.zeros(0)
+        if xyz:
+            cam = np.asarray(xyz) @ R.T + T
+            projected = np.asarray(camera.img_from_cam(cam, check_cheirality=False))
+            errors = np.linalg.norm(projected - np.asarray(uv), axis=1)
+        views[image.name] = {
+            "R": R, "T": T, "K": np.asarray(camera.calibration_matrix(), dtype=np.float64),
+            "width": int(camera.width), "height": int(camera.height),
+            "camera": {"model": camera.model_name if hasattr(camera, "model_name") else str(camera.model),
+                       "params": [float(p) for p in camera.params]},
+            "reproj_error": float(errors.mean()) if errors.size else math.nan,
+            "observations": int(errors.size),
+        }  # fmt: skip
+    points, colors, errors, offsets, track_rows, track_uv = [], [], [], [0], [], []
+    for point in rec.points3D.values():
+        elements = [(row_of[rec.images[e.image_id].name], rec.images[e.image_id].points2D[e.point2D_idx].xy)
+                    for e in point.track.elements if rec.images[e.image_id].name in row_of]  # fmt: skip
+        if not elements:
+            continue
+        points.append(point.xyz)
+        colors.append(point.color)
+        errors.append(point.error)
+        track_rows.extend(row for row, _ in elements)
+        track_uv.extend(xy for _, xy in elements)
+        offsets.append(len(track_rows))
+    sparse = {
+        "points": np.asarray(points, dtype=np.float64).reshape(-1, 3),
+        "colors": np.asarray(colors, dtype=np.uint8).reshape(-1, 3),
+        "error": np.asarray(errors, dtype=np.float64),
+        "track_offsets": np.asarray(offsets, dtype=np.int64),
+        "track_images": np.asarray(track_rows, dtype=np.int64),
+        "track_uv": np.asarray(track_uv, dtype=np.float64).reshape(-1, 2),
+    }
+    return views, sparse
+
+
+# ----------------------------------------------------------------------------------------------
+# Fallback (Algorithm 1, improved)
+# ----------------------------------------------------------------------------------------------
+
+
+def fit_circle(points_n3: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, np.ndarray] | None:
+    """Least-squares circle through 3D points: (centre [3], unit normal [3], radius, e1, e2), or None
+    when the points are too few or collinear. ``e1, e2`` span the plane; angles are atan2 in them."""
+    points = np.asarray(points_n3, dtype=np.float64)
+    if len(points) < 3:
+        return None
+    mean = points.mean(0)
+    _, sing, vt = np.linalg.svd(points - mean)
+    if sing[1] <= 1e-6 * max(sing[0], 1e-12):
+        return None
+    e1, e2, normal = vt[0], vt[1], vt[2]
+    xy = np.stack([(points - mean) @ e1, (points - mean) @ e2], axis=1)
+    # Kasa fit: x² + y² = 2 a x + 2 b y + c
+    A = np.column_stack([2 * xy, np.ones(len(xy))])
+    (a, b, c), *_ = np.linalg.lstsq(A, (xy**2).sum(1), rcond=None)
+    radius = math.sqrt(max(c + a * a + b * b, 0.0))
+    if not np.isfinite(radius) or radius <= 0:
+        return None
+    return mean + a * e1 + b * e2, normal, radius, e1, e2
+
+
+def interpolate_missing(
+    R: np.ndarray, T: np.ndarray, registered: np.ndarray, order_n: np.ndarray, elevation_n: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fill the poses of unregistered views (Algorithm 1, improved).
+
+    ``R`` [N,3,3], ``T`` [N,3] (rows of unregistered views are ignored), ``registered`` [N] bool,
+    ``order_n`` [N] the ordering parameter (azimuth in degrees, or the row index), ``elevation_n``
+    [N] optional (views of a different elevation are kept off each other's circle). Rotations are
+    SLERPed between the nearest registered neighbours in order (extrapolated from the two nearest
+    on one side at the ends); centres are placed on a circle fitted to the registered centres at an
+    angle interpolated linearly in ``order_n`` (blended centres when no circle fits). Returns (R, T,
+    gap) where gap [N] is the distance in ``order_n`` to the nearest registered view (0 if registered).
+    """
+    R, T = np.array(R, dtype=np.float64), np.array(T, dtype=np.float64)
+    order = np.asarray(order_n, dtype=np.float64)
+    registered = np.asarray(registered, dtype=bool)
+    elevation = np.zeros(len(order)) if elevation_n is None else np.asarray(elevation_n, dtype=np.float64)
+    known = np.flatnonzero(registered)
+    if len(known) < 2:
+        raise ValueError("interpolate_missing needs at least 2 registered views")
+    quats = geometry.rotmat_to_quat(R)
+    centers = geometry.camera_centers(R, T)
+    gap = np.zeros(len(order))
+    for row in np.flatnonzero(~registered):
+        same = known[np.abs(elevation[known] - elevation[row]) < 1e-6]
+        pool = same if len(same) >= 2 else known
+        lo, hi = _bracket(order, pool, order[row])
+        t = (order[row] - order[lo]) / (order[hi] - order[lo]) if order[hi] != order[lo] else 0.5
+        quat = geometry.slerp(quats[lo], quats[hi], t)
+        R[row] = geometry.quat_to_rotmat(quat)
+        center = _circle_center(centers[pool], order[pool], order[row])
+        if center is None:
+            center = (1 - t) * centers[lo] + t * centers[hi]
+        T[row] = -R[row] @ center
+        gap[row] = float(np.min(np.abs(order[known] - order[row])))
+    return R, T, gap
+
+
+def _bracket(order: np.ndarray, pool: np.ndarray, value: float) -> tuple[int, int]:
+    """The registered rows just below and above ``value`` in order; at an end, the two nearest."""
+    below = pool[order[pool] < value]
+    above = pool[order[pool] > value]
+    if len(below) and len(above):
+        return int(below[np.argmax(order[below])]), int(above[np.argmin(order[above])])
+    side = below if len(below) else above
+    nearest = side[np.argsort(np.abs(order[side] - value))][:2]
+    if len(nearest) < 2:  # one registered view on this side only: pair it with the far side
+        others = pool[pool != nearest[0]]
+        nearest = np.array([nearest[0], others[np.argmin(np.abs(order[others] - value))]])
+    return int(nearest[0]), int(nearest[1])
+
+
+def _circle_center(centers_k3: np.ndarray, order_k: np.ndarray, value: float) -> np.ndarray | None:
+    """A point on the circle fitted to ``centers_k3`` at the angle linear in order (least squares)."""
+    circle = fit_circle(centers_k3)
+    if circle is None:
+        return None
+    mid, _normal, radius, e1, e2 = circle
+    rel = centers_k3 - mid
+    angles = np.unwrap(np.arctan2(rel @ e2, rel @ e1)[np.argsort(order_k)])
+    sorted_order = np.sort(order_k)
+    if np.ptp(sorted_order) <= 0:
+        return None
+    slope, intercept = np.polyfit(sorted_order, angles, 1)
+    angle = slope * value + intercept
+    return mid + radius * (math.cos(angle) * e1 + math.sin(angle) * e2)
+
+
+# ----------------------------------------------------------------------------------------------
+# One capture
+# ----------------------------------------------------------------------------------------------
+
+
+def check_capture(root: Path, capture: dataset.Capture) -> list[tuple[int, int]]:
+    """Validate a capture's images (decodable, >= 2, unique names); returns their (width, height)."""
+    if len(capture.images) < 2:
+        raise InputError(f"capture {capture.id}: {len(capture.images)} image(s); poses need at least 2 views "
+                         "of one capture (add views or leave the capture out with --captures)")  # fmt: skip
+    names = capture.names
+    if len(set(names)) != len(names):
+        dupe = next(n for n in names if names.count(n) > 1)
+        raise InputError(f"capture {capture.id}: image name {dupe} occurs twice; rename or remove the copy")
+    sizes = []
+    for entry in capture.images:
+        image = io.read_image(root / entry.path)  # InputError naming a corrupt file
+        sizes.append((int(image.shape[1]), int(image.shape[0])))
+    return sizes
+
+
+def order_parameter(capture: dataset.Capture, layout: str) -> tuple[np.ndarray, np.ndarray]:
+    """(order [N], elevation [N]): Multi-PIE azimuths and elevations, else the row index and 0."""
+    if layout == "multipie" and all(cam in dataset.MULTIPIE_CAMERAS for cam in capture.cameras):
+        infos = [dataset.MULTIPIE_CAMERAS[cam] for cam in capture.cameras]
+        return np.array([i.azimuth_deg for i in infos]), np.array([i.elevation_deg for i in infos])
+    return np.arange(len(capture.images), dtype=np.float64), np.zeros(len(capture.images))
+
+
+def estimate_capture(root: Path, capture: dataset.Capture, cfg: Config, layout: str,
+                     sizes: Sequence[tuple[int, int]] | None = None) -> CapturePoses:  # fmt: skip
+    """SfM on one capture, then the fallback for views it could not register."""
+    sizes = list(sizes) if sizes is not None else check_capture(root, capture)
+    paths = [entry.path for entry in capture.images]
+    rec, n_models = run_sfm(root, paths, cfg, sizes)
+    views, sparse = extract_views(rec, paths) if rec is not None else ({}, None)
+    n = len(paths)
+    registered = np.array([path in views for path in paths])
+    unregistered = [capture.names[i] for i in np.flatnonzero(~registered)]
+    if registered.sum() < 2:
+        raise InputError(
+            f"capture {capture.id}: SfM registered {int(registered.sum())} of {n} views, too few to place the "
+            "others; check the images (texture, overlap) or try --preset colmap / --colmap overrides"
+        )
+    if unregistered:
+        log.warning("poses: %s: %d of %d views unregistered (%s); their poses are interpolated (source=interp)",
+                    capture.id, len(unregistered), n, ", ".join(unregistered))  # fmt: skip
+    R, T = np.tile(np.eye(3), (n, 1, 1)), np.zeros((n, 3))
+    K = np.zeros((n, 3, 3))
+    source = np.full(n, SOURCES["interp"], dtype=np.int8)
+    confidence = np.zeros(n, dtype=np.float32)
+    reproj = np.full(n, np.nan)
+    cameras: dict[str, dict[str, Any]] = {}
+    for i, path in enumerate(paths):
+        view = views.get(path)
+        if view is None:
+            continue
+        R[i], T[i], K[i] = view["R"], view["T"], view["K"]
+        source[i] = SOURCES["sfm"]
+        reproj[i] = view["reproj_error"]
+        confidence[i] = _sfm_confidence(view["observations"], view["reproj_error"])
+        cameras[capture.names[i]] = view["camera"]
+    if unregistered:
+        order, elevation = order_parameter(capture, layout)
+        R, T, gap = interpolate_missing(R, T, registered, order, elevation)
+        known = np.flatnonzero(registered)
+        step = np.median(np.diff(np.sort(order))) if n > 1 else 1.0
+        for i in np.flatnonzero(~registered):
+            nearest = known[np.argmin(np.abs(order[known] - order[i]))]
+            K[i] = _scaled_intrinsics(K[nearest], views[paths[nearest]]["width"], views[paths[nearest]]["height"], *sizes[i])
+            confidence[i] = float(0.5 * math.exp(-(gap[i] / max(step, 1e-9) - 1.0) / 2.0)) if gap[i] > 0 else 0.5
+            cameras[capture.names[i]] = {**views[paths[nearest]]["camera"], "from": capture.names[nearest]}
+    return CapturePoses(
+        names=capture.names, camera_ids=capture.cameras, R=R, T=T, K=K,
+        width=np.array([s[0] for s in sizes], dtype=np.int32), height=np.array([s[1] for s in sizes], dtype=np.int32),
+        source=source, confidence=np.clip(confidence, 0, 1).astype(np.float32), reproj_error=reproj,
+        colmap_cameras=cameras, models=n_models, **_sparse_fields(sparse),
+    )  # fmt: skip
+
+
+def _sparse_fields(sparse: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    if sparse is None:
+        return {}
+    return {"points_p3": sparse["points"], "colors_p3": sparse["colors"], "point_error_p": sparse["error"],
+            "track_offsets": sparse["track_offsets"], "track_images": sparse["track_images"],
+            "track_uv": sparse["track_uv"]}  # fmt: skip
+
+
+def _sfm_confidence(observations: int, reproj_error: float) -> float:
+    """1 - exp(-obs / 50), damped by the reprojection error (1 px halves it)."""
+    error = reproj_error if np.isfinite(reproj_error) else 1.0
+    return float((1.0 - math.exp(-observations / 50.0)) / (1.0 + error))
+
+
+def _scaled_intrinsics(K: np.ndarray, width: int, height: int, new_width: int, new_height: int) -> np.ndarray:
+    scale = np.diag([new_width / width, new_height / height, 1.0])
+    return scale @ K
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+
+def write_capture(out: Path, root: Path, capture: dataset.Capture, poses: CapturePoses, cfg: Config,
+                  inputs_hash: str) -> list[Path]:  # fmt: skip
+    """Write sparse, the exports, then poses (the completion mark); returns the paths written."""
+    folder = worktree.capture_dir(out, capture.id)
+    meta = {"stage": STAGE, "capture": capture.id, "names": poses.names, "config": cfg, "inputs_hash": inputs_hash}
+    written = [io.save_record(worktree.record_path(out, capture.id, "sparse"), {
+        "points": poses.points_p3, "colors": poses.colors_p3, "error": poses.point_error_p,
+        "track_offsets": poses.track_offsets, "track_images": poses.track_images, "track_uv": poses.track_uv,
+    }, kind="sparse", **meta)]  # fmt: skip
+    cameras = io.CameraSet(poses.names, poses.R, poses.T, poses.K, poses.width, poses.height)
+    if "transforms" in cfg.export:
+        rel = [os.path.relpath(root / entry.path, folder) for entry in capture.images]
+        extra = [{"file_path": path, "nvf_source": _source_name(s), "nvf_confidence": float(c)}
+                 for path, s, c in zip(rel, poses.source, poses.confidence)]  # fmt: skip
+        written.append(io.write_transforms(folder / "transforms.json", cameras, extra_frames=extra))
+    if "colmap" in cfg.export:
+        written.append(io.write_colmap_text(folder / "colmap", cameras, poses.points_p3, poses.colors_p3))
+    tensors = {"R": poses.R, "T": poses.T, "K": poses.K, "width": poses.width, "height": poses.height,
+               "source": poses.source, "confidence": poses.confidence, "reproj_error": poses.reproj_error}  # fmt: skip
+    unregistered = [n for n, s in zip(poses.names, poses.source) if s != SOURCES["sfm"]]
+    written.append(io.save_record(worktree.record_path(out, capture.id, "poses"), tensors, kind="poses", extra={
+        "camera_ids": json.dumps(poses.camera_ids), "sources": json.dumps(SOURCES),
+        "colmap_cameras": json.dumps(poses.colmap_cameras), "unregistered": json.dumps(unregistered),
+        "sfm_models": str(poses.models),
+    }, **meta))  # fmt: skip
+    return written
+
+
+def _source_name(code: int) -> str:
+    return next(name for name, value in SOURCES.items() if value == int(code))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def validate(cfg: Config) -> None:
+    """Reject bad settings before any work (unknown exports, --colmap keys, rig mode)."""
+    unknown = [e for e in cfg.export if e not in EXPORTS]
+    if unknown:
+        raise InputError(f"unknown export '{unknown[0]}'; choose from: {', '.join(EXPORTS)}")
+    if cfg.focal_px is not None and not cfg.focal_px > 0:
+        raise InputError(f"focal length must be positive, got {cfg.focal_px}")
+    build_options(cfg)  # raises for unknown --colmap keys
+
+
+def _check_rig(cfg: Config, layout: str) -> None:
+    if cfg.rig == "off":
+        return
+    if layout != "multipie":
+        raise InputError(f"--rig {cfg.rig} needs a fixed camera rig (the Multi-PIE layout, the same cameras in "
+                         f"every capture); this dataset scanned as '{layout}'. Use --rig off")  # fmt: skip
+    raise InputError(f"--rig {cfg.rig}: rig mode (pooling a session's captures as frames of one rig) is not "
+                     "available in this version of nvf; use --rig off (per capture, with the fallback)")  # fmt: skip
+
+
+def capture_hash(root: Path, capture: dataset.Capture, cfg: Config) -> str:
+    """Input hash of a capture: its image names and bytes plus the config."""
+    return io.hash_inputs(dataclasses.asdict(cfg), capture.names, *[root / entry.path for entry in capture.images])
+
+
+def run(
+    data: Path,
+    out: Path,
+    cfg: Config = Config(),
+    *,
+    shard: worktree.Shard = worktree.Shard(),
+    captures: Sequence[str] | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """Estimate poses for every selected capture of ``data``; returns the paths written.
+
+    Every selected capture is validated (images readable, >= 2 views) before any is processed, so
+    bad input writes nothing. Up-to-date captures (same input hash) are skipped unless ``overwrite``.
+    ``device`` is accepted for the common stage signature; pycolmap's wheels here run on CPU.
+    """
+    del device  # SIFT on CPU; pycolmap picks CUDA itself where its build has it
+    validate(cfg)
+    data, out = Path(data), Path(out)
+    found = dataset.scan(data, cfg.layout)
+    _check_rig(cfg, found.layout)
+    selected = worktree.select_captures(found.captures, shard=shard, capture_ids=captures)
+    if not selected:
+        log.warning("poses: no captures selected (shard %s/%s)", shard.index, shard.count)
+        return []
+    sizes = {capture.id: check_capture(data, capture) for capture in selected}
+    written: list[Path] = []
+    for done, capture in enumerate(selected):
+        inputs_hash = capture_hash(data, capture, cfg)
+        target = worktree.record_path(out, capture.id, "poses")
+        if not overwrite and worktree.is_up_to_date(target, inputs_hash) and _exports_present(out, capture.id, cfg):
+            log.info("poses: %s up to date, skipped", capture.id)
+        else:
+            poses = estimate_capture(data, capture, cfg, found.layout, sizes[capture.id])
+            written.extend(write_capture(out, data, capture, poses, cfg, inputs_hash))
+            n_sfm = int((poses.source == SOURCES["sfm"]).sum())
+            log.info("poses: %s: %d/%d views by SfM, %d interpolated", capture.id, n_sfm, len(poses.names),
+                     len(poses.names) - n_sfm)  # fmt: skip
+        if progress is not None:
+            progress(done + 1, len(selected))
+    return written
+
+
+def _exports_present(out: Path, capture: str, cfg: Config) -> bool:
+    folder = worktree.capture_dir(out, capture)
+    need = {"transforms": folder / "transforms.json", "colmap": folder / "colmap" / "images.txt"}
+    return worktree.record_path(out, capture, "sparse").is_file() and all(need[e].exists() for e in cfg.export)
+
+
+def load_poses(work: Path, capture: str) -> io.Record:
+    """The poses record of a capture (validated)."""
+    return io.load_record(worktree.record_path(work, capture, "poses"), kind="poses", capture=capture)
