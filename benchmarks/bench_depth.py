@@ -1,0 +1,107 @@
+"""nvf depth vs transformers' `pipeline("depth-estimation")` image by image, and vs the bare batched forward.
+
+Same 64 images (synthetic heads, 128 px, PNG files), same model: a small-but-realistic DPT built
+locally with random weights (ViT width 192, 6 layers, 3 heads, 224 px input, DPT decoder with
+fusion width 64: ~5.7 M parameters; no download). Timing does not depend on the weights.
+
+- candidate: `stages.depth.run` end to end (hash + decode in threads + batched preprocess, forward,
+  resample + write records), on-disk cache off, so every run computes every map;
+- baseline: `pipeline("depth-estimation")` called once per image path (its own decode,
+  preprocessing, forward, post-processing to the image size);
+- overhead: the same run against the bare batched forward of pre-decoded, pre-processed tensors
+  at nvf's batch size (goal: at most 10% slower).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.harness import Result, Side, compare
+
+N_IMAGES = 64
+RESOLUTION = 128
+
+
+def build_small_dpt(folder: Path) -> Path:
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    config = DPTConfig(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768,
+                       image_size=224, patch_size=16, backbone_out_indices=[1, 3, 4, 5],
+                       neck_hidden_sizes=[48, 96, 192, 384], fusion_hidden_size=64, head_in_index=-1,
+                       readout_type="project", is_hybrid=False)  # fmt: skip
+    torch.manual_seed(0)
+    DPTForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessor(size={"height": 224, "width": 224}, keep_aspect_ratio=False, ensure_multiple_of=1,
+                      image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+def make_images(root: Path) -> list[Path]:
+    """64 synthetic head images (5 captures of the 13-camera ring, trimmed to 64) as capture folders."""
+    from stages import synth
+    from stages.core import io
+
+    cfg = synth.Config(resolution=RESOLUTION, elevated=False, surface_points=200)
+    paths = []
+    for subject in range(1, 6):
+        render = synth.render_capture(subject, 1, 1, 0, cfg)
+        for name, image in zip(render.names, render.images_nhw3, strict=False):
+            if len(paths) < N_IMAGES:
+                paths.append(io.write_image(root / f"subject{subject}" / name, image))
+    return paths
+
+
+def run() -> list[Result]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import pipeline
+
+    from stages import depth
+    from stages.core import batching, models
+
+    tmp = Path(tempfile.mkdtemp(prefix="nvf-bench-depth-"))
+    try:
+        model_dir = build_small_dpt(tmp / "model")
+        paths = make_images(tmp / "data")
+        device = batching.choose_device("auto")
+        cfg = depth.Config(model=str(model_dir), layout="folder", cache=False)
+        runs = iter(range(10**6))
+
+        def nvf_depth() -> None:
+            depth.run(tmp / "data", tmp / f"work{next(runs)}", cfg, device=str(device))
+
+        pipe = pipeline("depth-estimation", model=str(model_dir), device=device)
+
+        def pipeline_per_image() -> None:
+            for path in paths:
+                pipe(str(path))
+
+        ref = models.ModelRef("depth", str(model_dir))
+        predictor = depth.DepthPredictor(ref, device)
+        from stages.core import io
+
+        images = torch.from_numpy(np.stack([io.read_image(p) for p in paths])).permute(0, 3, 1, 2)
+        pixels = predictor.processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+        per_item = predictor.bytes_per_item((RESOLUTION,) * 2, (RESOLUTION,) * 2)
+        batch = batching.resolve_batch_size(None, device, per_item,
+                                            max_batch=32 if device.type == "cpu" else 256)  # fmt: skip
+
+        def bare_forward() -> None:
+            with torch.inference_mode():
+                for start in range(0, len(pixels), batch):
+                    predictor.model(pixel_values=pixels[start : start + batch]).predicted_depth.cpu()
+
+        extra = {"device": str(device), "images": N_IMAGES, "batch": batch, "model": "local DPT ViT-192x6, 224 px"}
+        baseline = Side("pipeline per image", pipeline_per_image)
+        vs_pipeline = compare("depth_vs_pipeline", Side("nvf depth", nvf_depth), baseline,
+                              repeats=3, goal="ratio <= 0.333 (>= 3x faster)", extra=extra)  # fmt: skip
+        vs_bare = compare("depth_overhead", Side("nvf depth", nvf_depth), Side("bare batched forward", bare_forward),
+                          repeats=3, goal="ratio <= 1.10", extra=extra)  # fmt: skip
+        return [vs_pipeline, vs_bare]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,59 @@
+"""`nvf depth`: batched monocular depth for every view (DPT-Large by default), cached on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from nvfcli.console import progress_bar
+from nvfcli.options import DataDir, Json, Overwrite
+from stages import depth as stage
+from stages.core import worktree
+
+
+def depth(
+    data: DataDir,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Work folder: writes OUT/<capture>/depth.safetensors.")],
+    preset: Annotated[str, typer.Option(help="Model preset: paper (Intel/dpt-large) or tiny (tests).")] = "paper",
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Hub id, local folder or depth-anything-v2-small instead "
+            "of the preset's (DA-V2 Base/Large: non-commercial)."
+        ),
+    ] = None,
+    layout: Annotated[stage.Layout, typer.Option(help="Dataset layout.")] = "auto",
+    precision: Annotated[stage.Precision, typer.Option(help="fp32, fp16 (CUDA only) or bf16.")] = "fp32",
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (default: fit free memory).")] = None,
+    max_res: Annotated[Optional[int], typer.Option(help="Store maps with the longer side at most this.")] = None,
+    interpolation: Annotated[stage.Interpolation, typer.Option(help="Resampling to the stored size.")] = "bicubic",
+    store_dtype: Annotated[
+        stage.StoreDtype, typer.Option("--dtype", help="Stored values: float32 or float16.")
+    ] = "float32",
+    depth_kind: Annotated[
+        stage.DepthKind, typer.Option(help="What the model predicts (auto: from its config).")
+    ] = "auto",
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Use the on-disk depth cache.")] = True,
+    workers: Annotated[int, typer.Option(help="Image-decoding threads.", min=1)] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    shard: Annotated[Optional[str], typer.Option(help="Process shard K/N of the subjects.")] = None,
+    captures: Annotated[Optional[str], typer.Option(help="File of capture ids (one per line), or - for stdin.")] = None,
+    overwrite: Overwrite = False,
+    json_out: Json = False,
+) -> None:
+    """Predict depth for every image of DATA, batched on the GPU, into OUT/<capture>/depth.safetensors.
+
+    Examples: `nvf depth data/multipie --out work`; `nvf depth data --out work --precision fp16 --max-res 384`;
+    `nvf depth data --out work --model depth-anything-v2-small --shard 0/8`.
+    """
+    cfg = stage.Config(preset=preset, model=model, layout=layout, precision=precision, batch_size=batch_size,
+                       max_res=max_res, interpolation=interpolation, store_dtype=store_dtype, depth_kind=depth_kind,
+                       cache=cache, workers=workers)  # fmt: skip
+    ids = worktree.read_capture_ids(captures) if captures else None
+    with progress_bar("depth") as progress:
+        written = stage.run(data, out, cfg, shard=worktree.Shard.parse(shard), capture_ids=ids, overwrite=overwrite,
+                            device=device, progress=progress)  # fmt: skip
+    typer.echo(json.dumps([str(p) for p in written], indent=2) if json_out else "\n".join(map(str, written)))

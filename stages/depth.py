@@ -1,0 +1,686 @@
+"""Stage `depth`: batched monocular depth for every view of every capture (paper §IV-5, Eq. 3-4).
+
+Any transformers depth model (`AutoModelForDepthEstimation` + its image processor) runs over the
+images of a dataset in batches of equal-size images. The batch size follows free memory and halves
+on out-of-memory (`stages.core.batching`); images are decoded by worker threads while the model runs
+on the previous batch; preprocessing (the model's own processor on a uint8 batch tensor), the
+forward pass and the resampling of the prediction to the image size (or to `max_res`) are batched
+on the device. Results are cached on disk, keyed by the image bytes + the model + the settings, so
+a rerun, a repeated image or a capture shared by two work trees costs nothing; an in-memory LRU
+serves repeated access within a run.
+
+Output per capture: ``WORK/<capture>/depth.safetensors`` (kind ``depth``) with
+``depth`` [N, H, W] (float32 or float16) and ``image_hw`` [N, 2] (each view's image size, so a map
+stored at `max_res` maps back to pixels: u_map = u_image * W / image_w). Metadata ``depth_kind``
+says what the values are: ``disparity`` (relative inverse depth: DPT, Depth Anything V2 relative;
+larger = nearer, unknown scale and shift) or ``depth`` (metric z-depth). ``nvf align`` turns either
+into z-depth in the poses' units.
+
+Models: the paper's `Intel/dpt-large` (Apache-2.0); `depth-anything/Depth-Anything-V2-Small-hf`
+(`--model depth-anything-v2-small`, Apache-2.0) is faster; its Base and Large checkpoints are
+CC-BY-NC-4.0 (non-commercial use only). A local folder with a saved model works the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from stages.core import batching, dataset, io, models, worktree
+from stages.core.batching import ProgressFn
+from stages.core.errors import InputError
+
+log = logging.getLogger("nvf")
+
+STAGE = "depth"
+Precision = Literal["fp32", "fp16", "bf16"]
+Interpolation = Literal["bilinear", "bicubic"]
+DepthKind = Literal["auto", "disparity", "depth"]
+StoreDtype = Literal["float32", "float16"]
+Layout = Literal["auto", "multipie", "folder"]
+
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_RELATIVE_MODEL_TYPES = {"dpt"}  # relative inverse depth; depth_anything depends on its config
+_CPU_MAX_BATCH = 32  # beyond this a CPU gains nothing from bigger batches, only memory use
+
+
+@dataclass(frozen=True)
+class Config:
+    """How depth maps are predicted and stored."""
+
+    preset: str = "paper"
+    """Model preset: `paper` (Intel/dpt-large) or `tiny` (random weights, tests and smoke runs)."""
+    model: str | None = None
+    """A hub id, local folder or alternative name (`depth-anything-v2-small`) instead of the preset's."""
+    layout: Layout = "auto"
+    """Dataset layout: `auto`, `multipie` or `folder` (as `nvf scan`)."""
+    precision: Precision = "fp32"
+    """Weights and activations: fp32, fp16 (CUDA only; CPU falls back to fp32) or bf16."""
+    batch_size: int | None = None
+    """Images per forward pass; None sizes batches to free memory (halved on out-of-memory)."""
+    max_res: int | None = None
+    """Store maps with their longer side at most this many pixels; None keeps the image size."""
+    interpolation: Interpolation = "bicubic"
+    """How the prediction is resampled to the stored size."""
+    store_dtype: StoreDtype = "float32"
+    """Stored value type: float32, or float16 for half the disk space."""
+    depth_kind: DepthKind = "auto"
+    """What the model predicts: `auto` (from its config), `disparity` or `depth`."""
+    cache: bool = True
+    """Reuse and fill the on-disk depth cache (`<nvf cache>/depth-cache`)."""
+    workers: int = 4
+    """Image-decoding threads running ahead of the model."""
+
+
+PRESETS: dict[str, Config] = {
+    "paper": Config(),
+    "tiny": Config(preset="tiny"),
+    "fast": Config(model="depth-anything-v2-small", precision="fp16", store_dtype="float16"),
+}
+
+_OUTPUT_FIELDS = ("max_res", "interpolation", "store_dtype")  # config fields that change the maps
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+def model_fingerprint(ref: models.ModelRef) -> str:
+    """A short hash naming the model's weights: hub id + revision, or a local folder's files.
+
+    A local folder is fingerprinted by its JSON configs' contents and its weight files' sizes and
+    modification times, so re-saving other weights into the same folder invalidates the cache.
+    """
+    parts: list[Any] = [ref.id, ref.revision]
+    folder = Path(ref.id).expanduser()
+    if folder.is_dir():
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            rel = path.relative_to(folder).as_posix()
+            if path.suffix == ".json":
+                parts.append([rel, path.read_text(errors="replace")])
+            else:
+                stat = path.stat()
+                parts.append([rel, stat.st_size, stat.st_mtime_ns])
+    return io.hash_inputs(*parts)
+
+
+def effective_precision(precision: Precision, device: torch.device) -> Precision:
+    """`precision`, except fp16 on a CPU, which falls back to fp32 with a warning."""
+    if precision not in _TORCH_DTYPES:
+        raise InputError(f"unknown precision {precision!r}: use fp32, fp16 or bf16")
+    if precision == "fp16" and device.type != "cuda":
+        log.warning("--precision fp16 needs a CUDA device; running in fp32 on %s (use bf16 for a CPU)", device)
+        return "fp32"
+    return precision
+
+
+def infer_depth_kind(config: Any) -> Literal["disparity", "depth"]:
+    """`disparity` for relative models (DPT, Depth Anything relative), `depth` for metric ones."""
+    model_type = getattr(config, "model_type", "")
+    if model_type in _RELATIVE_MODEL_TYPES:
+        return "disparity"
+    if model_type == "depth_anything":
+        return "depth" if getattr(config, "depth_estimation_type", "relative") == "metric" else "disparity"
+    return "depth"  # ZoeDepth, Depth Pro, GLPN, ... predict metric depth
+
+
+class DepthPredictor:
+    """A loaded depth model: uint8 image batches in, depth maps at a requested size out.
+
+    `predict(images_b3hw, out_hw)`: images [B, 3, H, W] uint8 (any device) -> [B, h, w] float32 on
+    the model's device, resampled to `out_hw` with `interpolation`.
+    """
+
+    def __init__(
+        self,
+        ref: models.ModelRef,
+        device: torch.device,
+        precision: Precision = "fp32",
+        depth_kind: DepthKind = "auto",
+        interpolation: Interpolation = "bicubic",
+    ) -> None:
+        self.ref = ref
+        self.device = device
+        self.dtype = _TORCH_DTYPES[precision]
+        self.model, self.processor = models.load_depth_model(ref, device, self.dtype)
+        self.depth_kind = infer_depth_kind(self.model.config) if depth_kind == "auto" else depth_kind
+        self.interpolation = interpolation
+        # DPT-family processors (DPT, Depth Anything) resize predictions plainly: do it batched
+        self._plain_post = type(self.processor).__name__.startswith("DPTImageProcessor")
+        self._input_hw: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def input_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the model input the processor makes from an image of `image_hw`."""
+        if image_hw not in self._input_hw:
+            probe = torch.zeros((1, 3, *image_hw), dtype=torch.uint8)
+            shape = self.processor(images=probe, return_tensors="pt")["pixel_values"].shape
+            self._input_hw[image_hw] = (int(shape[-2]), int(shape[-1]))
+        return self._input_hw[image_hw]
+
+    @torch.inference_mode()
+    def predict(self, images_b3hw: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        """Depth [B, h, w] float32 for uint8 images [B, 3, H, W], resampled to `out_hw` = (h, w)."""
+        images_b3hw = images_b3hw.to(self.device, non_blocking=True)
+        pixels = self.processor(images=images_b3hw, return_tensors="pt")["pixel_values"]  # [B, 3, h', w']
+        outputs = self.model(pixel_values=pixels.to(self.device, self.dtype))
+        if not self._plain_post:  # e.g. ZoeDepth removes its padding: the processor knows how
+            sizes = [tuple(images_b3hw.shape[-2:])] * len(images_b3hw)
+            maps = self.processor.post_process_depth_estimation(outputs, sizes)
+            predicted = torch.stack([m["predicted_depth"] for m in maps])
+        else:
+            predicted = outputs.predicted_depth  # [B, h', w']
+        predicted = predicted.float().unsqueeze(1)  # [B, 1, h', w']
+        if tuple(predicted.shape[-2:]) != tuple(out_hw):
+            predicted = torch.nn.functional.interpolate(
+                predicted, size=out_hw, mode=self.interpolation, align_corners=False
+            )
+        return predicted[:, 0]
+
+    def bytes_per_item(self, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+        """Peak extra memory one more image in a batch costs, in bytes.
+
+        CUDA: measured with two probe passes (batch 1 and 2) at this input size. CPU: an estimate
+        from the model input size and, for ViT-based models, attention and decoder sizes.
+        """
+        in_h, in_w = self.input_hw(image_hw)
+        io_bytes = 4 * (3 * image_hw[0] * image_hw[1] + in_h * in_w * 3 + 2 * out_hw[0] * out_hw[1])
+        if self.device.type == "cuda":
+            peaks = [self._probe_peak(n, image_hw, out_hw) for n in (1, 2)]
+            return int(max(peaks[1] - peaks[0], io_bytes) * 1.2)
+        return int(_estimate_activation_bytes(self.model.config, in_h, in_w, self.dtype) + io_bytes)
+
+    def _probe_peak(self, n: int, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self.predict(torch.zeros((n, 3, *image_hw), dtype=torch.uint8, device=self.device), out_hw)
+        torch.cuda.synchronize(self.device)
+        return int(torch.cuda.max_memory_allocated(self.device) - base)
+
+
+_LOADED: dict[tuple, DepthPredictor] = {}
+
+
+def loaded_predictor(
+    ref: models.ModelRef, fingerprint: str, device: torch.device, precision: Precision, cfg: Config
+) -> DepthPredictor:
+    """A `DepthPredictor`, kept loaded for the next run in this process (one model at a time), so
+    chained runs (examples, notebooks, benchmarks) pay the load once."""
+    key = (ref.id, fingerprint, str(device), precision, cfg.depth_kind, cfg.interpolation)
+    if key not in _LOADED:
+        _LOADED.clear()  # free the previous model before loading another
+        _LOADED[key] = DepthPredictor(ref, device, precision, cfg.depth_kind, cfg.interpolation)
+    return _LOADED[key]
+
+
+def _estimate_activation_bytes(config: Any, in_h: int, in_w: int, dtype: torch.dtype) -> float:
+    """Rough peak activation bytes of one image through a ViT + DPT-style decoder (x1.5 margin)."""
+    elem = torch.finfo(dtype).bits // 8
+    backbone = getattr(config, "backbone_config", None) or config
+    patch = int(getattr(backbone, "patch_size", 16) or 16)
+    hidden = int(getattr(backbone, "hidden_size", 768) or 768)
+    heads = int(getattr(backbone, "num_attention_heads", 12) or 12)
+    fusion = int(getattr(config, "fusion_hidden_size", 256) or 256)
+    tokens = (in_h // patch) * (in_w // patch) + 1
+    attention = 3 * heads * tokens * tokens  # scores, softmax, context
+    token_buffers = 12 * tokens * hidden  # qkv, 4x MLP, residuals
+    decoder = 6 * fusion * (in_h // 2) * (in_w // 2) + 3 * (fusion // 2) * in_h * in_w
+    return 1.5 * elem * (attention + token_buffers + decoder)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache
+# ----------------------------------------------------------------------------------------------
+
+
+class DepthCache:
+    """Depth maps by key: an in-memory LRU (bounded in bytes) in front of an optional disk folder.
+
+    Disk layout: ``folder/<key[:2]>/<key>.safetensors`` holding one tensor ``depth`` [H, W]; writes
+    are atomic, so concurrent runs sharing the folder never read a half-written entry.
+    """
+
+    def __init__(self, folder: Path | None, memory_bytes: int = 512 * 2**20) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self.memory_bytes = memory_bytes
+        self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._used = 0
+        self._lock = threading.Lock()
+        self.hits = {"memory": 0, "disk": 0}
+
+    def _file(self, key: str) -> Path:
+        assert self.folder is not None  # internal: only called when a folder is set
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    def contains(self, key: str) -> bool:
+        """Whether `key` is cached (in memory, or on disk) without loading it."""
+        with self._lock:
+            if key in self._memory:
+                return True
+        return self.folder is not None and self._file(key).is_file()
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The cached map for `key` or None; a disk hit is promoted into memory."""
+        with self._lock:
+            if key in self._memory:
+                self._memory.move_to_end(key)
+                self.hits["memory"] += 1
+                return self._memory[key]
+        if self.folder is None or not self._file(key).is_file():
+            return None
+        from safetensors.numpy import load_file
+
+        try:
+            array = load_file(str(self._file(key)))["depth"]
+        except Exception:  # a corrupt entry is a miss; it gets recomputed and overwritten
+            log.debug("depth cache: unreadable entry %s ignored", key)
+            return None
+        self.hits["disk"] += 1
+        self._remember(key, array)
+        return array
+
+    def put(self, key: str, array_hw: np.ndarray, *, to_disk: bool = True) -> None:
+        """Cache `array_hw` in memory and (when a folder is set and `to_disk`) on disk."""
+        self._remember(key, array_hw)
+        if to_disk:
+            self.write_disk(key, array_hw)
+
+    def write_disk(self, key: str, array_hw: np.ndarray) -> None:
+        """Store `array_hw` on disk only (no-op without a folder); safe to call from a worker thread."""
+        if self.folder is not None:
+            from safetensors.numpy import save_file
+
+            with io.atomic_path(self._file(key)) as tmp:
+                save_file({"depth": np.ascontiguousarray(array_hw)}, str(tmp))
+
+    def _remember(self, key: str, array: np.ndarray) -> None:
+        with self._lock:
+            if key in self._memory:
+                self._memory.move_to_end(key)
+                return
+            self._memory[key] = array
+            self._used += array.nbytes
+            while self._used > self.memory_bytes and len(self._memory) > 1:
+                _, evicted = self._memory.popitem(last=False)
+                self._used -= evicted.nbytes
+
+
+def default_cache_folder() -> Path:
+    """``<nvf cache>/depth-cache``."""
+    return models.cache_dir() / "depth-cache"
+
+
+# ----------------------------------------------------------------------------------------------
+# Image decoding ahead of the model
+# ----------------------------------------------------------------------------------------------
+
+
+class ImagePrefetcher:
+    """Decodes images (RGB uint8 [H, W, 3]) in worker threads, running ahead of the consumer.
+
+    `get(indices)` returns the decoded images of those positions of `paths`, first making sure the
+    next `lookahead` positions after them are being decoded. `release(indices)` frees them.
+    """
+
+    def __init__(self, paths: Sequence[Path], workers: int = 4) -> None:
+        self.paths = list(paths)
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="nvf-decode")
+        self._futures: dict[int, Future[np.ndarray]] = {}
+        self._submitted = 0
+
+    def _submit_until(self, stop: int) -> None:
+        stop = min(stop, len(self.paths))
+        while self._submitted < stop:
+            self._futures[self._submitted] = self._pool.submit(io.read_image, self.paths[self._submitted])
+            self._submitted += 1
+
+    def get(self, indices: Sequence[int], lookahead: int = 0) -> list[np.ndarray]:
+        """Decoded images at `indices` (decoding them now if not yet queued)."""
+        for index in indices:
+            if index not in self._futures:  # a position re-requested after release, or skipped
+                self._futures[index] = self._pool.submit(io.read_image, self.paths[index])
+        self._submit_until(max(indices, default=-1) + 1 + lookahead)
+        return [self._futures[index].result() for index in indices]
+
+    def prefetch(self, count: int) -> None:
+        """Start decoding the first `count` images."""
+        self._submit_until(count)
+
+    def release(self, indices: Sequence[int]) -> None:
+        for index in indices:
+            self._futures.pop(index, None)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _View:
+    """One image to process: its file, size, the size its map is stored at, and its cache key."""
+
+    path: Path
+    image_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    key: str
+
+
+@dataclass
+class _CapturePlan:
+    capture: dataset.Capture
+    views: list[_View]
+    inputs_hash: str
+    out_path: Path
+    missing: set[str]
+
+
+def stored_hw(image_hw: tuple[int, int], max_res: int | None) -> tuple[int, int]:
+    """(h, w) a map is stored at: the image size, shrunk so its longer side is at most `max_res`."""
+    h, w = image_hw
+    if max_res is None or max(h, w) <= max_res:
+        return h, w
+    scale = max_res / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _hash_file(path: Path) -> str:
+    try:
+        return io.hash_file(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: image not found (did the dataset change since the scan?)") from None
+
+
+def run(
+    data: Path,
+    out: Path,
+    cfg: Config = Config(),
+    *,
+    shard: worktree.Shard = worktree.Shard(),
+    capture_ids: Sequence[str] | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+    cache_folder: Path | None = None,
+) -> list[Path]:
+    """Predict depth for every view of the selected captures of `data`; write them under `out`.
+
+    Writes ``out/<capture>/depth.safetensors`` per capture and returns those paths (captures whose
+    record is up to date are skipped unless `overwrite`). `cache_folder` defaults to
+    `default_cache_folder()`; `cfg.cache = False` neither reads nor writes it.
+    """
+    if cfg.max_res is not None and cfg.max_res < 1:
+        raise InputError(f"--max-res must be a positive number of pixels, got {cfg.max_res}")
+    torch_device = batching.choose_device(device)
+    precision = effective_precision(cfg.precision, torch_device)
+    ref = models.resolve_model("depth", cfg.preset, cfg.model)
+    index = dataset.scan(data, cfg.layout)
+    selected = worktree.select_captures(index.captures, shard=shard, capture_ids=capture_ids)
+    if not selected:
+        log.warning("depth: no captures in this shard/selection; nothing to do")
+        return []
+    cache = DepthCache((cache_folder or default_cache_folder()) if cfg.cache else None)
+    settings = {
+        "stage": STAGE,
+        "model": ref.id,
+        "model_fingerprint": model_fingerprint(ref),
+        "precision": precision,
+        "depth_kind": cfg.depth_kind,
+        **{name: getattr(cfg, name) for name in _OUTPUT_FIELDS},
+    }
+    plans = _plan(Path(data), Path(out), selected, settings, cfg, overwrite, cache)
+    log.info("depth: %d of %d capture(s) to write", len(plans), len(selected))
+    if not plans:
+        return []
+    writer = _RecordWriter(plans, cache, settings, cfg, progress)
+    todo = _unique_views(plans)
+    try:
+        if todo:
+            predictor = loaded_predictor(ref, settings["model_fingerprint"], torch_device, precision, cfg)
+            writer.meta.update(depth_kind=predictor.depth_kind, model=ref.id, precision=precision)
+            writer.flush_ready()
+            for view, depth_hw in _predict_all(predictor, todo, cfg, torch_device):
+                writer.add(view.key, depth_hw)
+        else:
+            writer.meta.update(depth_kind=_config_depth_kind(ref, cfg), model=ref.id, precision=precision)
+            writer.flush_ready()
+        paths = writer.results()
+    finally:
+        writer.close()
+    log.info(
+        "depth: wrote %d capture(s); %d image(s) computed; cache hits %d memory, %d disk",
+        len(paths), len(todo), cache.hits["memory"], cache.hits["disk"],
+    )  # fmt: skip
+    return paths
+
+
+class _RecordWriter:
+    """Collects computed maps and writes each capture's record (in a writer thread) once complete.
+
+    A computed map is kept until every capture that needs it is written, then dropped; disk cache
+    writes go through the same thread so the consumer never waits on the disk.
+    """
+
+    def __init__(
+        self, plans: list[_CapturePlan], cache: DepthCache, settings: dict[str, Any], cfg: Config,
+        progress: ProgressFn | None,
+    ) -> None:  # fmt: skip
+        self.plans, self.cache, self.settings, self.cfg, self.progress = plans, cache, settings, cfg, progress
+        self.meta: dict[str, str] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="nvf-write")
+        self._written: list[Future[Path]] = []
+        self._fresh: dict[str, np.ndarray] = {}
+        self._waiting: dict[str, list[_CapturePlan]] = defaultdict(list)
+        self._refs: dict[str, int] = defaultdict(int)
+        for plan in plans:
+            for key in plan.missing:
+                self._waiting[key].append(plan)
+                self._refs[key] += 1
+        self._total = sum(len(plan.views) for plan in plans)
+        self._done = 0
+        if progress is not None:
+            progress(0, self._total)
+
+    def flush_ready(self) -> None:
+        """Write the captures whose maps were all cached already."""
+        for plan in self.plans:
+            if not plan.missing:
+                self._finish(plan)
+
+    def add(self, key: str, depth_hw: np.ndarray) -> None:
+        self._fresh[key] = depth_hw
+        self.cache.put(key, depth_hw, to_disk=False)
+        if self.cfg.cache:
+            self._pool.submit(self.cache.write_disk, key, depth_hw)
+        for plan in self._waiting.pop(key, []):
+            plan.missing.discard(key)
+            if not plan.missing:
+                self._finish(plan)
+
+    def _finish(self, plan: _CapturePlan) -> None:
+        maps = [self._fresh[v.key] if v.key in self._fresh else self.cache.get(v.key) for v in plan.views]
+        self._written.append(self._pool.submit(_write_record, plan, maps, self.settings, self.cfg, dict(self.meta)))
+        for key in {v.key for v in plan.views} & set(self._refs):
+            self._refs[key] -= 1
+            if self._refs[key] == 0:
+                del self._refs[key]
+                self._fresh.pop(key, None)
+        self._done += len(plan.views)
+        if self.progress is not None:
+            self.progress(self._done, self._total)
+
+    def results(self) -> list[Path]:
+        return [future.result() for future in self._written]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _config_depth_kind(ref: models.ModelRef, cfg: Config) -> str:
+    """What the model predicts, read from its config alone (no weights) when nothing needs running."""
+    if cfg.depth_kind != "auto":
+        return cfg.depth_kind
+    from transformers import AutoConfig
+
+    folder = Path(ref.id).expanduser()
+    source = str(folder) if folder.is_dir() else ref.id
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=models.hub_offline())
+    except (OSError, ValueError) as err:
+        raise models._load_failed(ref, err) from err
+    return infer_depth_kind(config)
+
+
+def _plan(
+    data: Path,
+    out: Path,
+    captures: Sequence[dataset.Capture],
+    settings: dict[str, Any],
+    cfg: Config,
+    overwrite: bool,
+    cache: DepthCache,
+) -> list[_CapturePlan]:
+    """Hash every image (in threads), skip the captures whose record is up to date, and list for
+    each other capture the maps the cache lacks."""
+    paths = [data / image.path for capture in captures for image in capture.images]
+    with ThreadPoolExecutor(min(8, max(1, cfg.workers)), thread_name_prefix="nvf-hash") as pool:
+        hashes = list(pool.map(_hash_file, paths))
+        sizes = list(pool.map(_image_hw, paths))
+    plans: list[_CapturePlan] = []
+    position = 0
+    for capture in captures:
+        n = len(capture.images)
+        c_paths, c_hashes, c_sizes = (
+            paths[position : position + n],
+            hashes[position : position + n],
+            sizes[position : position + n],
+        )
+        position += n
+        inputs_hash = io.hash_inputs(settings, list(zip(capture.names, c_hashes, strict=False)))
+        out_path = worktree.record_path(out, capture.id, "depth")
+        if not overwrite and worktree.is_up_to_date(out_path, inputs_hash):
+            log.debug("depth: %s is up to date, skipped", capture.id)
+            continue
+        capture_hw = stored_hw(c_sizes[0], cfg.max_res)
+        if len(set(c_sizes)) > 1:
+            log.warning(
+                "depth: capture %s mixes image sizes %s; its maps are all stored at %dx%d (image_hw keeps each size)",
+                capture.id, sorted(set(c_sizes)), capture_hw[1], capture_hw[0],
+            )  # fmt: skip
+        views = [
+            _View(path, hw, capture_hw, io.hash_inputs(settings, digest, hw, capture_hw))
+            for path, digest, hw in zip(c_paths, c_hashes, c_sizes, strict=False)
+        ]
+        missing = {v.key for v in views if not cache.contains(v.key)}
+        plans.append(_CapturePlan(capture, views, inputs_hash, out_path, missing))
+    return plans
+
+
+def _image_hw(path: Path) -> tuple[int, int]:
+    width, height = io.image_size(path)
+    return int(height), int(width)
+
+
+def _unique_views(plans: Iterable[_CapturePlan]) -> list[_View]:
+    """Views to compute, each key once, grouped by (image size, stored size) in first-seen order."""
+    groups: dict[tuple[tuple[int, int], tuple[int, int]], dict[str, _View]] = {}
+    for plan in plans:
+        for view in plan.views:
+            if view.key in plan.missing:
+                groups.setdefault((view.image_hw, view.out_hw), {}).setdefault(view.key, view)
+    return [view for group in groups.values() for view in group.values()]
+
+
+def _predict_all(
+    predictor: DepthPredictor, views: list[_View], cfg: Config, device: torch.device
+) -> Iterator[tuple[_View, np.ndarray]]:
+    """Yield (view, depth [h, w] numpy in the stored dtype) for every view, batched per size group.
+
+    Decoding runs ahead in threads. The batch size is resolved once per size group from free memory
+    (or `cfg.batch_size`); after an out-of-memory halving, later groups start at the reduced size.
+    """
+    store_dtype = torch.float16 if cfg.store_dtype == "float16" else torch.float32
+    prefetcher = ImagePrefetcher([v.path for v in views], cfg.workers)
+    ceiling: list[int] = []  # the batch size an out-of-memory settled on, if any
+    try:
+        start = 0
+        while start < len(views):
+            group_hw = (views[start].image_hw, views[start].out_hw)
+            stop = start
+            while stop < len(views) and (views[stop].image_hw, views[stop].out_hw) == group_hw:
+                stop += 1
+            image_hw, out_hw = group_hw
+            max_batch = _CPU_MAX_BATCH if device.type == "cpu" else 256
+            batch_size = batching.resolve_batch_size(
+                cfg.batch_size,
+                device,
+                predictor.bytes_per_item(image_hw, out_hw) if cfg.batch_size is None else None,
+                max_batch=max_batch,
+            )
+            if ceiling:
+                batch_size = min(batch_size, ceiling[-1])
+            prefetcher.prefetch(start + 2 * batch_size)
+
+            def forward(positions: Sequence[int], out_hw: tuple[int, int] = out_hw) -> torch.Tensor:
+                images = prefetcher.get(positions, lookahead=len(positions))  # [H, W, 3] each
+                batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [B, 3, H, W] uint8
+                if device.type == "cuda":
+                    batch = batch.pin_memory()
+                try:
+                    depth = predictor.predict(batch, out_hw)  # [B, h, w] float32 on the device
+                except torch.cuda.OutOfMemoryError:
+                    ceiling.append(max(1, len(positions) // 2))
+                    raise
+                return depth.to(store_dtype).cpu()
+
+            for positions, depth_bhw in batching.iter_batched(forward, range(start, stop), batch_size=batch_size):
+                prefetcher.release(positions)
+                for position, depth_hw in zip(positions, depth_bhw.numpy(), strict=False):
+                    yield views[position], depth_hw
+            start = stop
+    finally:
+        prefetcher.close()
+
+
+def _write_record(
+    plan: _CapturePlan, maps: list[np.ndarray | None], settings: dict[str, Any], cfg: Config, meta: dict[str, str]
+) -> Path:
+    if any(m is None for m in maps):  # evicted from memory with no disk cache: cannot happen by design
+        raise RuntimeError(f"depth map of capture {plan.capture.id} lost before writing")
+    depth_nhw = np.stack(maps)  # type: ignore[arg-type]
+    image_hw = np.asarray([v.image_hw for v in plan.views], dtype=np.int32)  # [N, 2]
+    path = io.save_record(
+        plan.out_path,
+        {"depth": depth_nhw, "image_hw": image_hw},
+        kind="depth",
+        stage=STAGE,
+        capture=plan.capture.id,
+        names=plan.capture.names,
+        config={**settings, **{k: v for k, v in asdict(cfg).items() if k not in ("cache", "workers")}},
+        inputs_hash=plan.inputs_hash,
+        extra={**meta, "subject": plan.capture.subject, "source": "prediction"},
+    )
+    log.info("depth: wrote %s", path)
+    return path
+
+
+def load_depth(path: Path, capture: str | None = None) -> tuple[io.Record, str]:
+    """A depth record and its `depth_kind` (`disparity` or `depth`); checks kind and capture."""
+    record = io.load_record(path, kind="depth", capture=capture)
+    kind = record.extra.get("depth_kind", "depth")
+    if kind not in ("disparity", "depth"):
+        raise InputError(f"{path}: unknown depth_kind {kind!r} (expected disparity or depth); rerun nvf depth")
+    return record, kind

@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stages import depth
+from stages.core import io, models, worktree
+from stages.core.errors import InputError
+
+
+def _dataset(root: Path, captures: int = 2, views: int = 5, hw: tuple[int, int] = (40, 56), seed: int = 0) -> Path:
+    """Folders of random RGB images: one capture per folder."""
+    rng = np.random.default_rng(seed)
+    for c in range(captures):
+        for v in range(views):
+            (root / f"cap{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(root / f"cap{c}" / f"v{v}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_ref() -> models.ModelRef:
+    return models.resolve_model("depth", "tiny")
+
+
+def _pipeline_depth(ref: models.ModelRef, image_path: Path) -> np.ndarray:
+    """transformers' own path, one image at a time: processor -> model -> post-process to image size."""
+    model, processor = models.load_depth_model(ref)
+    image = Image.open(image_path).convert("RGB")
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    post = processor.post_process_depth_estimation(outputs, [image.size[::-1]])
+    return post[0]["predicted_depth"].numpy()
+
+
+def test_tiny_model_from_a_folder_runs_batched_and_matches_transformers(tmp_path, tiny_ref):
+    data = _dataset(tmp_path / "data")
+    cfg = depth.Config(model=tiny_ref.id, batch_size=3)  # a saved folder, through --model
+    paths = depth.run(data, tmp_path / "work", cfg, device="cpu", cache_folder=tmp_path / "cache")
+    assert [p.parent.name for p in paths] == ["cap0", "cap1"]
+    record = io.load_record(paths[0], kind="depth", capture="cap0")
+    assert record["depth"].shape == (5, 40, 56) and record["depth"].dtype == np.float32
+    assert record.names == [f"v{v}.png" for v in range(5)]
+    assert record.extra["depth_kind"] == "disparity" and record.extra["model"] == tiny_ref.id
+    assert record["image_hw"].tolist() == [[40, 56]] * 5
+    expected = _pipeline_depth(tiny_ref, data / "cap0" / "v3.png")
+    scale = np.abs(expected).max()
+    assert scale > 0
+    np.testing.assert_allclose(record["depth"][3], expected, atol=1e-5 * scale)
+
+
+def test_simulated_oom_halves_the_batch_and_changes_nothing(tmp_path, tiny_ref, monkeypatch, caplog):
+    data = _dataset(tmp_path / "data", captures=1, views=8)
+    cfg = depth.Config(model=tiny_ref.id, batch_size=8, cache=False)
+    [plain] = depth.run(data, tmp_path / "plain", cfg, device="cpu")
+    original = depth.DepthPredictor.predict
+    sizes: list[int] = []
+
+    def predict_with_oom(self, images, out_hw):
+        sizes.append(len(images))
+        if len(images) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, images, out_hw)
+
+    monkeypatch.setattr(depth.DepthPredictor, "predict", predict_with_oom)
+    with caplog.at_level(logging.WARNING, logger="nvf"):
+        [forced] = depth.run(data, tmp_path / "forced", cfg, device="cpu")
+    assert sizes == [8, 4, 2, 2, 2, 2]
+    assert "retrying at 4" in caplog.text and "retrying at 2" in caplog.text
+    np.testing.assert_allclose(io.load_record(forced)["depth"], io.load_record(plain)["depth"], rtol=1e-6, atol=1e-12)
+
+
+def test_cache_makes_reruns_and_repeated_images_free(tmp_path, tiny_ref, monkeypatch):
+    data = _dataset(tmp_path / "data", captures=2, views=3)
+    # the same image bytes in both captures: computed once
+    (data / "cap1" / "v0.png").write_bytes((data / "cap0" / "v0.png").read_bytes())
+    calls: list[int] = []
+    original = depth.DepthPredictor.predict
+    monkeypatch.setattr(
+        depth.DepthPredictor,
+        "predict",
+        lambda self, images, out_hw: calls.append(len(images)) or original(self, images, out_hw),
+    )
+    cfg, cache = depth.Config(model=tiny_ref.id), tmp_path / "cache"
+    first = depth.run(data, tmp_path / "w1", cfg, device="cpu", cache_folder=cache)
+    assert sum(calls) == 5 and len(first) == 2
+    assert depth.run(data, tmp_path / "w1", cfg, device="cpu", cache_folder=cache) == []  # up to date
+    calls.clear()
+    second = depth.run(data, tmp_path / "w2", cfg, device="cpu", cache_folder=cache)  # a new work tree
+    assert calls == [] and len(second) == 2
+    for a, b in zip(first, second, strict=False):
+        np.testing.assert_array_equal(io.load_record(a)["depth"], io.load_record(b)["depth"])
+    assert io.load_record(second[1]).extra["depth_kind"] == "disparity"  # known without loading weights
+    # a changed setting is a different key
+    depth.run(data, tmp_path / "w3", depth.Config(model=tiny_ref.id, max_res=20), device="cpu", cache_folder=cache)
+    assert sum(calls) == 5
+
+
+def test_max_res_precision_and_store_dtype(tmp_path, tiny_ref, caplog):
+    data = _dataset(tmp_path / "data", captures=1, views=2, hw=(40, 56))
+    cfg = depth.Config(model=tiny_ref.id, max_res=28, store_dtype="float16", precision="fp16", cache=False)
+    with caplog.at_level(logging.WARNING, logger="nvf"):
+        [path] = depth.run(data, tmp_path / "work", cfg, device="cpu")
+    assert "fp16 needs a CUDA device" in caplog.text
+    record = io.load_record(path)
+    assert record["depth"].shape == (2, 20, 28) and record["depth"].dtype == np.float16
+    assert record["image_hw"].tolist() == [[40, 56]] * 2
+    assert depth.stored_hw((480, 640), 320) == (240, 320) and depth.stored_hw((40, 56), None) == (40, 56)
+
+
+def test_bf16_runs_on_cpu(tmp_path, tiny_ref):
+    data = _dataset(tmp_path / "data", captures=1, views=2)
+    [path] = depth.run(
+        data, tmp_path / "work", depth.Config(model=tiny_ref.id, precision="bf16", cache=False), device="cpu"
+    )
+    assert np.isfinite(io.load_record(path)["depth"]).all()
+
+
+def test_shard_and_capture_selection(tmp_path, tiny_ref):
+    data = _dataset(tmp_path / "data", captures=3, views=2)
+    cfg = depth.Config(model=tiny_ref.id)
+    paths = depth.run(
+        data, tmp_path / "work", cfg, device="cpu", cache_folder=tmp_path / "c", shard=worktree.Shard(1, 2)
+    )
+    assert [p.parent.name for p in paths] == ["cap1"]
+    paths = depth.run(data, tmp_path / "work", cfg, device="cpu", cache_folder=tmp_path / "c", capture_ids=["cap2"])
+    assert [p.parent.name for p in paths] == ["cap2"]
+
+
+def test_depth_kind_from_model_config():
+    from transformers import DepthAnythingConfig, DPTConfig, ZoeDepthConfig
+
+    assert depth.infer_depth_kind(DPTConfig()) == "disparity"
+    assert depth.infer_depth_kind(DepthAnythingConfig()) == "disparity"
+    assert depth.infer_depth_kind(DepthAnythingConfig(depth_estimation_type="metric")) == "depth"
+    assert depth.infer_depth_kind(ZoeDepthConfig()) == "depth"
+
+
+def test_bad_inputs(tmp_path, tiny_ref):
+    data = _dataset(tmp_path / "data", captures=1, views=2)
+    with pytest.raises(InputError, match="max-res"):
+        depth.run(data, tmp_path / "w", depth.Config(model=tiny_ref.id, max_res=0), device="cpu")
+    (data / "cap0" / "v1.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="v1.png"):
+        depth.run(data, tmp_path / "w", depth.Config(model=tiny_ref.id, cache=False), device="cpu")
+
+
+def test_memory_lru_is_bounded():
+    cache = depth.DepthCache(None, memory_bytes=3 * 400)
+    for i in range(5):
+        cache.put(f"k{i}", np.zeros((10, 10), np.float32))  # 400 bytes each
+    assert cache.get("k0") is None and cache.get("k4") is not None and cache.get("k2") is not None
+    assert cache.hits["memory"] == 2
