@@ -26,9 +26,10 @@ test: install
 
 demo: install
 	rm -rf $(DEMO)
-	$(NVF) synth $(DEMO)/data --subjects 2 --resolution 128
+	$(NVF) synth $(DEMO)/data --subjects 2 --resolution 192
 	$(NVF) scan $(DEMO)/data --out $(DEMO)/index.json
 	$(NVF) scan $(DEMO)/data --protocol P --list
+	$(NVF) poses $(DEMO)/data --out $(DEMO)/work --export transforms,colmap
 
 lint: install
 	$(VENV)/bin/ruff check .

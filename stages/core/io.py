@@ -33,7 +33,9 @@ from stages.core.errors import InputError, RecordError
 
 FORMAT_VERSION = "1"
 POSE_CONVENTION = "opencv_w2c: x_cam = R @ x_world + T; x right, y down, z forward; pixel centres at +0.5"
-DEPTH_CONVENTION = "z-depth along the optical axis; 0 = invalid"
+DEPTH_CONVENTION = (
+    "depth maps hold z-depth along the optical axis, or relative inverse depth where depth_kind=disparity; 0 = invalid"
+)
 
 # ----------------------------------------------------------------------------------------------
 # Atomic writes
