@@ -13,7 +13,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from nvfcli.commands import align, depth, info, poses, scan, synth
+from nvfcli.commands import align, cloud, depth, info, poses, scan, synth
 from nvfcli.console import err_console, setup_logging
 from stages import __version__
 from stages.core.errors import NvfError
@@ -71,6 +71,7 @@ app.command("poses")(poses.poses)
 app.command("synth")(synth.synth)
 app.command("depth")(depth.depth)
 app.command("align")(align.align)
+app.command("cloud")(cloud.cloud)
 
 
 def run() -> None:

@@ -244,9 +244,7 @@ def zero123_pose_code(
     polar_s, azim_s, rad_s = _spherical(camera_centers(R_s, T_s) - center, up)
     polar_t, azim_t, rad_t = _spherical(camera_centers(R_t, T_t) - center, up)
     d_azim = np.mod(azim_t - azim_s, 2 * np.pi)
-    return np.stack(
-        np.broadcast_arrays(polar_t - polar_s, np.sin(d_azim), np.cos(d_azim), rad_t - rad_s), axis=-1
-    )
+    return np.stack(np.broadcast_arrays(polar_t - polar_s, np.sin(d_azim), np.cos(d_azim), rad_t - rad_s), axis=-1)
 
 
 # --- pixels and points ----------------------------------------------------------------------------
@@ -306,27 +304,32 @@ def backproject_views(depth_bhw: Any, K_b33: Any, R_b33: Any, T_b3: Any, mask_bh
         (T, "T_b3", (n_views, 3)),
     ):
         if tuple(arr.shape) != tail:
-            raise InputError(
-                f"{name} must have shape {list(tail)} for {n_views} depth maps, got {list(arr.shape)}."
-            )
+            raise InputError(f"{name} must have shape {list(tail)} for {n_views} depth maps, got {list(arr.shape)}.")
     valid = xp.isfinite(depth) & (depth > 0)
     if mask_bhw is not None:
-        mask = (
-            np.asarray(mask_bhw, dtype=bool)
-            if xp is np
-            else xp.as_tensor(mask_bhw, device=depth.device).bool()
-        )
+        mask = np.asarray(mask_bhw, dtype=bool) if xp is np else xp.as_tensor(mask_bhw, device=depth.device).bool()
         if tuple(mask.shape) != tuple(depth.shape):
-            raise InputError(
-                f"mask_bhw must have the depth's shape {list(depth.shape)}, got {list(mask.shape)}."
-            )
+            raise InputError(f"mask_bhw must have the depth's shape {list(depth.shape)}, got {list(mask.shape)}.")
         valid = valid & mask
-    view, row, col = xp.where(valid)
-    d = depth[view, row, col]
-    pix = xp.stack([_float(col, xp, depth) + 0.5, _float(row, xp, depth) + 0.5, xp.ones_like(d)], -1)
-    cam = d[:, None] * xp.einsum("nij,nj->ni", xp.linalg.inv(K)[view], pix)  # [N, 3] camera frame
-    world = xp.einsum("nji,nj->ni", R[view], cam - T[view])
-    return ViewPoints(world, view, row, col)
+    # Per view (B is small; no per-pixel Python): X = d * (K^-1 p~)^T R + C as row vectors, with
+    # C = -R^T T the camera centre. This avoids a per-point K^-1 and R gather ([N, 3, 3] tensors),
+    # which made the batched form 4x slower than Open3D's per-view back-projection.
+    width = depth.shape[2]
+    K_inv = xp.linalg.inv(K)
+    centers = -xp.einsum("bji,bj->bi", R, T)  # [B, 3]
+    points, views, rows, cols = [], [], [], []
+    for b in range(n_views):
+        flat = xp.where(valid[b].reshape(-1))[0]  # [n] row-major pixel index
+        row, col = flat // width, flat % width
+        d = depth[b].reshape(-1)[flat]
+        pix = xp.stack([_float(col, xp, depth) + 0.5, _float(row, xp, depth) + 0.5, xp.ones_like(d)], -1)
+        rays = pix @ (R[b].T @ K_inv[b]).T  # [n, 3] world direction per unit z-depth: R^T K^-1 p~
+        points.append(d[:, None] * rays + centers[b])
+        views.append(xp.full_like(flat, b))
+        rows.append(row)
+        cols.append(col)
+    cat = np.concatenate if xp is np else xp.cat
+    return ViewPoints(cat(points), cat(views), cat(rows), cat(cols))
 
 
 def backproject(depth_hw: Any, K: Any, R: Any, T: Any, mask_hw: Any = None) -> Any:
@@ -377,9 +380,7 @@ def umeyama(src_n3: Any, dst_n3: Any, with_scale: bool = True) -> tuple[float, n
     cov = dst_c.T @ src_c / len(src)
     U, S, Vt = np.linalg.svd(cov)
     if S[1] <= 1e-9 * max(S[0], 1e-300):
-        raise InputError(
-            "umeyama: points are degenerate (coincident or collinear); rotation is undetermined."
-        )
+        raise InputError("umeyama: points are degenerate (coincident or collinear); rotation is undetermined.")
     D = np.diag([1.0, 1.0, np.sign(np.linalg.det(U) * np.linalg.det(Vt)) or 1.0])
     R = U @ D @ Vt
     scale = float(np.trace(np.diag(S) @ D) / np.mean(np.sum(src_c**2, axis=1))) if with_scale else 1.0
@@ -403,9 +404,7 @@ def similarity_align_poses(R_est: Any, T_est: Any, R_ref: Any, T_ref: Any) -> Po
     R_est, T_est = _arr(R_est, "R_est", (3, 3)), _arr(T_est, "T_est", (3,))
     R_ref, T_ref = _arr(R_ref, "R_ref", (3, 3)), _arr(T_ref, "T_ref", (3,))
     if not (R_est.ndim == 3 and R_est.shape == R_ref.shape and T_est.shape == T_ref.shape == R_est.shape[:2]):
-        raise InputError(
-            "similarity_align_poses needs R [N, 3, 3] and T [N, 3] for both est and ref, same N."
-        )
+        raise InputError("similarity_align_poses needs R [N, 3, 3] and T [N, 3] for both est and ref, same N.")
     C_ref = camera_centers(R_ref, T_ref)
     scale, R_w, t_w = umeyama(camera_centers(R_est, T_est), C_ref)
     R_al = R_est @ R_w.T  # world change X_est = R_w^T (X_ref - t_w) / s, camera frame scaled by s

@@ -1,0 +1,68 @@
+"""Depth fusion: nvf's vectorised back-projection vs Open3D's `create_from_depth_image` per view + merge.
+
+Same 13 ring views of a synthetic head at 512² (ground-truth z-depth, rendering not timed). nvf's
+side (`cloud.fuse_views`) gives points, colours and per-point view ids; Open3D's gives points only
+(one legacy PointCloud per view, merged with `+=`, pixel centres shifted to nvf's +0.5 convention),
+so the comparison favours the baseline. Goal of issue 5: >= 5x faster (ratio <= 0.2). Extra
+figures: peak traced memory of one fusion (tracemalloc, numpy buffers), process RSS high-water mark,
+the largest point difference between the two sides, and the whole default pipeline's time.
+"""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+
+import numpy as np
+
+from benchmarks.harness import Result, Side, compare, peak_rss_mib
+from stages import cloud, synth
+
+SIZE = 512
+
+
+def run() -> list[Result]:
+    import open3d as o3d
+
+    render = synth.render_capture(1, 1, 1, 0, synth.Config(resolution=SIZE, elevated=False, surface_points=1000))
+    views = cloud.Views(render.names, render.depth_nhw, render.K, render.R, render.T, list(render.images_nhw3))
+
+    def open3d_fuse() -> np.ndarray:
+        merged = o3d.geometry.PointCloud()
+        for depth, K, R, T in zip(render.depth_nhw, render.K, render.R, render.T, strict=True):
+            intrinsic = o3d.camera.PinholeCameraIntrinsic(SIZE, SIZE, K[0, 0], K[1, 1], K[0, 2] - 0.5, K[1, 2] - 0.5)
+            extrinsic = np.eye(4)
+            extrinsic[:3, :3], extrinsic[:3, 3] = R, T
+            merged += o3d.geometry.PointCloud.create_from_depth_image(
+                o3d.geometry.Image(depth), intrinsic, extrinsic, depth_scale=1.0, depth_trunc=1e9
+            )
+        return np.asarray(merged.points)
+
+    def nvf_fuse() -> cloud.Points:
+        return cloud.fuse_views(views)
+
+    ours, theirs = nvf_fuse(), open3d_fuse()
+    max_diff = float(np.abs(ours.points_n3 - theirs).max()) if ours.points_n3.shape == theirs.shape else float("nan")
+    tracemalloc.start()
+    nvf_fuse()
+    _, traced_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    start = time.perf_counter()
+    fused = cloud.build_cloud(views, cloud.Config())
+    pipeline_s = time.perf_counter() - start
+    result = compare(
+        f"cloud fusion, 13 views {SIZE}²",
+        Side("nvf fuse_views (points+colours+view ids)", nvf_fuse),
+        Side("open3d create_from_depth_image per view + merge", open3d_fuse),
+        repeats=5,
+        goal="ratio <= 0.2 (>= 5x faster)",
+        extra={
+            "points": len(ours),
+            "max_point_diff": max_diff,
+            "nvf_traced_peak_mib": traced_peak / 2**20,
+            "peak_rss_mib": peak_rss_mib(),
+            "default_pipeline_s": pipeline_s,
+            "default_pipeline_kept": len(fused.kept),
+        },
+    )
+    return [result]
