@@ -8,25 +8,11 @@ import numpy as np
 import pytest
 
 from stages import cloud, synth
-from stages.core import geometry, io, metrics, worktree
+from stages.core import geometry, io, metrics
 from stages.core.errors import InputError, RecordError, StageFailure
+from tests.helpers import groundtruth_work
 
 CAPTURE = "001_01_01_00"
-
-
-def groundtruth_work(data: Path, work: Path, capture: str = CAPTURE) -> Path:
-    """WORK/<capture>/{poses,aligned}.safetensors from synth ground truth (aligned: scale 1, shift 0)."""
-    gt = synth.groundtruth_dir(data, capture)
-    poses = io.load_record(gt / "poses.safetensors", kind="poses")
-    depth = io.load_record(gt / "depth.safetensors", kind="depth")
-    meta = {"stage": "test", "capture": capture, "names": poses.names}
-    io.save_record(worktree.record_path(work, capture, "poses"), poses.tensors, kind="poses", **meta)
-    n, z = len(depth.names), depth["depth"]
-    io.save_record(worktree.record_path(work, capture, "aligned"), {
-        "depth": z, "scale": np.ones(n), "shift": np.zeros(n), "residual_rms": np.zeros(n),
-        "inliers": (z > 0).sum(axis=(1, 2)), "image_hw": np.stack([poses["height"], poses["width"]], 1),
-    }, kind="aligned", **meta)  # fmt: skip
-    return work
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from nvfcli.app import app
 from stages import synth
 from stages.core import dataset, io
-from tests.test_cloud import groundtruth_work
+from tests.helpers import groundtruth_work
 
 runner = CliRunner()
 CAPTURE = dataset.capture_id(1, 1, 1, 0)
