@@ -1,0 +1,47 @@
+"""`nvf embed`: CLIP image embeddings (ViT-B/32, OpenAI weights by default) for every view, cached on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from nvfcli.console import progress_bar
+from nvfcli.options import DataDir, Json, Overwrite
+from stages import embed as stage
+from stages.core import worktree
+
+
+def embed(
+    data: DataDir,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Work folder: writes OUT/<capture>/embed.safetensors.")],
+    preset: Annotated[str, typer.Option(help="Model preset: paper (ViT-B/32 openai) or tiny (tests).")] = "paper",
+    model: Annotated[
+        Optional[str],
+        typer.Option(help="open_clip NAME@TAG (e.g. ViT-L-14@laion2b_s32b_b82k), hf-hub:org/repo or a local folder."),
+    ] = None,
+    layout: Annotated[stage.Layout, typer.Option(help="Dataset layout.")] = "auto",
+    precision: Annotated[stage.Precision, typer.Option(help="fp32, fp16 (CUDA only) or bf16.")] = "fp32",
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (default: fit free memory).")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Use the on-disk embedding cache.")] = True,
+    workers: Annotated[int, typer.Option(help="Image decoding/preprocessing threads.", min=1)] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    shard: Annotated[Optional[str], typer.Option(help="Process shard K/N of the subjects.")] = None,
+    captures: Annotated[Optional[str], typer.Option(help="File of capture ids (one per line), or - for stdin.")] = None,
+    overwrite: Overwrite = False,
+    json_out: Json = False,
+) -> None:
+    """Embed every image of DATA with CLIP (unit-norm rows) into OUT/<capture>/embed.safetensors.
+
+    Examples: `nvf embed data/multipie --out work`; `nvf embed data --out work --precision fp16 --shard 0/8`;
+    `nvf embed data --out work --model ViT-L-14@laion2b_s32b_b82k`.
+    """
+    cfg = stage.Config(preset=preset, model=model, layout=layout, precision=precision, batch_size=batch_size,
+                       cache=cache, workers=workers)  # fmt: skip
+    ids = worktree.read_capture_ids(captures) if captures else None
+    with progress_bar("embed") as progress:
+        written = stage.run(data, out, cfg, shard=worktree.Shard.parse(shard), capture_ids=ids, overwrite=overwrite,
+                            device=device, progress=progress)  # fmt: skip
+    typer.echo(json.dumps([str(p) for p in written], indent=2) if json_out else "\n".join(map(str, written)))

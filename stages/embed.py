@@ -1,0 +1,478 @@
+"""Stage `embed`: a CLIP image embedding for every view (paper §IV-6, z_I = CLIP(I)).
+
+Any open_clip model runs over the images of a dataset: the paper's ViT-B/32 with OpenAI's weights
+(`ViT-B-32-quickgelu` + `openai`: those weights need QuickGELU, see `stages.core.models`), any other
+open_clip name and weight tag (`--model NAME@TAG`), `hf-hub:org/repo`, or a local open_clip folder.
+Every image goes through the model's own open_clip preprocessing (resize, centre crop, normalise),
+so a row equals `model.encode_image(preprocess(image))` normalised, as open_clip's README computes it.
+
+Speed: images are decoded and preprocessed by worker threads while the model runs on the previous
+batch; the batch size follows free memory (`stages.core.batching`) and halves on out-of-memory.
+Results are cached on disk, keyed by the image bytes + the model (id, weight tag, fingerprint of a
+local folder's files) + the precision, so a rerun, a repeated image, or a capture shared by two
+work trees costs nothing; an image that occurs twice in one run is embedded once.
+
+Output per capture: ``WORK/<capture>/embed.safetensors`` (kind ``embed``) with ``embedding``
+[N, D] float32, L2-normalised (unit rows; D = 512 for ViT-B/32), rows in the capture's view order
+(``names``). Metadata: ``model`` (open_clip name or folder), ``pretrained`` (weight tag or ""),
+``model_fingerprint``, ``embed_dim``, ``normalization`` (``l2``), ``data_root`` (absolute path of the
+dataset) and ``image_paths`` (JSON, relative to it), which `nvf triplets` uses to find the pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from stages.core import batching, dataset, io, models, worktree
+from stages.core.batching import ProgressFn
+from stages.core.errors import InputError
+
+log = logging.getLogger("nvf")
+
+STAGE = "embed"
+Precision = Literal["fp32", "fp16", "bf16"]
+Layout = Literal["auto", "multipie", "folder"]
+
+_PRECISIONS = ("fp32", "fp16", "bf16")
+_CPU_MAX_BATCH = 32  # beyond this a CPU gains nothing from bigger batches, only memory use
+_GPU_MAX_BATCH = 512
+
+
+@dataclass(frozen=True)
+class Config:
+    """Which CLIP model embeds the images, and how."""
+
+    preset: str = "paper"
+    """Model preset: `paper` (ViT-B/32, OpenAI weights, QuickGELU) or `tiny` (random weights, tests)."""
+    model: str | None = None
+    """Instead of the preset's: open_clip `NAME@TAG` (e.g. ViT-L-14@laion2b_s32b_b82k), `hf-hub:org/repo`,
+    or a local open_clip folder (`open_clip_config.json` + weights)."""
+    layout: Layout = "auto"
+    """Dataset layout: `auto`, `multipie` or `folder` (as `nvf scan`)."""
+    precision: Precision = "fp32"
+    """Weights and activations: fp32, fp16 (CUDA only; a CPU falls back to fp32) or bf16."""
+    batch_size: int | None = None
+    """Images per forward pass; None sizes batches to free memory (halved on out-of-memory)."""
+    cache: bool = True
+    """Reuse and fill the on-disk embedding cache (`<nvf cache>/embed-cache`)."""
+    workers: int = 4
+    """Image decoding and preprocessing threads running ahead of the model."""
+
+
+PRESETS: dict[str, Config] = {
+    "paper": Config(),
+    "tiny": Config(preset="tiny"),
+    "fast": Config(precision="fp16"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+def model_fingerprint(ref: models.ModelRef) -> str:
+    """A short hash naming the model's weights: open_clip name + weight tag + revision, or a local
+    folder's JSON configs (by content) and weight files (by size and modification time)."""
+    parts: list[Any] = [ref.id, ref.pretrained, ref.revision]
+    folder = Path(ref.id).expanduser()
+    if folder.is_dir():
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            rel = path.relative_to(folder).as_posix()
+            if path.suffix == ".json":
+                parts.append([rel, path.read_text(errors="replace")])
+            else:
+                stat = path.stat()
+                parts.append([rel, stat.st_size, stat.st_mtime_ns])
+    return io.hash_inputs(*parts)
+
+
+def effective_precision(precision: str, device: torch.device) -> Precision:
+    """`precision`, except fp16 on a CPU, which falls back to fp32 with a warning."""
+    if precision not in _PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}: use fp32, fp16 or bf16")
+    if precision == "fp16" and device.type != "cuda":
+        log.warning("--precision fp16 needs a CUDA device; running in fp32 on %s (use bf16 for a CPU)", device)
+        return "fp32"
+    return precision  # type: ignore[return-value]
+
+
+class ClipEmbedder:
+    """A loaded open_clip model: preprocessed image batches in, unit-norm embeddings out.
+
+    `preprocess(PIL image) -> [3, S, S]` is open_clip's own transform for the model;
+    `embed(pixels_b3ss) -> [B, D]` float32 on the CPU, each row L2-normalised.
+    """
+
+    def __init__(self, ref: models.ModelRef, device: torch.device, precision: Precision = "fp32") -> None:
+        self.ref = ref
+        self.device = device
+        self.model, self.preprocess, self.dim = models.load_clip_model(ref, device, precision)
+        self.input_dtype = next(p.dtype for p in self.model.visual.parameters() if p.is_floating_point())
+        size = getattr(self.model.visual, "image_size", 224)
+        self.image_hw: tuple[int, int] = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+
+    @torch.inference_mode()
+    def embed(self, pixels_b3ss: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings [B, D] float32 (CPU) of preprocessed images [B, 3, S, S]."""
+        pixels = pixels_b3ss.to(self.device, self.input_dtype, non_blocking=True)
+        features = self.model.encode_image(pixels).float()  # [B, D]
+        return torch.nn.functional.normalize(features, dim=-1).cpu()
+
+    def bytes_per_item(self) -> int:
+        """Peak extra memory one more image in a batch costs, in bytes.
+
+        CUDA: measured with two probe passes (batch 1 and 2). CPU: an estimate from the vision
+        tower's token count, width and heads (ViT), else 64 image-sized buffers.
+        """
+        height, width = self.image_hw
+        io_bytes = 4 * 3 * height * width * 2
+        if self.device.type == "cuda":
+            peaks = [self._probe_peak(n) for n in (1, 2)]
+            return int(max(peaks[1] - peaks[0], io_bytes) * 1.2)
+        elem = torch.finfo(self.input_dtype).bits // 8
+        visual = self.model.visual
+        try:
+            patch_h, patch_w = _pair(visual.patch_size)
+            tokens = (height // patch_h) * (width // patch_w) + 1
+            widths = int(visual.transformer.width)
+            heads = int(visual.transformer.resblocks[0].attn.num_heads)
+            activations = 3 * heads * tokens * tokens + 12 * tokens * widths
+        except (AttributeError, IndexError, TypeError):  # not an open_clip ViT: be generous
+            activations = 64 * 3 * height * width
+        return int(1.5 * elem * activations + io_bytes)
+
+    def _probe_peak(self, n: int) -> int:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        self.embed(torch.zeros((n, 3, *self.image_hw), device=self.device))
+        torch.cuda.synchronize(self.device)
+        return int(torch.cuda.max_memory_allocated(self.device) - base)
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
+
+
+_LOADED: dict[tuple, ClipEmbedder] = {}
+
+
+def loaded_embedder(ref: models.ModelRef, fingerprint: str, device: torch.device, precision: Precision) -> ClipEmbedder:
+    """A `ClipEmbedder`, kept loaded for the next run in this process (one model at a time), so
+    chained runs (examples, notebooks, benchmarks) pay the load once."""
+    key = (ref.id, ref.pretrained, fingerprint, str(device), precision)
+    if key not in _LOADED:
+        _LOADED.clear()  # free the previous model before loading another
+        _LOADED[key] = ClipEmbedder(ref, device, precision)
+    return _LOADED[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache
+# ----------------------------------------------------------------------------------------------
+
+
+class EmbeddingCache:
+    """Embeddings by key in a disk folder: ``folder/<key[:2]>/<key>.npy`` holding one vector [D].
+
+    Writes are atomic (temp file + rename), so concurrent runs sharing the folder (SLURM shards)
+    never read a half-written entry; an unreadable entry is a miss and gets rewritten.
+    """
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self.hits = 0
+
+    def _file(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.npy"  # type: ignore[operator]
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The cached vector [D] for `key`, or None."""
+        if self.folder is None or not self._file(key).is_file():
+            return None
+        try:
+            vector = np.load(self._file(key), allow_pickle=False)
+        except (OSError, ValueError):
+            log.debug("embed cache: unreadable entry %s ignored", key)
+            return None
+        self.hits += 1
+        return vector
+
+    def put(self, key: str, vector_d: np.ndarray) -> None:
+        """Store `vector_d` (no-op without a folder)."""
+        if self.folder is None:
+            return
+        with io.atomic_path(self._file(key)) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, np.ascontiguousarray(vector_d, dtype=np.float32), allow_pickle=False)
+
+
+def default_cache_folder() -> Path:
+    """``<nvf cache>/embed-cache``."""
+    return models.cache_dir() / "embed-cache"
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding ahead of the model
+# ----------------------------------------------------------------------------------------------
+
+
+class _Preprocessor:
+    """Decodes and preprocesses images in worker threads, `lookahead` positions ahead of the consumer.
+
+    `get(positions)` -> [B, 3, S, S] float32: open_clip's transform of each image, decoded by
+    `io.read_image` (RGB, EXIF orientation applied).
+    """
+
+    def __init__(self, paths: Sequence[Path], preprocess: Callable[[Any], torch.Tensor], workers: int) -> None:
+        self.paths = list(paths)
+        self.preprocess = preprocess
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="nvf-decode")
+        self._futures: dict[int, Future[torch.Tensor]] = {}
+        self._submitted = 0
+
+    def _load(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        return self.preprocess(Image.fromarray(io.read_image(self.paths[index])))
+
+    def prefetch(self, stop: int) -> None:
+        """Start work on every position before `stop`."""
+        while self._submitted < min(stop, len(self.paths)):
+            self._futures[self._submitted] = self._pool.submit(self._load, self._submitted)
+            self._submitted += 1
+
+    def get(self, positions: Sequence[int], lookahead: int) -> torch.Tensor:
+        for index in positions:
+            if index not in self._futures:  # re-requested after an out-of-memory retry
+                self._futures[index] = self._pool.submit(self._load, index)
+        self.prefetch(max(positions, default=-1) + 1 + lookahead)
+        batch = torch.stack([self._futures[index].result() for index in positions])
+        for index in positions:
+            self._futures.pop(index, None)
+        return batch
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _CapturePlan:
+    capture: dataset.Capture
+    keys: list[str]  # cache key per view, in row order
+    inputs_hash: str
+    out_path: Path
+    missing: set[str]
+
+
+def run(
+    data: Path,
+    out: Path,
+    cfg: Config = Config(),
+    *,
+    shard: worktree.Shard = worktree.Shard(),
+    capture_ids: Sequence[str] | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+    cache_folder: Path | None = None,
+) -> list[Path]:
+    """Embed every view of the selected captures of `data`; write ``out/<capture>/embed.safetensors``.
+
+    Returns the paths written (captures whose record is up to date are skipped unless `overwrite`).
+    `cache_folder` defaults to `default_cache_folder()`; `cfg.cache = False` neither reads nor writes it.
+    """
+    if cfg.workers < 1:
+        raise InputError(f"--workers must be at least 1, got {cfg.workers}")
+    torch_device = batching.choose_device(device)
+    precision = effective_precision(cfg.precision, torch_device)
+    ref = models.resolve_model("clip", cfg.preset, cfg.model)
+    data, out = Path(data), Path(out)
+    index = dataset.scan(data, cfg.layout)
+    selected = worktree.select_captures(index.captures, shard=shard, capture_ids=capture_ids)
+    if not selected:
+        log.warning("embed: no captures in this shard/selection; nothing to do")
+        return []
+    settings = {
+        "stage": STAGE,
+        "model": ref.id,
+        "pretrained": ref.pretrained or "",
+        "model_fingerprint": model_fingerprint(ref),
+        "precision": precision,
+    }
+    cache = EmbeddingCache((cache_folder or default_cache_folder()) if cfg.cache else None)
+    plans, paths_by_key = _plan(data, out, selected, settings, cfg, overwrite)
+    log.info("embed: %d of %d capture(s) to write", len(plans), len(selected))
+    if not plans:
+        return []
+    vectors: dict[str, np.ndarray] = {}
+    for key in {key for plan in plans for key in plan.missing}:
+        cached = cache.get(key)
+        if cached is not None:
+            vectors[key] = cached
+    for plan in plans:
+        plan.missing -= vectors.keys()
+    todo = list(dict.fromkeys(key for plan in plans for key in plan.keys if key in plan.missing))
+    writer = _RecordWriter(plans, vectors, settings, cfg, data, progress)
+    writer.flush_ready()
+    if todo:
+        embedder = loaded_embedder(ref, settings["model_fingerprint"], torch_device, precision)
+        for key, vector in _embed_all(embedder, [paths_by_key[k] for k in todo], todo, cfg, torch_device):
+            cache.put(key, vector)
+            writer.add(key, vector)
+    log.info("embed: wrote %d capture(s); %d image(s) embedded, %d from the cache",
+             len(writer.written), len(todo), cache.hits)  # fmt: skip
+    return writer.written
+
+
+def _plan(
+    data: Path, out: Path, captures: Sequence[dataset.Capture], settings: dict[str, Any], cfg: Config, overwrite: bool
+) -> tuple[list[_CapturePlan], dict[str, Path]]:
+    """Hash every image (in threads), skip captures whose record is up to date, key the other views."""
+    paths = [data / image.path for capture in captures for image in capture.images]
+    with ThreadPoolExecutor(min(8, cfg.workers), thread_name_prefix="nvf-hash") as pool:
+        digests = list(pool.map(_hash_image, paths))
+    plans: list[_CapturePlan] = []
+    paths_by_key: dict[str, Path] = {}
+    position = 0
+    for capture in captures:
+        n = len(capture.images)
+        c_paths, c_digests = paths[position : position + n], digests[position : position + n]
+        position += n
+        inputs_hash = io.hash_inputs(settings, list(zip(capture.names, c_digests, strict=True)))
+        out_path = worktree.record_path(out, capture.id, "embed")
+        if not overwrite and worktree.is_up_to_date(out_path, inputs_hash):
+            log.debug("embed: %s is up to date, skipped", capture.id)
+            continue
+        keys = [io.hash_inputs(settings, digest) for digest in c_digests]
+        paths_by_key.update(zip(keys, c_paths, strict=True))
+        plans.append(_CapturePlan(capture, keys, inputs_hash, out_path, set(keys)))
+    return plans, paths_by_key
+
+
+def _hash_image(path: Path) -> str:
+    try:
+        return io.hash_file(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: image not found (did the dataset change since the scan?)") from None
+
+
+def _embed_all(embedder: ClipEmbedder, paths: list[Path], keys: list[str], cfg: Config, device: torch.device) -> Any:
+    """Yield (key, unit vector [D] float32) for every path, in order, batched with decoding ahead."""
+    batch_size = batching.resolve_batch_size(
+        cfg.batch_size,
+        device,
+        embedder.bytes_per_item() if cfg.batch_size is None else None,
+        max_batch=_CPU_MAX_BATCH if device.type == "cpu" else _GPU_MAX_BATCH,
+    )
+    decoder = _Preprocessor(paths, embedder.preprocess, cfg.workers)
+    decoder.prefetch(2 * batch_size)
+
+    def forward(positions: Sequence[int]) -> torch.Tensor:
+        pixels = decoder.get(positions, lookahead=len(positions))  # [B, 3, S, S] float32
+        if device.type == "cuda":
+            pixels = pixels.pin_memory()
+        return embedder.embed(pixels)  # [B, D]
+
+    try:
+        for positions, vectors_bd in batching.iter_batched(forward, range(len(paths)), batch_size=batch_size):
+            for position, vector in zip(positions, vectors_bd.numpy(), strict=True):
+                yield keys[position], vector
+    finally:
+        decoder.close()
+
+
+class _RecordWriter:
+    """Writes each capture's record as soon as all its embeddings are known; a fresh embedding is
+    dropped from memory once every capture that needs it is written."""
+
+    def __init__(self, plans: list[_CapturePlan], vectors: dict[str, np.ndarray], settings: dict[str, Any],
+                 cfg: Config, data: Path, progress: ProgressFn | None) -> None:  # fmt: skip
+        self.plans, self.vectors, self.settings, self.cfg, self.data = plans, vectors, settings, cfg, data
+        self.progress = progress
+        self.written: list[Path] = []
+        self._waiting: dict[str, list[_CapturePlan]] = defaultdict(list)
+        self._refs: dict[str, int] = defaultdict(int)
+        for plan in plans:
+            for key in set(plan.keys):
+                self._refs[key] += 1
+                if key in plan.missing:
+                    self._waiting[key].append(plan)
+        self._total = sum(len(plan.keys) for plan in plans)
+        self._done = 0
+        if progress is not None:
+            progress(0, self._total)
+
+    def flush_ready(self) -> None:
+        for plan in self.plans:
+            if not plan.missing:
+                self._finish(plan)
+
+    def add(self, key: str, vector_d: np.ndarray) -> None:
+        self.vectors[key] = vector_d
+        for plan in self._waiting.pop(key, []):
+            plan.missing.discard(key)
+            if not plan.missing:
+                self._finish(plan)
+
+    def _finish(self, plan: _CapturePlan) -> None:
+        embedding_nd = np.stack([self.vectors[key] for key in plan.keys]).astype(np.float32)  # [N, D]
+        self.written.append(_write_record(plan, embedding_nd, self.settings, self.cfg, self.data))
+        for key in set(plan.keys):
+            self._refs[key] -= 1
+            if self._refs[key] == 0:
+                del self._refs[key]
+                self.vectors.pop(key, None)
+        self._done += len(plan.keys)
+        if self.progress is not None:
+            self.progress(self._done, self._total)
+
+
+def _write_record(plan: _CapturePlan, embedding_nd: np.ndarray, settings: dict[str, Any], cfg: Config,
+                  data: Path) -> Path:  # fmt: skip
+    capture = plan.capture
+    path = io.save_record(
+        plan.out_path,
+        {"embedding": embedding_nd},
+        kind="embed",
+        stage=STAGE,
+        capture=capture.id,
+        names=capture.names,
+        config={**settings, **{k: v for k, v in asdict(cfg).items() if k not in ("cache", "workers")}},
+        inputs_hash=plan.inputs_hash,
+        extra={
+            "model": settings["model"],
+            "pretrained": settings["pretrained"],
+            "model_fingerprint": settings["model_fingerprint"],
+            "embed_dim": str(embedding_nd.shape[1]),
+            "normalization": "l2",
+            "subject": capture.subject,
+            "camera_ids": json.dumps(capture.cameras),
+            "data_root": os.path.abspath(data),
+            "image_paths": json.dumps([image.path for image in capture.images]),
+        },
+    )
+    log.info("embed: wrote %s", path)
+    return path
+
+
+def load_embed(path: Path, capture: str | None = None) -> io.Record:
+    """An embed record (checks kind, capture and that `embedding` is [N, D])."""
+    return io.load_record(path, kind="embed", capture=capture)

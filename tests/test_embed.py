@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stages import embed
+from stages.core import io, models
+
+
+def _dataset(root: Path, captures: int = 2, views: int = 3, hw: tuple[int, int] = (40, 56), seed: int = 0) -> Path:
+    """Folders of random RGB images (one capture per folder); cap1/v0.png repeats cap0/v0.png's bytes."""
+    rng = np.random.default_rng(seed)
+    for c in range(captures):
+        (root / f"cap{c}").mkdir(parents=True, exist_ok=True)
+        for v in range(views):
+            Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(root / f"cap{c}" / f"v{v}.png")
+    if captures > 1:
+        (root / "cap1" / "v0.png").write_bytes((root / "cap0" / "v0.png").read_bytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_ref() -> models.ModelRef:
+    return models.resolve_model("clip", "tiny")
+
+
+def _open_clip_one_by_one(ref: models.ModelRef, path: Path) -> np.ndarray:
+    """open_clip's README recipe for one image: preprocess(Image.open) -> encode_image -> normalise."""
+    model, preprocess, _dim = models.load_clip_model(ref)
+    with torch.no_grad():
+        features = model.encode_image(preprocess(Image.open(path)).unsqueeze(0))
+    return (features / features.norm(dim=-1, keepdim=True))[0].numpy()
+
+
+def test_tiny_open_clip_folder_embeds_like_open_clip(tmp_path, tiny_ref):
+    assert (Path(tiny_ref.id) / "open_clip_config.json").is_file()  # a saved folder, loaded by path
+    data = _dataset(tmp_path / "data")
+    paths = embed.run(data, tmp_path / "work", embed.Config(preset="tiny", batch_size=2), device="cpu",
+                      cache_folder=tmp_path / "cache")  # fmt: skip
+    assert [p.parent.name for p in paths] == ["cap0", "cap1"]
+    record = io.load_record(paths[0], kind="embed", capture="cap0")
+    vectors = record["embedding"]
+    assert vectors.shape == (3, 512) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    assert record.names == ["v0.png", "v1.png", "v2.png"]
+    assert record.extra["model"] == tiny_ref.id and record.extra["embed_dim"] == "512"
+    assert record.extra["data_root"] == str(data.resolve())
+    for row in range(3):
+        expected = _open_clip_one_by_one(tiny_ref, data / "cap0" / f"v{row}.png")
+        np.testing.assert_allclose(vectors[row], expected, atol=2e-6)
+    # different images give different embeddings; the same bytes give the same one
+    other = io.load_record(paths[1])["embedding"]
+    assert np.abs(vectors[1] - vectors[2]).max() > 1e-3
+    np.testing.assert_array_equal(other[0], vectors[0])
+
+
+def test_deterministic_and_cached_reruns(tmp_path, tiny_ref, monkeypatch, caplog):
+    data = _dataset(tmp_path / "data")
+    cfg = embed.Config(model=tiny_ref.id, batch_size=4)
+    first = embed.run(data, tmp_path / "w1", cfg, device="cpu", cache_folder=tmp_path / "cache")
+    uncached = embed.run(data, tmp_path / "w0", embed.Config(model=tiny_ref.id, cache=False), device="cpu")
+    for a, b in zip(first, uncached, strict=True):
+        np.testing.assert_allclose(io.load_record(a)["embedding"], io.load_record(b)["embedding"], atol=1e-6)
+    assert embed.run(data, tmp_path / "w1", cfg, device="cpu", cache_folder=tmp_path / "cache") == []  # up to date
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model ran although every embedding is cached")
+
+    monkeypatch.setattr(embed.ClipEmbedder, "embed", no_model)
+    with caplog.at_level(logging.INFO, logger="nvf"):
+        second = embed.run(data, tmp_path / "w2", cfg, device="cpu", cache_folder=tmp_path / "cache")
+    assert "0 image(s) embedded, 5 from the cache" in caplog.text  # 6 views, 5 distinct images
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(io.load_record(a)["embedding"], io.load_record(b)["embedding"])
+
+
+def test_changed_image_rewrites_only_its_capture(tmp_path, tiny_ref):
+    data = _dataset(tmp_path / "data")
+    cfg = embed.Config(model=tiny_ref.id)
+    embed.run(data, tmp_path / "work", cfg, device="cpu", cache_folder=tmp_path / "cache")
+    Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(data / "cap1" / "v2.png")
+    rewritten = embed.run(data, tmp_path / "work", cfg, device="cpu", cache_folder=tmp_path / "cache")
+    assert [p.parent.name for p in rewritten] == ["cap1"]
+    only = embed.run(data, tmp_path / "solo", cfg, capture_ids=["cap0"], device="cpu", cache_folder=tmp_path / "cache")
+    assert [p.parent.name for p in only] == ["cap0"]
+
+
+def test_simulated_oom_halves_the_batch_and_changes_nothing(tmp_path, tiny_ref, monkeypatch):
+    data = _dataset(tmp_path / "data", captures=1, views=8)
+    cfg = embed.Config(model=tiny_ref.id, batch_size=8, cache=False)
+    [plain] = embed.run(data, tmp_path / "plain", cfg, device="cpu")
+    original = embed.ClipEmbedder.embed
+    sizes: list[int] = []
+
+    def embed_with_oom(self, pixels):
+        sizes.append(len(pixels))
+        if len(pixels) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, pixels)
+
+    monkeypatch.setattr(embed.ClipEmbedder, "embed", embed_with_oom)
+    [forced] = embed.run(data, tmp_path / "forced", cfg, device="cpu")
+    assert sizes == [8, 4, 2, 2, 2, 2]
+    np.testing.assert_allclose(io.load_record(forced)["embedding"], io.load_record(plain)["embedding"], atol=1e-6)
+
+
+def test_fp16_on_cpu_falls_back_and_bad_settings_are_input_errors(tmp_path, caplog):
+    from stages.core.errors import InputError
+
+    with caplog.at_level(logging.WARNING, logger="nvf"):
+        assert embed.effective_precision("fp16", torch.device("cpu")) == "fp32"
+    assert "fp16 needs a CUDA device" in caplog.text
+    with pytest.raises(InputError, match="unknown precision"):
+        embed.effective_precision("fp8", torch.device("cpu"))
+    with pytest.raises(InputError, match="--workers"):
+        embed.run(tmp_path, tmp_path / "work", embed.Config(workers=0), device="cpu")
