@@ -24,8 +24,7 @@ CC-BY-NC-4.0 (non-commercial use only). A local folder with a saved model works 
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ import torch
 
 from stages.core import batching, dataset, io, models, worktree
 from stages.core.batching import ProgressFn
+from stages.core.cache import ArrayCache, Prefetcher
 from stages.core.errors import InputError
 
 log = logging.getLogger("nvf")
@@ -243,76 +243,7 @@ def _estimate_activation_bytes(config: Any, in_h: int, in_w: int, dtype: torch.d
 # ----------------------------------------------------------------------------------------------
 
 
-class DepthCache:
-    """Depth maps by key: an in-memory LRU (bounded in bytes) in front of an optional disk folder.
-
-    Disk layout: ``folder/<key[:2]>/<key>.safetensors`` holding one tensor ``depth`` [H, W]; writes
-    are atomic, so concurrent runs sharing the folder never read a half-written entry.
-    """
-
-    def __init__(self, folder: Path | None, memory_bytes: int = 512 * 2**20) -> None:
-        self.folder = Path(folder) if folder is not None else None
-        self.memory_bytes = memory_bytes
-        self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._used = 0
-        self._lock = threading.Lock()
-        self.hits = {"memory": 0, "disk": 0}
-
-    def _file(self, key: str) -> Path:
-        assert self.folder is not None  # internal: only called when a folder is set
-        return self.folder / key[:2] / f"{key}.safetensors"
-
-    def contains(self, key: str) -> bool:
-        """Whether `key` is cached (in memory, or on disk) without loading it."""
-        with self._lock:
-            if key in self._memory:
-                return True
-        return self.folder is not None and self._file(key).is_file()
-
-    def get(self, key: str) -> np.ndarray | None:
-        """The cached map for `key` or None; a disk hit is promoted into memory."""
-        with self._lock:
-            if key in self._memory:
-                self._memory.move_to_end(key)
-                self.hits["memory"] += 1
-                return self._memory[key]
-        if self.folder is None or not self._file(key).is_file():
-            return None
-        from safetensors.numpy import load_file
-
-        try:
-            array = load_file(str(self._file(key)))["depth"]
-        except Exception:  # a corrupt entry is a miss; it gets recomputed and overwritten
-            log.debug("depth cache: unreadable entry %s ignored", key)
-            return None
-        self.hits["disk"] += 1
-        self._remember(key, array)
-        return array
-
-    def put(self, key: str, array_hw: np.ndarray, *, to_disk: bool = True) -> None:
-        """Cache `array_hw` in memory and (when a folder is set and `to_disk`) on disk."""
-        self._remember(key, array_hw)
-        if to_disk:
-            self.write_disk(key, array_hw)
-
-    def write_disk(self, key: str, array_hw: np.ndarray) -> None:
-        """Store `array_hw` on disk only (no-op without a folder); safe to call from a worker thread."""
-        if self.folder is not None:
-            from safetensors.numpy import save_file
-
-            with io.atomic_path(self._file(key)) as tmp:
-                save_file({"depth": np.ascontiguousarray(array_hw)}, str(tmp))
-
-    def _remember(self, key: str, array: np.ndarray) -> None:
-        with self._lock:
-            if key in self._memory:
-                self._memory.move_to_end(key)
-                return
-            self._memory[key] = array
-            self._used += array.nbytes
-            while self._used > self.memory_bytes and len(self._memory) > 1:
-                _, evicted = self._memory.popitem(last=False)
-                self._used -= evicted.nbytes
+_MEMORY_CACHE_BYTES = 512 * 2**20  # in-memory LRU of depth maps for repeated access within a run
 
 
 def default_cache_folder() -> Path:
@@ -323,45 +254,6 @@ def default_cache_folder() -> Path:
 # ----------------------------------------------------------------------------------------------
 # Image decoding ahead of the model
 # ----------------------------------------------------------------------------------------------
-
-
-class ImagePrefetcher:
-    """Decodes images (RGB uint8 [H, W, 3]) in worker threads, running ahead of the consumer.
-
-    `get(indices)` returns the decoded images of those positions of `paths`, first making sure the
-    next `lookahead` positions after them are being decoded. `release(indices)` frees them.
-    """
-
-    def __init__(self, paths: Sequence[Path], workers: int = 4) -> None:
-        self.paths = list(paths)
-        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="nvf-decode")
-        self._futures: dict[int, Future[np.ndarray]] = {}
-        self._submitted = 0
-
-    def _submit_until(self, stop: int) -> None:
-        stop = min(stop, len(self.paths))
-        while self._submitted < stop:
-            self._futures[self._submitted] = self._pool.submit(io.read_image, self.paths[self._submitted])
-            self._submitted += 1
-
-    def get(self, indices: Sequence[int], lookahead: int = 0) -> list[np.ndarray]:
-        """Decoded images at `indices` (decoding them now if not yet queued)."""
-        for index in indices:
-            if index not in self._futures:  # a position re-requested after release, or skipped
-                self._futures[index] = self._pool.submit(io.read_image, self.paths[index])
-        self._submit_until(max(indices, default=-1) + 1 + lookahead)
-        return [self._futures[index].result() for index in indices]
-
-    def prefetch(self, count: int) -> None:
-        """Start decoding the first `count` images."""
-        self._submit_until(count)
-
-    def release(self, indices: Sequence[int]) -> None:
-        for index in indices:
-            self._futures.pop(index, None)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,7 +324,7 @@ def run(
     if not selected:
         log.warning("depth: no captures in this shard/selection; nothing to do")
         return []
-    cache = DepthCache((cache_folder or default_cache_folder()) if cfg.cache else None)
+    cache = ArrayCache((cache_folder or default_cache_folder()) if cfg.cache else None, _MEMORY_CACHE_BYTES)
     settings = {
         "stage": STAGE,
         "model": ref.id,
@@ -475,7 +367,7 @@ class _RecordWriter:
     """
 
     def __init__(
-        self, plans: list[_CapturePlan], cache: DepthCache, settings: dict[str, Any], cfg: Config,
+        self, plans: list[_CapturePlan], cache: ArrayCache, settings: dict[str, Any], cfg: Config,
         progress: ProgressFn | None,
     ) -> None:  # fmt: skip
         self.plans, self.cache, self.settings, self.cfg, self.progress = plans, cache, settings, cfg, progress
@@ -551,7 +443,7 @@ def _plan(
     settings: dict[str, Any],
     cfg: Config,
     overwrite: bool,
-    cache: DepthCache,
+    cache: ArrayCache,
 ) -> list[_CapturePlan]:
     """Hash every image (in threads), skip the captures whose record is up to date, and list for
     each other capture the maps the cache lacks."""
@@ -613,7 +505,7 @@ def _predict_all(
     (or `cfg.batch_size`); after an out-of-memory halving, later groups start at the reduced size.
     """
     store_dtype = torch.float16 if cfg.store_dtype == "float16" else torch.float32
-    prefetcher = ImagePrefetcher([v.path for v in views], cfg.workers)
+    prefetcher = Prefetcher([v.path for v in views], io.read_image, cfg.workers)
     ceiling: list[int] = []  # the batch size an out-of-memory settled on, if any
     try:
         start = 0
@@ -647,7 +539,6 @@ def _predict_all(
                 return depth.to(store_dtype).cpu()
 
             for positions, depth_bhw in batching.iter_batched(forward, range(start, stop), batch_size=batch_size):
-                prefetcher.release(positions)
                 for position, depth_hw in zip(positions, depth_bhw.numpy(), strict=False):
                     yield views[position], depth_hw
             start = stop

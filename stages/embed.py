@@ -25,8 +25,8 @@ import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +36,7 @@ import torch
 
 from stages.core import batching, dataset, io, models, worktree
 from stages.core.batching import ProgressFn
+from stages.core.cache import ArrayCache, Prefetcher
 from stages.core.errors import InputError
 
 log = logging.getLogger("nvf")
@@ -184,41 +185,6 @@ def loaded_embedder(ref: models.ModelRef, fingerprint: str, device: torch.device
 # ----------------------------------------------------------------------------------------------
 
 
-class EmbeddingCache:
-    """Embeddings by key in a disk folder: ``folder/<key[:2]>/<key>.npy`` holding one vector [D].
-
-    Writes are atomic (temp file + rename), so concurrent runs sharing the folder (SLURM shards)
-    never read a half-written entry; an unreadable entry is a miss and gets rewritten.
-    """
-
-    def __init__(self, folder: Path | None) -> None:
-        self.folder = Path(folder) if folder is not None else None
-        self.hits = 0
-
-    def _file(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}.npy"  # type: ignore[operator]
-
-    def get(self, key: str) -> np.ndarray | None:
-        """The cached vector [D] for `key`, or None."""
-        if self.folder is None or not self._file(key).is_file():
-            return None
-        try:
-            vector = np.load(self._file(key), allow_pickle=False)
-        except (OSError, ValueError):
-            log.debug("embed cache: unreadable entry %s ignored", key)
-            return None
-        self.hits += 1
-        return vector
-
-    def put(self, key: str, vector_d: np.ndarray) -> None:
-        """Store `vector_d` (no-op without a folder)."""
-        if self.folder is None:
-            return
-        with io.atomic_path(self._file(key)) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, np.ascontiguousarray(vector_d, dtype=np.float32), allow_pickle=False)
-
-
 def default_cache_folder() -> Path:
     """``<nvf cache>/embed-cache``."""
     return models.cache_dir() / "embed-cache"
@@ -227,45 +193,6 @@ def default_cache_folder() -> Path:
 # ----------------------------------------------------------------------------------------------
 # Decoding ahead of the model
 # ----------------------------------------------------------------------------------------------
-
-
-class _Preprocessor:
-    """Decodes and preprocesses images in worker threads, `lookahead` positions ahead of the consumer.
-
-    `get(positions)` -> [B, 3, S, S] float32: open_clip's transform of each image, decoded by
-    `io.read_image` (RGB, EXIF orientation applied).
-    """
-
-    def __init__(self, paths: Sequence[Path], preprocess: Callable[[Any], torch.Tensor], workers: int) -> None:
-        self.paths = list(paths)
-        self.preprocess = preprocess
-        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="nvf-decode")
-        self._futures: dict[int, Future[torch.Tensor]] = {}
-        self._submitted = 0
-
-    def _load(self, index: int) -> torch.Tensor:
-        from PIL import Image
-
-        return self.preprocess(Image.fromarray(io.read_image(self.paths[index])))
-
-    def prefetch(self, stop: int) -> None:
-        """Start work on every position before `stop`."""
-        while self._submitted < min(stop, len(self.paths)):
-            self._futures[self._submitted] = self._pool.submit(self._load, self._submitted)
-            self._submitted += 1
-
-    def get(self, positions: Sequence[int], lookahead: int) -> torch.Tensor:
-        for index in positions:
-            if index not in self._futures:  # re-requested after an out-of-memory retry
-                self._futures[index] = self._pool.submit(self._load, index)
-        self.prefetch(max(positions, default=-1) + 1 + lookahead)
-        batch = torch.stack([self._futures[index].result() for index in positions])
-        for index in positions:
-            self._futures.pop(index, None)
-        return batch
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,7 +244,7 @@ def run(
         "model_fingerprint": model_fingerprint(ref),
         "precision": precision,
     }
-    cache = EmbeddingCache((cache_folder or default_cache_folder()) if cfg.cache else None)
+    cache = ArrayCache((cache_folder or default_cache_folder()) if cfg.cache else None)
     plans, paths_by_key = _plan(data, out, selected, settings, cfg, overwrite)
     log.info("embed: %d of %d capture(s) to write", len(plans), len(selected))
     if not plans:
@@ -338,7 +265,7 @@ def run(
             cache.put(key, vector)
             writer.add(key, vector)
     log.info("embed: wrote %d capture(s); %d image(s) embedded, %d from the cache",
-             len(writer.written), len(todo), cache.hits)  # fmt: skip
+             len(writer.written), len(todo), cache.hits["disk"])  # fmt: skip
     return writer.written
 
 
@@ -382,11 +309,16 @@ def _embed_all(embedder: ClipEmbedder, paths: list[Path], keys: list[str], cfg: 
         embedder.bytes_per_item() if cfg.batch_size is None else None,
         max_batch=_CPU_MAX_BATCH if device.type == "cpu" else _GPU_MAX_BATCH,
     )
-    decoder = _Preprocessor(paths, embedder.preprocess, cfg.workers)
+    from PIL import Image
+
+    def load(path: Path) -> torch.Tensor:  # [3, S, S] float32: open_clip's transform of the decoded image
+        return embedder.preprocess(Image.fromarray(io.read_image(path)))
+
+    decoder = Prefetcher(paths, load, cfg.workers)
     decoder.prefetch(2 * batch_size)
 
     def forward(positions: Sequence[int]) -> torch.Tensor:
-        pixels = decoder.get(positions, lookahead=len(positions))  # [B, 3, S, S] float32
+        pixels = torch.stack(decoder.get(positions, lookahead=len(positions)))  # [B, 3, S, S] float32
         if device.type == "cuda":
             pixels = pixels.pin_memory()
         return embedder.embed(pixels)  # [B, D]

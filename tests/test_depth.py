@@ -148,11 +148,3 @@ def test_bad_inputs(tmp_path, tiny_ref):
     (data / "cap0" / "v1.png").write_bytes(b"not a png")
     with pytest.raises(InputError, match="v1.png"):
         depth.run(data, tmp_path / "w", depth.Config(model=tiny_ref.id, cache=False), device="cpu")
-
-
-def test_memory_lru_is_bounded():
-    cache = depth.DepthCache(None, memory_bytes=3 * 400)
-    for i in range(5):
-        cache.put(f"k{i}", np.zeros((10, 10), np.float32))  # 400 bytes each
-    assert cache.get("k0") is None and cache.get("k4") is not None and cache.get("k2") is not None
-    assert cache.hits["memory"] == 2

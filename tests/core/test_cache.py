@@ -1,0 +1,46 @@
+"""ArrayCache (memory LRU over an atomic disk folder) and the Prefetcher."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from stages.core.cache import ArrayCache, Prefetcher
+
+
+def test_memory_lru_is_bounded():
+    cache = ArrayCache(None, memory_bytes=3 * 400)
+    for i in range(5):
+        cache.put(f"k{i}", np.zeros((10, 10), np.float32))  # 400 bytes each
+    assert cache.get("k0") is None and cache.get("k4") is not None and cache.get("k2") is not None
+    assert cache.hits["memory"] == 2
+
+
+def test_disk_round_trip_and_corrupt_entry_is_a_miss(tmp_path):
+    cache = ArrayCache(tmp_path)
+    value = np.arange(12, dtype=np.float16).reshape(3, 4)
+    cache.put("abcdef", value)
+    assert sorted(p.name for p in (tmp_path / "ab").iterdir()) == ["abcdef.npy"]
+    fresh = ArrayCache(tmp_path)
+    assert fresh.contains("abcdef")
+    loaded = fresh.get("abcdef")
+    assert loaded.dtype == np.float16 and np.array_equal(loaded, value) and fresh.hits["disk"] == 1
+    (tmp_path / "ab" / "abcdef.npy").write_bytes(b"broken")
+    assert ArrayCache(tmp_path).get("abcdef") is None
+
+
+def test_prefetcher_returns_in_order_and_reloads_released_positions():
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def load(item: int) -> int:
+        with lock:
+            calls.append(item)
+        return item * 10
+
+    with Prefetcher(list(range(6)), load, workers=2) as prefetcher:
+        assert prefetcher.get([0, 1], lookahead=2) == [0, 10]
+        assert prefetcher.get([2, 3]) == [20, 30]
+        assert prefetcher.get([0]) == [0]  # released after the first get: loaded again (an OOM retry)
+    assert sorted(calls) == [0, 0, 1, 2, 3]
