@@ -670,12 +670,8 @@ def _write(out: Path, rows: list[_CaptureRows], cfg: Config, spec: PairSpec, dat
         "optional_tensors": json.dumps(sorted(k for k in OPTIONAL_SCHEMA if k in tensors)),
         **embed_meta,
     }
-    # io.save_record validates only the kinds of io.SCHEMAS: write to a temp file, check it against
-    # this stage's schema with load_record, and only then rename it into place
-    with io.atomic_path(out) as tmp:
-        io.save_record(tmp, tensors, kind=KIND, stage=STAGE, capture="*", names=image_paths, config=cfg,
-                       inputs_hash=inputs_hash, extra=extra)  # fmt: skip
-        io.load_record(tmp, kind=KIND, stage=STAGE, schema=record_schema(tensors))
+    io.save_record(out, tensors, kind=KIND, stage=STAGE, capture="*", names=image_paths, config=cfg,
+                   inputs_hash=inputs_hash, extra=extra, schema=record_schema(tensors))  # fmt: skip
     written = [out]
     if cfg.csv:
         triplets = load_triplets(out)

@@ -211,19 +211,21 @@ def save_record(
     config: Any = None,
     inputs_hash: str = "",
     extra: Mapping[str, str] | None = None,
+    schema: Mapping[str, tuple[int | str, ...]] | None = None,
 ) -> Path:
     """Write ``tensors`` (numpy arrays or torch tensors) as a safetensors record, atomically.
 
     ``names`` are the row names (image file names) in row order; ``kind`` is what the record holds
     (poses, depth, ...), ``stage`` what produced it. Every record carries the nvf version, the
-    config as JSON, the input hash and the pose/depth conventions in its metadata.
+    config as JSON, the input hash and the pose/depth conventions in its metadata. Tensors are
+    checked against ``schema`` (default: ``SCHEMAS[kind]``) before anything is written.
     """
     from safetensors.numpy import save_file
 
     from stages import __version__
 
     arrays = {key: _to_numpy(value) for key, value in tensors.items()}
-    _validate_shapes(Path(path), kind, arrays, len(names))
+    _validate_shapes(Path(path), kind, arrays, len(names), schema)
     metadata = {
         "nvf_format": FORMAT_VERSION,
         "nvf_kind": kind,
