@@ -35,11 +35,13 @@ def _ground_truth(data: Path, capture: str, names: list[str]) -> tuple[np.ndarra
 
 @pytest.fixture(scope="module")
 def ring(tmp_path_factory):
-    """A 256 px ring with the synth camera's focal length as a fixed prior, exported both ways."""
-    data, capture = _synth(tmp_path_factory.mktemp("ring-data"), resolution=256)
-    focal = float(synth.intrinsics(synth.Config(resolution=256))[0, 0])
-    cfg = poses.Config(camera_model="SIMPLE_PINHOLE", focal_px=focal, refine_focal=False,
-                       export=("transforms", "colmap"))  # fmt: skip
+    """A 512 px ring posed with the default (uncalibrated) config, exported both ways.
+
+    512 px because ring poses are noise-limited at 256 px: Gaussian 0.2 px noise on the same
+    tracks already costs ~0.12° (simulated), and the free focal length settles 3-5% low there.
+    """
+    data, capture = _synth(tmp_path_factory.mktemp("ring-data"), resolution=512)
+    cfg = poses.Config(export=("transforms", "colmap"))
     work = tmp_path_factory.mktemp("ring-work")
     written = poses.run(data, work, cfg)
     return data, work, capture, cfg, written
@@ -48,7 +50,9 @@ def ring(tmp_path_factory):
 @pytest.fixture(scope="module")
 def textureless(tmp_path_factory):
     """A 192 px ring whose cameras 130, 050 and 200 see no texture (default config)."""
-    data, capture = _synth(tmp_path_factory.mktemp("tl-data"), resolution=192, textureless_cameras=("130", "050", "200"))
+    data, capture = _synth(
+        tmp_path_factory.mktemp("tl-data"), resolution=192, textureless_cameras=("130", "050", "200")
+    )
     work = tmp_path_factory.mktemp("tl-work")
     poses.run(data, work, poses.Config())
     return data, work, capture
@@ -64,10 +68,10 @@ def test_ring_registers_every_view_accurately(ring):
     assert len(record) == 13 and np.all(record["source"] == poses.SOURCES["sfm"])
     R_gt, T_gt, K_gt = _ground_truth(data, capture, record.names)
     aligned = geometry.similarity_align_poses(record["R"], record["T"], R_gt, T_gt)
-    # measured: max 0.3-0.5° and 0.3-0.7% of the radius (the issue asks < 0.2° / 0.5%; see report)
-    assert aligned.rotation_error_deg.max() < 0.6
-    assert aligned.center_error.max() < 0.01 * RADIUS
-    np.testing.assert_allclose(record["K"], K_gt, rtol=1e-9)
+    # measured on subjects 1-3: max 0.10-0.16° and 0.09-0.17% of the radius, focal within 1.4%
+    assert aligned.rotation_error_deg.max() < 0.2
+    assert aligned.center_error.max() < 0.005 * RADIUS
+    np.testing.assert_allclose(record["K"][:, 0, 0], K_gt[:, 0, 0], rtol=0.02)
     assert np.all(record["reproj_error"] < 1.0) and np.all(record["confidence"] > 0.3)
     assert json.loads(record.extra["camera_ids"]) == list(dataset.RING_CAMERAS)
     assert json.loads(record.extra["sources"]) == poses.SOURCES
@@ -88,7 +92,7 @@ def test_ring_sparse_points_reproject_onto_their_tracks(ring):
             projected, z = geometry.project(sparse["points"][p : p + 1], record["K"][i], record["R"][i], record["T"][i])
             assert z[0] > 0
             errors.append(np.linalg.norm(projected[0] - uv[m]))
-    assert np.median(errors) < 0.5 and np.max(errors) < 2.0  # tracks filtered at 1.5 px
+    assert np.median(errors) < 0.5 and np.max(errors) < 1.5  # tracks filtered at 1 px after the last BA
 
 
 def test_ring_transforms_load_in_nerfstudio(ring):
@@ -284,16 +288,127 @@ def test_duplicate_names_are_an_input_error(tmp_path):
         poses.run(root, tmp_path / "work", poses.Config())
 
 
-def test_rig_mode_on_a_folder_layout_is_an_input_error(tmp_path):
+def test_rig_on_a_folder_layout_is_an_input_error_and_auto_falls_back(tmp_path):
     for name in ("a.png", "b.png"):
         write_tiny_png(tmp_path / "data" / "cap" / name)
     with pytest.raises(InputError, match="needs a fixed camera rig"):
-        poses.run(tmp_path / "data", tmp_path / "work", poses.Config(rig="auto"))
+        poses.run(tmp_path / "data", tmp_path / "work", poses.Config(rig="on"))
+    assert poses.resolve_rig(poses.Config(rig="auto"), "folder") == ("off", None)
+    assert not (tmp_path / "work").exists()
+
+
+def test_rig_on_with_a_single_capture_session_is_an_input_error(tmp_path):
+    from tests.helpers import make_multipie_tree
+
+    root = make_multipie_tree(tmp_path / "mp", subjects=(1,), cameras=["051", "050", "140"])
+    with pytest.raises(InputError, match=r"session 01 has only capture 001_01_01_00"):
+        poses.run(root, tmp_path / "work", poses.Config(rig="on"))
+    assert not (tmp_path / "work").exists()
+
+
+def test_rig_file_that_is_not_a_rig_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="no such rig file"):
+        poses.resolve_rig(poses.Config(rig=str(tmp_path / "nope.safetensors")), "multipie")
+    other = io.save_record(tmp_path / "poses.safetensors", {"R": np.eye(3)[None], "T": np.zeros((1, 3)),
+                           "K": np.eye(3)[None], "width": np.ones(1), "height": np.ones(1)}, kind="poses",
+                           stage="poses", capture="x", names=["a.png"])  # fmt: skip
+    with pytest.raises(InputError, match="not a usable rig record"):
+        poses.resolve_rig(poses.Config(rig=str(other)), "multipie")
 
 
 def test_unknown_export_is_an_input_error():
     with pytest.raises(InputError, match="unknown export 'ply'"):
         poses.validate(poses.Config(export=("ply",)))
+
+
+# -- rig mode --------------------------------------------------------------------------------------
+
+RIG_TEXTURELESS = ("130", "050")
+
+
+@pytest.fixture(scope="module")
+def rig_session(tmp_path_factory):
+    """Three 192 px subjects of one session; subject 2's cameras 130 and 050 see no texture."""
+    data = tmp_path_factory.mktemp("rig-data")
+    cfg = dataclasses.replace(synth.PRESETS["default"], subjects=3, elevated=False, surface_points=2000, resolution=192)
+    synth.run(data, cfg)
+    smooth = synth.render_capture(2, 1, 1, 0, dataclasses.replace(cfg, textureless_cameras=RIG_TEXTURELESS))
+    for name, image in zip(smooth.names, smooth.images_nhw3):
+        io.write_image(next(data.rglob(name)), image)
+    work = tmp_path_factory.mktemp("rig-work")
+    written = poses.run(data, work, poses.Config(rig="auto"))
+    return data, work, written
+
+
+def _errors_through_sfm_alignment(data: Path, work: Path, capture: str) -> tuple[io.Record, np.ndarray, np.ndarray]:
+    """Rotation (deg) and centre errors of every row, with the similarity fitted on the SfM rows only."""
+    record = poses.load_poses(work, capture)
+    R_gt, T_gt, _ = _ground_truth(data, capture, record.names)
+    sfm = record["source"] == poses.SOURCES["sfm"]
+    fit = geometry.similarity_align_poses(record["R"][sfm], record["T"][sfm], R_gt[sfm], T_gt[sfm])
+    R_all, T_all = poses.transform_pose(record["R"], record["T"], fit.scale, fit.R_world, fit.t_world)
+    rotation = geometry.rotation_angle_deg(R_all, R_gt)
+    centre = np.linalg.norm(geometry.camera_centers(R_all, T_all) - geometry.camera_centers(R_gt, T_gt), axis=-1)
+    return record, rotation, centre
+
+
+def test_rig_mode_poses_every_camera_of_every_capture(rig_session):
+    data, work, written = rig_session
+    assert written[0] == poses.rig_path(work, "01") and sum(p.name == "poses.safetensors" for p in written) == 3
+    smooth = dataset.capture_id(2, 1, 1, 0)
+    for subject in (1, 2, 3):
+        capture = dataset.capture_id(subject, 1, 1, 0)
+        record, rotation, centre = _errors_through_sfm_alignment(data, work, capture)
+        cams = json.loads(record.extra["camera_ids"])
+        via_rig = [cams.index(c) for c in RIG_TEXTURELESS] if capture == smooth else []
+        expected = np.full(13, poses.SOURCES["sfm"])
+        expected[via_rig] = poses.SOURCES["rig"]
+        assert record["source"].tolist() == expected.tolist()  # nothing interpolated
+        assert rotation.max() < 1.0 and centre.max() < 0.01 * RADIUS  # 192 px SfM: measured <= 0.66°, 0.56%
+        if via_rig:
+            # measured 0.10° / 0.14° and 0.24% / 0.25% of the radius
+            assert rotation[via_rig].max() < 0.4 and centre[via_rig].max() < 0.006 * RADIUS
+            assert np.all(np.isnan(record["reproj_error"][via_rig]))
+            sfm_conf = record["confidence"][record["source"] == poses.SOURCES["sfm"]]
+            assert 0 < record["confidence"][via_rig].max() < sfm_conf.min()
+
+
+def test_rig_record_holds_every_camera_and_loads_back(rig_session):
+    _data, work, _written = rig_session
+    rig = poses.Rig.load(poses.rig_path(work, "01"))
+    assert sorted(rig.camera_ids) == sorted(dataset.RING_CAMERAS)
+    counts = dict(zip(rig.camera_ids, rig.captures.tolist()))
+    assert all(counts[c] == (2 if c in RIG_TEXTURELESS else 3) for c in rig.camera_ids)
+    assert np.median(rig.spread_deg) < 0.5 and rig.K.shape == (13, 3, 3) and set(rig.width.tolist()) == {192}
+    # the rig frame is one of a ring: centres on a circle, every camera looking at its middle
+    centres = geometry.camera_centers(rig.R, rig.T)
+    middle, _normal, radius, _e1, _e2 = poses.fit_circle(centres)
+    assert np.abs(np.linalg.norm(centres - middle, axis=1) - radius).max() < 0.01 * radius
+    axes = rig.R[:, 2, :]  # optical axes in the rig frame
+    towards = (middle - centres) / np.linalg.norm(middle - centres, axis=1, keepdims=True)
+    assert np.degrees(np.arccos(np.clip((axes * towards).sum(1), -1, 1))).max() < 5.0
+
+
+def test_rig_file_is_reused_for_a_capture_posed_alone(rig_session, tmp_path):
+    data, work, _written = rig_session
+    smooth = dataset.capture_id(2, 1, 1, 0)
+    rig_file = str(poses.rig_path(work, "01"))
+    written = poses.run(data, tmp_path / "work", poses.Config(rig=rig_file), captures=[smooth])
+    assert [p.name for p in written] == ["sparse.safetensors", "poses.safetensors"]
+    record, rotation, centre = _errors_through_sfm_alignment(data, tmp_path / "work", smooth)
+    assert int((record["source"] == poses.SOURCES["rig"]).sum()) == 2
+    assert rotation.max() < 1.0 and centre.max() < 0.01 * RADIUS
+
+
+def test_fit_pose_similarity_recovers_a_known_similarity_from_two_views():
+    R, T = _ring_poses(np.array([-30.0, 45.0, 90.0]))
+    R_w = geometry.quat_to_rotmat(np.array([0.9, 0.1, -0.3, 0.2]) / np.linalg.norm([0.9, 0.1, -0.3, 0.2]))
+    t_w, scale = np.array([0.5, -1.0, 2.0]), 2.5
+    R_b, T_b = poses.transform_pose(R, T, scale, R_w, t_w)
+    got_scale, got_R, got_t = poses.fit_pose_similarity(R[:2], T[:2], R_b[:2], T_b[:2])
+    assert got_scale == pytest.approx(scale) and np.allclose(got_R, R_w) and np.allclose(got_t, t_w)
+    R_3, T_3 = poses.transform_pose(R[2], T[2], got_scale, got_R, got_t)
+    assert np.allclose(R_3, R_b[2]) and np.allclose(T_3, T_b[2])
 
 
 # -- real photos -----------------------------------------------------------------------------------

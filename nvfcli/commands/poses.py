@@ -12,9 +12,9 @@ import typer
 from nvfcli.console import progress_bar
 from nvfcli.options import DataDir, Json, Overwrite
 from stages import poses as stage
-from stages.scan import Layout
 from stages.core import worktree
 from stages.core.errors import InputError
+from stages.scan import Layout
 
 
 def poses(
@@ -22,24 +22,37 @@ def poses(
     out: Annotated[Path, typer.Option("--out", "-o", help="Work tree: writes OUT/<capture>/poses.safetensors.")],
     preset: Annotated[str, typer.Option(help=f"Starting point: {', '.join(stage.PRESETS)}.")] = "default",
     layout: Annotated[Layout, typer.Option(help="Dataset layout.")] = "auto",
-    camera_model: Annotated[Optional[str], typer.Option(help="COLMAP camera model, e.g. SIMPLE_RADIAL, SIMPLE_PINHOLE.")] = None,
+    camera_model: Annotated[
+        Optional[str], typer.Option(help="COLMAP camera model, e.g. SIMPLE_RADIAL, SIMPLE_PINHOLE.")
+    ] = None,
     focal: Annotated[Optional[float], typer.Option(help="Prior focal length in pixels.")] = None,
     fixed_focal: Annotated[bool, typer.Option("--fixed-focal", help="Keep --focal fixed (a calibration).")] = False,
     matcher: Annotated[Optional[str], typer.Option(help="exhaustive or sequential.")] = None,
     mapper: Annotated[Optional[str], typer.Option(help="incremental or global.")] = None,
-    colmap: Annotated[Optional[list[str]], typer.Option(help="COLMAP option KEY=VALUE (repeatable), e.g. "
-                      "extraction.sift.peak_threshold=0.001.")] = None,  # fmt: skip
-    rig: Annotated[str, typer.Option(help="Rig mode: off (per capture); auto/FILE are not available yet.")] = "off",
+    colmap: Annotated[
+        Optional[list[str]],
+        typer.Option(help="COLMAP option KEY=VALUE (repeatable), e.g. extraction.sift.peak_threshold=0.001."),
+    ] = None,  # fmt: skip
+    rig: Annotated[
+        str,
+        typer.Option(
+            help="Rig mode: auto (Multi-PIE: solve each session's rig, pose views SfM "
+            "missed through it), on, off, or a saved WORK/rig_<session>.safetensors to reuse."
+        ),
+    ] = "auto",
     export: Annotated[Optional[str], typer.Option(help="Extra outputs, comma separated: transforms,colmap.")] = None,
     shard: Annotated[Optional[str], typer.Option(help="Process shard K/N of the subjects.")] = None,
-    captures: Annotated[Optional[str], typer.Option(help="File with capture ids (one per line), or - for stdin.")] = None,
+    captures: Annotated[
+        Optional[str], typer.Option(help="File with capture ids (one per line), or - for stdin.")
+    ] = None,
     overwrite: Overwrite = False,
     json_out: Json = False,
 ) -> None:
     """Estimate camera poses of every capture under DATA (SfM, then SLERP fallback for the rest).
 
     Examples: `nvf poses data/multipie --out work`; `nvf poses data --out work --export transforms,colmap`;
-    `nvf poses data --out work --colmap mapping.mapper.init_min_tri_angle=8 --shard 0/4`.
+    `nvf poses data --out work --colmap mapping.mapper.init_min_tri_angle=8 --shard 0/4`;
+    `nvf poses data --out work2 --rig work/rig_01.safetensors`.
     """
     if preset not in stage.PRESETS:
         raise InputError(f"unknown preset '{preset}'; choose one of: {', '.join(stage.PRESETS)}")
