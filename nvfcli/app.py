@@ -13,7 +13,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from nvfcli.commands import align, cloud, depth, embed, evaluate, info, poses, scan, synth, triplets
+from nvfcli.commands import align, cloud, depth, embed, evaluate, info, poses, scan, synth, train, triplets
 from nvfcli.console import err_console, setup_logging
 from stages import __version__
 from stages.core.errors import NvfError
@@ -75,6 +75,7 @@ app.command("cloud")(cloud.cloud)
 app.command("evaluate")(evaluate.evaluate)
 app.command("embed")(embed.embed)
 app.command("triplets")(triplets.triplets)
+app.command("train")(train.train)
 
 
 def run() -> None:
