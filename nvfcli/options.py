@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo work whose outputs already exist.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same output.")]
-DataDir = Annotated[Path, typer.Argument(help="Dataset folder (Multi-PIE tree or folders of images).", show_default=False)]
+DataDir = Annotated[
+    Path, typer.Argument(help="Dataset folder (Multi-PIE tree or folders of images).", show_default=False)
+]
 OutDir = Annotated[Path, typer.Argument(help="Output folder.", show_default=False)]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Items per batch (default: fit free memory).")]
+Shard = Annotated[
+    Optional[str],
+    typer.Option("--shard", help="Process shard K/N of the subjects, 0 <= K < N (default: SLURM array task)."),
+]
+Captures = Annotated[
+    Optional[str], typer.Option("--captures", help="File of capture ids (one per line), or - for stdin.")
+]

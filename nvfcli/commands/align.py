@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from nvfcli.console import progress_bar
-from nvfcli.options import Json, Overwrite
+from nvfcli.options import Captures, Json, Overwrite, Shard
 from stages import align as stage
 from stages.core import worktree
 
@@ -31,8 +31,8 @@ def align(
     robust: Annotated[stage.Robust, typer.Option(help="tukey, huber, ransac or none.")] = "tukey",
     ransac_threshold: Annotated[float, typer.Option(help="RANSAC inlier threshold, relative.")] = 0.03,
     seed: Annotated[int, typer.Option(help="Seed of subsampling and RANSAC.")] = 0,
-    shard: Annotated[Optional[str], typer.Option(help="Process shard K/N of the subjects.")] = None,
-    captures: Annotated[Optional[str], typer.Option(help="File of capture ids (one per line), or - for stdin.")] = None,
+    shard: Shard = None,
+    captures: Captures = None,
     overwrite: Overwrite = False,
     json_out: Json = False,
 ) -> None:

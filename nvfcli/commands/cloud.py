@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from nvfcli.console import progress_bar
-from nvfcli.options import Json, Overwrite
+from nvfcli.options import Captures, Json, Overwrite, Shard
 from stages import cloud as stage
 from stages.core import worktree
 
@@ -58,8 +58,8 @@ def cloud(
     fscore_threshold: Annotated[
         Optional[float], typer.Option(help="F-score threshold, scene units [default: 1% of the reference's size].")
     ] = None,
-    shard: Annotated[Optional[str], typer.Option(help="Process shard K/N of the subjects.")] = None,
-    captures: Annotated[Optional[str], typer.Option(help="File of capture ids (one per line), or - for stdin.")] = None,
+    shard: Shard = None,
+    captures: Captures = None,
     overwrite: Overwrite = False,
     json_out: Json = False,
 ) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from nvfcli.console import progress_bar
-from nvfcli.options import DataDir, Json, Overwrite
+from nvfcli.options import BatchSize, Captures, DataDir, Device, Json, Overwrite, Shard
 from stages import embed as stage
 from stages.core import worktree
 
@@ -24,12 +24,12 @@ def embed(
     ] = None,
     layout: Annotated[stage.Layout, typer.Option(help="Dataset layout.")] = "auto",
     precision: Annotated[stage.Precision, typer.Option(help="fp32, fp16 (CUDA only) or bf16.")] = "fp32",
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (default: fit free memory).")] = None,
+    batch_size: BatchSize = None,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Use the on-disk embedding cache.")] = True,
     workers: Annotated[int, typer.Option(help="Image decoding/preprocessing threads.", min=1)] = 4,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    shard: Annotated[Optional[str], typer.Option(help="Process shard K/N of the subjects.")] = None,
-    captures: Annotated[Optional[str], typer.Option(help="File of capture ids (one per line), or - for stdin.")] = None,
+    device: Device = "auto",
+    shard: Shard = None,
+    captures: Captures = None,
     overwrite: Overwrite = False,
     json_out: Json = False,
 ) -> None:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from nvfcli.console import progress_bar
-from nvfcli.options import Json, Overwrite
+from nvfcli.options import Device, Json, Overwrite
 from stages import evaluate as stage
 
 
@@ -50,7 +50,7 @@ def evaluate(
     clip_model: Annotated[
         Optional[str], typer.Option(help="CLIP override: NAME@TAG, hf-hub:org/repo or folder.")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Device = "auto",
     overwrite: Overwrite = False,
     json_out: Json = False,
 ) -> None:

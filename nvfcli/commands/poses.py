@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from nvfcli.console import progress_bar
-from nvfcli.options import DataDir, Json, Overwrite
+from nvfcli.options import Captures, DataDir, Json, Overwrite, Shard
 from stages import poses as stage
 from stages.core import worktree
 from stages.core.errors import InputError
@@ -41,10 +41,8 @@ def poses(
         ),
     ] = "auto",
     export: Annotated[Optional[str], typer.Option(help="Extra outputs, comma separated: transforms,colmap.")] = None,
-    shard: Annotated[Optional[str], typer.Option(help="Process shard K/N of the subjects.")] = None,
-    captures: Annotated[
-        Optional[str], typer.Option(help="File with capture ids (one per line), or - for stdin.")
-    ] = None,
+    shard: Shard = None,
+    captures: Captures = None,
     overwrite: Overwrite = False,
     json_out: Json = False,
 ) -> None:

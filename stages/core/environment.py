@@ -31,9 +31,9 @@ def library_versions() -> dict[str, str | None]:
 
 def devices() -> list[dict]:
     """CPU (available RAM) and every CUDA device with free and total memory in GiB."""
-    from stages.core.batching import free_memory_bytes
-
     import torch
+
+    from stages.core.batching import free_memory_bytes
 
     gib = 1024**3
     with open("/proc/meminfo") if Path("/proc/meminfo").exists() else open(os.devnull) as handle:
