@@ -35,9 +35,10 @@ import numpy as np
 import torch
 
 from stages.core import batching, dataset, io, models, worktree
-from stages.core.batching import ProgressFn
+from stages.core.batching import ProgressFn, effective_precision
 from stages.core.cache import ArrayCache, Prefetcher
 from stages.core.errors import InputError
+from stages.core.models import model_fingerprint
 
 log = logging.getLogger("nvf")
 
@@ -48,7 +49,6 @@ DepthKind = Literal["auto", "disparity", "depth"]
 StoreDtype = Literal["float32", "float16"]
 Layout = Literal["auto", "multipie", "folder"]
 
-_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _RELATIVE_MODEL_TYPES = {"dpt"}  # relative inverse depth; depth_anything depends on its config
 _CPU_MAX_BATCH = 32  # beyond this a CPU gains nothing from bigger batches, only memory use
 
@@ -95,33 +95,6 @@ _OUTPUT_FIELDS = ("max_res", "interpolation", "store_dtype")  # config fields th
 # ----------------------------------------------------------------------------------------------
 
 
-def model_fingerprint(ref: models.ModelRef) -> str:
-    """A short hash naming the model's weights: hub id + revision, or a local folder's files.
-
-    A local folder is fingerprinted by its JSON configs' contents and its weight files' sizes and
-    modification times, so re-saving other weights into the same folder invalidates the cache.
-    """
-    parts: list[Any] = [ref.id, ref.revision]
-    folder = Path(ref.id).expanduser()
-    if folder.is_dir():
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            rel = path.relative_to(folder).as_posix()
-            if path.suffix == ".json":
-                parts.append([rel, path.read_text(errors="replace")])
-            else:
-                stat = path.stat()
-                parts.append([rel, stat.st_size, stat.st_mtime_ns])
-    return io.hash_inputs(*parts)
-
-
-def effective_precision(precision: Precision, device: torch.device) -> Precision:
-    """`precision`, except fp16 on a CPU, which falls back to fp32 with a warning."""
-    if precision not in _TORCH_DTYPES:
-        raise InputError(f"unknown precision {precision!r}: use fp32, fp16 or bf16")
-    if precision == "fp16" and device.type != "cuda":
-        log.warning("--precision fp16 needs a CUDA device; running in fp32 on %s (use bf16 for a CPU)", device)
-        return "fp32"
-    return precision
 
 
 def infer_depth_kind(config: Any) -> Literal["disparity", "depth"]:
@@ -151,7 +124,7 @@ class DepthPredictor:
     ) -> None:
         self.ref = ref
         self.device = device
-        self.dtype = _TORCH_DTYPES[precision]
+        self.dtype = batching.TORCH_DTYPES[precision]
         self.model, self.processor = models.load_depth_model(ref, device, self.dtype)
         self.depth_kind = infer_depth_kind(self.model.config) if depth_kind == "auto" else depth_kind
         self.interpolation = interpolation

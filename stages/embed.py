@@ -35,9 +35,10 @@ import numpy as np
 import torch
 
 from stages.core import batching, dataset, io, models, worktree
-from stages.core.batching import ProgressFn
+from stages.core.batching import ProgressFn, effective_precision
 from stages.core.cache import ArrayCache, Prefetcher
 from stages.core.errors import InputError
+from stages.core.models import model_fingerprint
 
 log = logging.getLogger("nvf")
 
@@ -45,7 +46,6 @@ STAGE = "embed"
 Precision = Literal["fp32", "fp16", "bf16"]
 Layout = Literal["auto", "multipie", "folder"]
 
-_PRECISIONS = ("fp32", "fp16", "bf16")
 _CPU_MAX_BATCH = 32  # beyond this a CPU gains nothing from bigger batches, only memory use
 _GPU_MAX_BATCH = 512
 
@@ -83,30 +83,6 @@ PRESETS: dict[str, Config] = {
 # ----------------------------------------------------------------------------------------------
 
 
-def model_fingerprint(ref: models.ModelRef) -> str:
-    """A short hash naming the model's weights: open_clip name + weight tag + revision, or a local
-    folder's JSON configs (by content) and weight files (by size and modification time)."""
-    parts: list[Any] = [ref.id, ref.pretrained, ref.revision]
-    folder = Path(ref.id).expanduser()
-    if folder.is_dir():
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            rel = path.relative_to(folder).as_posix()
-            if path.suffix == ".json":
-                parts.append([rel, path.read_text(errors="replace")])
-            else:
-                stat = path.stat()
-                parts.append([rel, stat.st_size, stat.st_mtime_ns])
-    return io.hash_inputs(*parts)
-
-
-def effective_precision(precision: str, device: torch.device) -> Precision:
-    """`precision`, except fp16 on a CPU, which falls back to fp32 with a warning."""
-    if precision not in _PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}: use fp32, fp16 or bf16")
-    if precision == "fp16" and device.type != "cuda":
-        log.warning("--precision fp16 needs a CUDA device; running in fp32 on %s (use bf16 for a CPU)", device)
-        return "fp32"
-    return precision  # type: ignore[return-value]
 
 
 class ClipEmbedder:

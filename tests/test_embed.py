@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from stages import embed
-from stages.core import io, models
+from stages.core import batching, io, models
 
 
 def _dataset(root: Path, captures: int = 2, views: int = 3, hw: tuple[int, int] = (40, 56), seed: int = 0) -> Path:
@@ -113,9 +113,9 @@ def test_fp16_on_cpu_falls_back_and_bad_settings_are_input_errors(tmp_path, capl
     from stages.core.errors import InputError
 
     with caplog.at_level(logging.WARNING, logger="nvf"):
-        assert embed.effective_precision("fp16", torch.device("cpu")) == "fp32"
+        assert batching.effective_precision("fp16", torch.device("cpu")) == "fp32"
     assert "fp16 needs a CUDA device" in caplog.text
     with pytest.raises(InputError, match="unknown precision"):
-        embed.effective_precision("fp8", torch.device("cpu"))
+        batching.effective_precision("fp8", torch.device("cpu"))
     with pytest.raises(InputError, match="--workers"):
         embed.run(tmp_path, tmp_path / "work", embed.Config(workers=0), device="cpu")

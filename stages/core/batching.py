@@ -235,3 +235,16 @@ def run_batched(
     ):
         outputs.extend(results)
     return outputs
+
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def effective_precision(precision: str, device: torch.device) -> str:
+    """`precision`, except fp16 on a CPU, which falls back to fp32 with a warning."""
+    if precision not in TORCH_DTYPES:
+        raise InputError(f"unknown precision {precision!r}: use fp32, fp16 or bf16")
+    if precision == "fp16" and device.type != "cuda":
+        log.warning("--precision fp16 needs a CUDA device; running in fp32 on %s (use bf16 for a CPU)", device)
+        return "fp32"
+    return precision

@@ -496,3 +496,24 @@ def _cached_tiny(role: Role) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def model_fingerprint(ref: ModelRef) -> str:
+    """A short hash naming a model's weights (cache keys): id + pretrained tag + revision, or a local folder's files.
+
+    A local folder is fingerprinted by its JSON configs' contents and its weight files' sizes and
+    modification times, so re-saving other weights into the same folder invalidates the cache.
+    """
+    parts: list[Any] = [ref.id, ref.pretrained, ref.revision]
+    folder = Path(ref.id).expanduser()
+    if folder.is_dir():
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            rel = path.relative_to(folder).as_posix()
+            if path.suffix == ".json":
+                parts.append([rel, path.read_text(errors="replace")])
+            else:
+                stat = path.stat()
+                parts.append([rel, stat.st_size, stat.st_mtime_ns])
+    from stages.core.io import hash_inputs
+
+    return hash_inputs(*parts)
