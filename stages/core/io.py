@@ -220,8 +220,6 @@ def save_record(
     config as JSON, the input hash and the pose/depth conventions in its metadata. Tensors are
     checked against ``schema`` (default: ``SCHEMAS[kind]``) before anything is written.
     """
-    from safetensors.numpy import save_file
-
     from stages import __version__
 
     arrays = {key: _to_numpy(value) for key, value in tensors.items()}
@@ -243,8 +241,25 @@ def save_record(
             raise ValueError(f"extra metadata key '{key}' clashes with a reserved key")
         metadata[key] = str(value)
     with atomic_path(path) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
+        tmp.write_bytes(safetensors_bytes(arrays, metadata))
     return Path(path)
+
+
+def safetensors_bytes(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """The safetensors encoding of ``arrays`` with a canonical header: keys sorted, no spaces.
+
+    The safetensors library writes header keys in hash order, so saving the same record twice gives
+    different bytes; stages hash their input files, so a canonical header keeps an identical record
+    byte-identical (and downstream work up to date). The data section is left as the library wrote it.
+    """
+    from safetensors.numpy import save
+
+    raw = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=dict(metadata))
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment with spaces
+    return len(text).to_bytes(8, "little") + text + raw[8 + header_len :]
 
 
 def load_record(

@@ -277,3 +277,14 @@ def test_sparse_record_csr_tracks_are_checked(tmp_path):
     with pytest.raises(RecordError, match=r"tensor 'track_offsets' has shape \[3\], expected \[4\]"):
         io.save_record(tmp_path / "s.safetensors", tensors, kind="sparse", stage="poses", capture="c",
                        names=["a", "b", "c"])  # fmt: skip
+
+
+def test_records_are_byte_identical_when_saved_twice(tmp_path):
+    meta = {"kind": "poses", "stage": "poses", "capture": "c", "names": list("abcd"), "config": {"b": 1, "a": 2},
+            "extra": {f"key{i}": str(i) for i in range(20)}}  # fmt: skip
+    first = io.save_record(tmp_path / "1.safetensors", _poses(), **meta).read_bytes()
+    second = io.save_record(tmp_path / "2.safetensors", _poses(), **meta).read_bytes()
+    assert first == second
+    record = io.load_record(tmp_path / "2.safetensors", kind="poses")
+    np.testing.assert_array_equal(record["R"], _poses()["R"])
+    assert record.extra["key19"] == "19"
