@@ -13,7 +13,22 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from nvfcli.commands import align, cloud, depth, embed, evaluate, info, poses, scan, synth, train, triplets
+from nvfcli.commands import (
+    align,
+    cloud,
+    depth,
+    embed,
+    evaluate,
+    fetch_models,
+    info,
+    merge,
+    poses,
+    scan,
+    synth,
+    train,
+    triplets,
+)
+from nvfcli.commands import run as run_command
 from nvfcli.console import err_console, setup_logging
 from stages import __version__
 from stages.core.errors import NvfError
@@ -65,17 +80,21 @@ def main(
     setup_logging(-1 if quiet else verbose)
 
 
+# In the order of the pipeline, so `nvf --help` reads like the work tree.
 app.command("info")(info.info)
+app.command("fetch-models")(fetch_models.fetch_models)
+app.command("synth")(synth.synth)
 app.command("scan")(scan.scan)
 app.command("poses")(poses.poses)
-app.command("synth")(synth.synth)
 app.command("depth")(depth.depth)
 app.command("align")(align.align)
 app.command("cloud")(cloud.cloud)
-app.command("evaluate")(evaluate.evaluate)
 app.command("embed")(embed.embed)
 app.command("triplets")(triplets.triplets)
 app.command("train")(train.train)
+app.command("evaluate")(evaluate.evaluate)
+app.command("run")(run_command.run)
+app.command("merge")(merge.merge)
 
 
 def run() -> None:

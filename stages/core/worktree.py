@@ -12,6 +12,8 @@ dealt round-robin, so a person never straddles shards and the union of all shard
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -112,3 +114,37 @@ def is_up_to_date(path: str | os.PathLike, inputs_hash: str) -> bool:
         return read_record_metadata(path).get("inputs") == inputs_hash
     except Exception:  # an unreadable file is simply not up to date; the stage rewrites it
         return False
+
+
+# What `io.atomic_path` / `io.atomic_dir` name their temp files and folders: ``.<name>.<8 random>.tmp[.<suffix>]``.
+TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+
+
+def clean_stale_temp(root: str | os.PathLike, before: float, max_depth: int = 3) -> list[Path]:
+    """Remove nvf temp files/folders (`TEMP_NAME`) under ``root`` last modified before ``before`` (epoch s).
+
+    A process killed mid-write (kill -9, power loss) leaves its temp file behind; the outputs
+    themselves are never partial (rename is atomic). Temp files younger than ``before`` may belong
+    to a process still running and are kept. Looks ``max_depth`` folder levels deep; returns what it removed.
+    """
+    root = Path(root)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for folder, dirs, files in os.walk(root):
+        depth = len(Path(folder).relative_to(root).parts)
+        stale = [name for name in (*files, *dirs) if TEMP_NAME.match(name)]
+        dirs[:] = [d for d in dirs if d not in stale and depth + 1 < max_depth]
+        for name in stale:
+            path = Path(folder) / name
+            try:
+                if path.lstat().st_mtime >= before:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:  # its owner renamed or removed it meanwhile
+                continue
+            removed.append(path)
+    return removed
