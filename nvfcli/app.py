@@ -23,6 +23,7 @@ from nvfcli.commands import (
     info,
     merge,
     poses,
+    sample,
     scan,
     synth,
     train,
@@ -92,6 +93,7 @@ app.command("cloud")(cloud.cloud)
 app.command("embed")(embed.embed)
 app.command("triplets")(triplets.triplets)
 app.command("train")(train.train)
+app.command("sample")(sample.sample)
 app.command("evaluate")(evaluate.evaluate)
 app.command("run")(run_command.run)
 app.command("merge")(merge.merge)
