@@ -23,6 +23,7 @@ from nvfcli.commands import (
     info,
     merge,
     poses,
+    reconstruct,
     sample,
     scan,
     synth,
@@ -94,6 +95,7 @@ app.command("embed")(embed.embed)
 app.command("triplets")(triplets.triplets)
 app.command("train")(train.train)
 app.command("sample")(sample.sample)
+app.command("reconstruct")(reconstruct.reconstruct)
 app.command("evaluate")(evaluate.evaluate)
 app.command("run")(run_command.run)
 app.command("merge")(merge.merge)
