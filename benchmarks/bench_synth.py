@@ -68,7 +68,10 @@ def run() -> list[Result]:
             Side("Open3D RaycastingScene on a 131k-triangle mesh", open3d_depth),
             repeats=3,
             goal="full render well under 5 s",
-            extra={"full_render_capture_s": full_render_s, "median_abs_t_difference": depth_error,
-                   "hit_agreement": float(np.mean(np.isfinite(exact) == np.isfinite(approx)))},  # fmt: skip
+            extra={
+                "full_render_capture_s": full_render_s,
+                "median_abs_t_difference": depth_error,
+                "hit_agreement": float(np.mean(np.isfinite(exact) == np.isfinite(approx))),
+            },  # fmt: skip
         )
     ]

@@ -95,8 +95,6 @@ _OUTPUT_FIELDS = ("max_res", "interpolation", "store_dtype")  # config fields th
 # ----------------------------------------------------------------------------------------------
 
 
-
-
 def infer_depth_kind(config: Any) -> Literal["disparity", "depth"]:
     """`disparity` for relative models (DPT, Depth Anything relative), `depth` for metric ones."""
     model_type = getattr(config, "model_type", "")

@@ -83,8 +83,6 @@ PRESETS: dict[str, Config] = {
 # ----------------------------------------------------------------------------------------------
 
 
-
-
 class ClipEmbedder:
     """A loaded open_clip model: preprocessed image batches in, unit-norm embeddings out.
 

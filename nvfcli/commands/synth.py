@@ -20,14 +20,21 @@ def synth(
     preset: Annotated[str, typer.Option(help=f"Starting point: {', '.join(stage.PRESETS)}.")] = "default",
     subjects: Annotated[Optional[int], typer.Option(help="Number of people (001, 002, ...).", min=1)] = None,
     sessions: Annotated[Optional[str], typer.Option(help="Sessions to render, e.g. 1 or 1-4.")] = None,
-    expressions: Annotated[Optional[bool], typer.Option("--expressions/--neutral-only",
-                           help="Render every expression of a session, or only neutral.")] = None,  # fmt: skip
-    shots: Annotated[Optional[int], typer.Option(help="Shots per recording (lighting changes per shot).", min=1)] = None,
+    expressions: Annotated[
+        Optional[bool],
+        typer.Option("--expressions/--neutral-only", help="Render every expression of a session, or only neutral."),
+    ] = None,  # fmt: skip
+    shots: Annotated[
+        Optional[int], typer.Option(help="Shots per recording (lighting changes per shot).", min=1)
+    ] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Image width and height in pixels.", min=16)] = None,
-    elevated: Annotated[Optional[bool], typer.Option("--elevated/--ring-only",
-                        help="Include the elevated cameras 081 and 191.")] = None,  # fmt: skip
+    elevated: Annotated[
+        Optional[bool], typer.Option("--elevated/--ring-only", help="Include the elevated cameras 081 and 191.")
+    ] = None,  # fmt: skip
     texture_contrast: Annotated[Optional[float], typer.Option(help="0 = nearly texture-less, 1 = rich.")] = None,
-    textureless: Annotated[Optional[list[str]], typer.Option("--textureless", help="Camera ids to render without texture.")] = None,
+    textureless: Annotated[
+        Optional[list[str]], typer.Option("--textureless", help="Camera ids to render without texture.")
+    ] = None,
     seed: Seed = 0,
     overwrite: Overwrite = False,
     json_out: Json = False,

@@ -40,7 +40,19 @@ class CameraInfo:
 
 
 RING_CAMERAS: tuple[str, ...] = (
-    "110", "120", "090", "080", "130", "140", "051", "050", "041", "190", "200", "010", "240",
+    "110",
+    "120",
+    "090",
+    "080",
+    "130",
+    "140",
+    "051",
+    "050",
+    "041",
+    "190",
+    "200",
+    "010",
+    "240",
 )  # fmt: skip  (head height, azimuth -90..+90 in 15° steps)
 ELEVATED_CAMERAS: tuple[str, ...] = ("081", "191")
 MULTIPIE_CAMERAS: dict[str, CameraInfo] = {
@@ -264,9 +276,7 @@ def _scan_multipie(root: Path, images: list[Path]) -> DatasetIndex:
         missing = [cam for cam in MULTIPIE_CAMERAS if cam not in {e.camera for e in entries}]
         if missing:
             warnings.append(f"capture {cid}: {len(missing)} of 15 cameras missing ({', '.join(missing)})")
-        captures.append(
-            Capture(cid, subject, entries, session, recording, shot, expression_of(session, recording))
-        )
+        captures.append(Capture(cid, subject, entries, session, recording, shot, expression_of(session, recording)))
     return DatasetIndex(str(root), "multipie", tuple(captures), tuple(warnings))
 
 
@@ -358,8 +368,12 @@ def index_from_json(doc: dict) -> DatasetIndex:
     try:
         captures = tuple(
             Capture(
-                id=c["id"], subject=c["subject"], session=c.get("session", ""), recording=c.get("recording", ""),
-                shot=c.get("shot", ""), expression=c.get("expression", ""),
+                id=c["id"],
+                subject=c["subject"],
+                session=c.get("session", ""),
+                recording=c.get("recording", ""),
+                shot=c.get("shot", ""),
+                expression=c.get("expression", ""),
                 images=tuple(ImageEntry(i["path"], i["camera"]) for i in c["images"]),
             )  # fmt: skip
             for c in doc["captures"]

@@ -99,9 +99,7 @@ def test_slerp_midpoint_vectorised_short_path_and_nearly_equal():
     q1 = np.array([math.cos(math.radians(45)), 0, 0, math.sin(math.radians(45))])  # 90 deg about z
     mids = g.slerp(q0, -q1, np.array([0.0, 0.5, 1.0]))  # -q1: same rotation, must still go short way
     assert mids.shape == (3, 4)
-    np.testing.assert_allclose(
-        mids[1], [math.cos(math.radians(22.5)), 0, 0, math.sin(math.radians(22.5))], atol=1e-15
-    )
+    np.testing.assert_allclose(mids[1], [math.cos(math.radians(22.5)), 0, 0, math.sin(math.radians(22.5))], atol=1e-15)
     q_near = np.array([1.0, 1e-9, 0, 0])
     np.testing.assert_allclose(g.slerp(q0, q_near, 0.5), [1.0, 5e-10, 0, 0], atol=1e-15)
     np.testing.assert_array_equal(g.slerp(q0, q0, 0.3), q0)  # identical: no 0/0 from sin(theta)
@@ -180,17 +178,11 @@ def test_zero123_code_ring_cameras_15deg_apart():
     R_s, T_s = g.ring_pose(10.0, 20.0, 1.5)
     R_t, T_t = g.ring_pose(25.0, 20.0, 1.5)
     code = g.zero123_pose_code(R_s, T_s, R_t, T_t)
-    np.testing.assert_allclose(
-        code, [0.0, math.sin(math.radians(15)), math.cos(math.radians(15)), 0.0], atol=1e-12
-    )
+    np.testing.assert_allclose(code, [0.0, math.sin(math.radians(15)), math.cos(math.radians(15)), 0.0], atol=1e-12)
     back = g.zero123_pose_code(R_t, T_t, R_s, T_s)  # -15 deg mod 2 pi: sin flips, cos stays
-    np.testing.assert_allclose(
-        back[1:3], [-math.sin(math.radians(15)), math.cos(math.radians(15))], atol=1e-12
-    )
+    np.testing.assert_allclose(back[1:3], [-math.sin(math.radians(15)), math.cos(math.radians(15))], atol=1e-12)
     R_up, T_up = g.ring_pose(10.0, 35.0, 2.0)  # camera raised 15 deg and pushed out 0.5
-    np.testing.assert_allclose(
-        g.zero123_pose_code(R_s, T_s, R_up, T_up), [-math.radians(15), 0, 1, 0.5], atol=1e-12
-    )
+    np.testing.assert_allclose(g.zero123_pose_code(R_s, T_s, R_up, T_up), [-math.radians(15), 0, 1, 0.5], atol=1e-12)
 
 
 @SETTINGS
