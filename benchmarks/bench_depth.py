@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import Result, Side, compare
+from benchmarks.harness import Result, Side, compare, synth_image_folders
 
 N_IMAGES = 64
 RESOLUTION = 128
@@ -42,21 +42,6 @@ def build_small_dpt(folder: Path) -> Path:
     return folder
 
 
-def make_images(root: Path) -> list[Path]:
-    """64 synthetic head images (5 captures of the 13-camera ring, trimmed to 64) as capture folders."""
-    from stages import synth
-    from stages.core import io
-
-    cfg = synth.Config(resolution=RESOLUTION, elevated=False, surface_points=200)
-    paths = []
-    for subject in range(1, 6):
-        render = synth.render_capture(subject, 1, 1, 0, cfg)
-        for name, image in zip(render.names, render.images_nhw3, strict=False):
-            if len(paths) < N_IMAGES:
-                paths.append(io.write_image(root / f"subject{subject}" / name, image))
-    return paths
-
-
 def run() -> list[Result]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import pipeline
@@ -67,7 +52,7 @@ def run() -> list[Result]:
     tmp = Path(tempfile.mkdtemp(prefix="nvf-bench-depth-"))
     try:
         model_dir = build_small_dpt(tmp / "model")
-        paths = make_images(tmp / "data")
+        paths = synth_image_folders(tmp / "data", N_IMAGES, RESOLUTION)
         device = batching.choose_device("auto")
         cfg = depth.Config(model=str(model_dir), layout="folder", cache=False)
         runs = iter(range(10**6))

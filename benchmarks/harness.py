@@ -90,3 +90,21 @@ def format_results(results: list[Result]) -> str:
 def write_json(path: Path, results: list[Result]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
+
+
+def synth_image_folders(root: Path, n_images: int, resolution: int) -> list[Path]:
+    """``n_images`` synthetic head images (captures of the 13-camera ring, one folder per subject,
+    trimmed to ``n_images``): the same inputs for both sides of an image-model benchmark."""
+    from stages import synth
+    from stages.core import io
+
+    cfg = synth.Config(resolution=resolution, elevated=False, surface_points=200)
+    paths: list[Path] = []
+    subject = 0
+    while len(paths) < n_images:
+        subject += 1
+        render = synth.render_capture(subject, 1, 1, 0, cfg)
+        for name, image in zip(render.names, render.images_nhw3):
+            if len(paths) < n_images:
+                paths.append(io.write_image(root / f"subject{subject}" / name, image))
+    return paths
