@@ -652,7 +652,8 @@ def load_views(work: Path, capture: str, images: Sequence[Path] | None = None) -
 def image_paths(
     work: Path, capture: str, names: Sequence[str], index: dataset.DatasetIndex | None
 ) -> list[Path] | None:
-    """Where the images of `names` are: from the dataset index, else the capture's transforms.json, else None."""
+    """Where the images of `names` are: from the dataset index, else the poses record's image list,
+    else the capture's transforms.json, else None."""
     if index is not None:
         found = next((c for c in index.captures if c.id == capture), None)
         if found is None:
@@ -660,6 +661,8 @@ def image_paths(
                 f"capture {capture} is not in the dataset {index.root}; pass the --data the work tree was made from"
             )
         by_name = {Path(entry.path).name: Path(index.root) / entry.path for entry in found.images}
+    elif (recorded := worktree.recorded_image_paths(worktree.record_path(work, capture, "poses"))) is not None:
+        by_name = recorded
     else:
         transforms = worktree.capture_dir(work, capture) / "transforms.json"
         if not transforms.is_file():

@@ -890,6 +890,12 @@ def _scaled_intrinsics(K: np.ndarray, width: int, height: int, new_width: int, n
 # ----------------------------------------------------------------------------------------------
 
 
+def _absolute_image_paths(root: Path, capture: dataset.Capture, names: Sequence[str]) -> list[str]:
+    """The image file of each row, absolute, so later stages find the images without --data."""
+    by_name = {Path(entry.path).name: str((root / entry.path).resolve()) for entry in capture.images}
+    return [by_name[name] for name in names]
+
+
 def write_capture(out: Path, root: Path, capture: dataset.Capture, poses: CapturePoses, cfg: Config,
                   inputs_hash: str) -> list[Path]:  # fmt: skip
     """Write sparse, the exports, then poses (the completion mark); returns the paths written."""
@@ -913,7 +919,7 @@ def write_capture(out: Path, root: Path, capture: dataset.Capture, poses: Captur
     written.append(io.save_record(worktree.record_path(out, capture.id, "poses"), tensors, kind="poses", extra={
         "camera_ids": json.dumps(poses.camera_ids), "sources": json.dumps(SOURCES),
         "colmap_cameras": json.dumps(poses.colmap_cameras), "unregistered": json.dumps(unregistered),
-        "sfm_models": str(poses.models),
+        "sfm_models": str(poses.models), "image_paths": json.dumps(_absolute_image_paths(root, capture, poses.names)),
     }, **meta))  # fmt: skip
     return written
 

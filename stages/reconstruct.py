@@ -203,7 +203,8 @@ def _capture_views(folder: Path, data: Path | None, method: str) -> ViewSet:
 
 
 def _capture_image_paths(folder: Path, capture: str, names: list[str], data: Path | None) -> list[Path]:
-    """Image files of the poses' rows: from the dataset ``data``, else the capture's transforms.json."""
+    """Image files of the poses' rows: from the dataset ``data``, else the poses record's image list,
+    else the capture's transforms.json."""
     found: dict[str, Path] = {}
     where = ""
     if data is not None:
@@ -216,6 +217,8 @@ def _capture_image_paths(folder: Path, capture: str, names: list[str], data: Pat
                              "folder that `nvf poses` read")  # fmt: skip
         found = {Path(e.path).name: Path(data) / e.path for e in match[0].images}
         where = str(data)
+    elif (recorded := worktree.recorded_image_paths(folder / worktree.RECORD_FILES["poses"])) is not None:
+        found, where = recorded, "the poses record's image list"
     elif (folder / "transforms.json").is_file():
         doc = io.read_json(folder / "transforms.json")
         found = {Path(f["file_path"]).name: (folder / f["file_path"]) for f in doc.get("frames", [])}

@@ -76,6 +76,9 @@ def test_ring_registers_every_view_accurately(ring):
     assert json.loads(record.extra["camera_ids"]) == list(dataset.RING_CAMERAS)
     assert json.loads(record.extra["sources"]) == poses.SOURCES
     assert record.extra["unregistered"] == "[]"
+    # later stages find the images from the record, without --data
+    recorded = worktree.recorded_image_paths(worktree.record_path(work, capture, "poses"))
+    assert list(recorded) == record.names and all(p.is_absolute() and p.is_file() for p in recorded.values())
 
 
 def test_ring_sparse_points_reproject_onto_their_tracks(ring):

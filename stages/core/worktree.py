@@ -148,3 +148,20 @@ def clean_stale_temp(root: str | os.PathLike, before: float, max_depth: int = 3)
                 continue
             removed.append(path)
     return removed
+
+
+def recorded_image_paths(poses_path: str | os.PathLike) -> dict[str, Path] | None:
+    """Image name -> file, as a poses record lists them (``image_paths`` metadata, absolute); None
+    when the record or the list is absent or a listed file no longer exists."""
+    import json
+
+    path = Path(poses_path)
+    try:
+        meta = read_record_metadata(path) if path.is_file() else {}
+        paths = [Path(p) for p in json.loads(meta.get("image_paths", "null")) or []]
+        names = json.loads(meta.get("names", "[]"))
+    except Exception:  # an unreadable record: the caller falls back to --data or transforms.json
+        return None
+    if not paths or len(paths) != len(names) or not all(p.is_file() for p in paths):
+        return None
+    return dict(zip(names, paths))

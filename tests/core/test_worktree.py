@@ -62,3 +62,16 @@ def test_up_to_date_follows_the_input_hash(tmp_path):
     assert worktree.is_up_to_date(path, "h1") and not worktree.is_up_to_date(path, "h2")
     path.write_bytes(b"garbage")
     assert not worktree.is_up_to_date(path, "h1")
+
+
+def test_recorded_image_paths(tmp_path):
+    image = tmp_path / "data" / "a.png"
+    image.parent.mkdir()
+    image.write_bytes(b"png")
+    path = worktree.record_path(tmp_path / "w", "c", "depth")
+    assert worktree.recorded_image_paths(path) is None  # no record
+    io.save_record(path, {"depth": np.zeros((1, 2, 2), np.float32)}, kind="depth", stage="t", capture="c",
+                   names=["a.png"], extra={"image_paths": f'["{image}"]'})  # fmt: skip
+    assert worktree.recorded_image_paths(path) == {"a.png": image}
+    image.unlink()
+    assert worktree.recorded_image_paths(path) is None  # a listed file is gone: fall back to --data
