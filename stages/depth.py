@@ -24,7 +24,6 @@ CC-BY-NC-4.0 (non-commercial use only). A local folder with a saved model works 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ import torch
 
 from stages.core import batching, dataset, io, models, worktree
 from stages.core.batching import ProgressFn, effective_precision
-from stages.core.cache import ArrayCache, Prefetcher
+from stages.core.cache import ArrayCache, CaptureAssembler, Prefetcher
 from stages.core.errors import InputError
 from stages.core.models import model_fingerprint
 
@@ -250,6 +249,10 @@ class _CapturePlan:
     out_path: Path
     missing: set[str]
 
+    @property
+    def keys(self) -> list[str]:
+        return [view.key for view in self.views]
+
 
 def stored_hw(image_hw: tuple[int, int], max_res: int | None) -> tuple[int, int]:
     """(h, w) a map is stored at: the image size, shrunk so its longer side is at most `max_res`."""
@@ -331,59 +334,29 @@ def run(
 
 
 class _RecordWriter:
-    """Collects computed maps and writes each capture's record (in a writer thread) once complete.
-
-    A computed map is kept until every capture that needs it is written, then dropped; disk cache
-    writes go through the same thread so the consumer never waits on the disk.
-    """
+    """Writes each capture's record (in a writer thread) once all its maps are known
+    (`CaptureAssembler`); disk-cache writes go through the same thread, so the model never waits
+    on the disk."""
 
     def __init__(
         self, plans: list[_CapturePlan], cache: ArrayCache, settings: dict[str, Any], cfg: Config,
         progress: ProgressFn | None,
     ) -> None:  # fmt: skip
-        self.plans, self.cache, self.settings, self.cfg, self.progress = plans, cache, settings, cfg, progress
+        self.cache, self.settings, self.cfg = cache, settings, cfg
         self.meta: dict[str, str] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="nvf-write")
         self._written: list[Future[Path]] = []
-        self._fresh: dict[str, np.ndarray] = {}
-        self._waiting: dict[str, list[_CapturePlan]] = defaultdict(list)
-        self._refs: dict[str, int] = defaultdict(int)
-        for plan in plans:
-            for key in plan.missing:
-                self._waiting[key].append(plan)
-                self._refs[key] += 1
-        self._total = sum(len(plan.views) for plan in plans)
-        self._done = 0
-        if progress is not None:
-            progress(0, self._total)
+        self._assembler = CaptureAssembler(plans, self._submit, cache.get, progress)
+        self.flush_ready = self._assembler.flush_ready
 
-    def flush_ready(self) -> None:
-        """Write the captures whose maps were all cached already."""
-        for plan in self.plans:
-            if not plan.missing:
-                self._finish(plan)
+    def _submit(self, plan: _CapturePlan, maps: list[np.ndarray]) -> None:
+        self._written.append(self._pool.submit(_write_record, plan, maps, self.settings, self.cfg, dict(self.meta)))
 
     def add(self, key: str, depth_hw: np.ndarray) -> None:
-        self._fresh[key] = depth_hw
         self.cache.put(key, depth_hw, to_disk=False)
         if self.cfg.cache:
             self._pool.submit(self.cache.write_disk, key, depth_hw)
-        for plan in self._waiting.pop(key, []):
-            plan.missing.discard(key)
-            if not plan.missing:
-                self._finish(plan)
-
-    def _finish(self, plan: _CapturePlan) -> None:
-        maps = [self._fresh[v.key] if v.key in self._fresh else self.cache.get(v.key) for v in plan.views]
-        self._written.append(self._pool.submit(_write_record, plan, maps, self.settings, self.cfg, dict(self.meta)))
-        for key in {v.key for v in plan.views} & set(self._refs):
-            self._refs[key] -= 1
-            if self._refs[key] == 0:
-                del self._refs[key]
-                self._fresh.pop(key, None)
-        self._done += len(plan.views)
-        if self.progress is not None:
-            self.progress(self._done, self._total)
+        self._assembler.add(key, depth_hw)
 
     def results(self) -> list[Path]:
         return [future.result() for future in self._written]

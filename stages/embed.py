@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ import torch
 
 from stages.core import batching, dataset, io, models, worktree
 from stages.core.batching import ProgressFn, effective_precision
-from stages.core.cache import ArrayCache, Prefetcher
+from stages.core.cache import ArrayCache, CaptureAssembler, Prefetcher
 from stages.core.errors import InputError
 from stages.core.models import model_fingerprint
 
@@ -231,16 +230,22 @@ def run(
     for plan in plans:
         plan.missing -= vectors.keys()
     todo = list(dict.fromkeys(key for plan in plans for key in plan.keys if key in plan.missing))
-    writer = _RecordWriter(plans, vectors, settings, cfg, data, progress)
-    writer.flush_ready()
+    written: list[Path] = []
+
+    def finish(plan: _CapturePlan, rows: list[np.ndarray]) -> None:
+        embedding_nd = np.stack(rows).astype(np.float32)  # [N, D]
+        written.append(_write_record(plan, embedding_nd, settings, cfg, data))
+
+    assembler = CaptureAssembler(plans, finish, vectors.__getitem__, progress)
+    assembler.flush_ready()
     if todo:
         embedder = loaded_embedder(ref, settings["model_fingerprint"], torch_device, precision)
         for key, vector in _embed_all(embedder, [paths_by_key[k] for k in todo], todo, cfg, torch_device):
             cache.put(key, vector)
-            writer.add(key, vector)
+            assembler.add(key, vector)
     log.info("embed: wrote %d capture(s); %d image(s) embedded, %d from the cache",
-             len(writer.written), len(todo), cache.hits["disk"])  # fmt: skip
-    return writer.written
+             len(written), len(todo), cache.hits["disk"])  # fmt: skip
+    return written
 
 
 def _plan(
@@ -303,52 +308,6 @@ def _embed_all(embedder: ClipEmbedder, paths: list[Path], keys: list[str], cfg: 
                 yield keys[position], vector
     finally:
         decoder.close()
-
-
-class _RecordWriter:
-    """Writes each capture's record as soon as all its embeddings are known; a fresh embedding is
-    dropped from memory once every capture that needs it is written."""
-
-    def __init__(self, plans: list[_CapturePlan], vectors: dict[str, np.ndarray], settings: dict[str, Any],
-                 cfg: Config, data: Path, progress: ProgressFn | None) -> None:  # fmt: skip
-        self.plans, self.vectors, self.settings, self.cfg, self.data = plans, vectors, settings, cfg, data
-        self.progress = progress
-        self.written: list[Path] = []
-        self._waiting: dict[str, list[_CapturePlan]] = defaultdict(list)
-        self._refs: dict[str, int] = defaultdict(int)
-        for plan in plans:
-            for key in set(plan.keys):
-                self._refs[key] += 1
-                if key in plan.missing:
-                    self._waiting[key].append(plan)
-        self._total = sum(len(plan.keys) for plan in plans)
-        self._done = 0
-        if progress is not None:
-            progress(0, self._total)
-
-    def flush_ready(self) -> None:
-        for plan in self.plans:
-            if not plan.missing:
-                self._finish(plan)
-
-    def add(self, key: str, vector_d: np.ndarray) -> None:
-        self.vectors[key] = vector_d
-        for plan in self._waiting.pop(key, []):
-            plan.missing.discard(key)
-            if not plan.missing:
-                self._finish(plan)
-
-    def _finish(self, plan: _CapturePlan) -> None:
-        embedding_nd = np.stack([self.vectors[key] for key in plan.keys]).astype(np.float32)  # [N, D]
-        self.written.append(_write_record(plan, embedding_nd, self.settings, self.cfg, self.data))
-        for key in set(plan.keys):
-            self._refs[key] -= 1
-            if self._refs[key] == 0:
-                del self._refs[key]
-                self.vectors.pop(key, None)
-        self._done += len(plan.keys)
-        if self.progress is not None:
-            self.progress(self._done, self._total)
 
 
 def _write_record(plan: _CapturePlan, embedding_nd: np.ndarray, settings: dict[str, Any], cfg: Config,

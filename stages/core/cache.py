@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -137,3 +137,60 @@ class Prefetcher(Generic[Item, Loaded]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class CaptureAssembler:
+    """Hands each capture its per-view arrays as soon as all of them are known, in row order.
+
+    A plan is any object with ``keys`` (the cache key of each row, in row order) and ``missing``
+    (the keys still to be computed). Computed arrays arrive through `add`; a key not computed in
+    this run is read with ``stored(key)`` (a cache). A computed array is held only until every
+    capture that needs it is finished, so memory stays bounded by the captures in flight.
+    ``finish(plan, arrays)`` writes the capture; ``progress(done_rows, total_rows)`` follows.
+    """
+
+    def __init__(
+        self,
+        plans: Sequence[Any],
+        finish: Callable[[Any, list[np.ndarray]], None],
+        stored: Callable[[str], np.ndarray | None],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.plans, self.finish, self.stored, self.progress = list(plans), finish, stored, progress
+        self._fresh: dict[str, np.ndarray] = {}
+        self._waiting: dict[str, list[Any]] = {}
+        self._refs: dict[str, int] = {}
+        for plan in self.plans:
+            for key in plan.missing:
+                self._waiting.setdefault(key, []).append(plan)
+                self._refs[key] = self._refs.get(key, 0) + 1
+        self._total = sum(len(plan.keys) for plan in self.plans)
+        self._done = 0
+        if progress is not None:
+            progress(0, self._total)
+
+    def flush_ready(self) -> None:
+        """Finish the captures that need nothing computed."""
+        for plan in self.plans:
+            if not plan.missing:
+                self._finish(plan)
+
+    def add(self, key: str, array: np.ndarray) -> None:
+        """A computed array; finishes every capture it completes."""
+        self._fresh[key] = array
+        for plan in self._waiting.pop(key, []):
+            plan.missing.discard(key)
+            if not plan.missing:
+                self._finish(plan)
+
+    def _finish(self, plan: Any) -> None:
+        arrays = [self._fresh[key] if key in self._fresh else self.stored(key) for key in plan.keys]
+        self.finish(plan, arrays)
+        for key in set(plan.keys) & self._refs.keys():
+            self._refs[key] -= 1
+            if self._refs[key] == 0:
+                del self._refs[key]
+                self._fresh.pop(key, None)
+        self._done += len(plan.keys)
+        if self.progress is not None:
+            self.progress(self._done, self._total)

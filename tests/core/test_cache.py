@@ -44,3 +44,26 @@ def test_prefetcher_returns_in_order_and_reloads_released_positions():
         assert prefetcher.get([2, 3]) == [20, 30]
         assert prefetcher.get([0]) == [0]  # released after the first get: loaded again (an OOM retry)
     assert sorted(calls) == [0, 0, 1, 2, 3]
+
+
+def test_capture_assembler_finishes_each_capture_once_in_row_order_and_frees_memory():
+    from types import SimpleNamespace
+
+    from stages.core.cache import CaptureAssembler
+
+    plans = [
+        SimpleNamespace(name="a", keys=["k1", "k2", "k1"], missing={"k1", "k2"}),  # a repeated image
+        SimpleNamespace(name="b", keys=["k2", "k3"], missing={"k2"}),  # k3 comes from the cache
+        SimpleNamespace(name="c", keys=["k3"], missing=set()),
+    ]
+    finished, ticks = [], []
+    assembler = CaptureAssembler(plans, lambda plan, rows: finished.append((plan.name, [int(r[0]) for r in rows])),
+                                 stored={"k3": np.array([3])}.__getitem__, progress=lambda d, t: ticks.append((d, t)))  # fmt: skip
+    assembler.flush_ready()
+    assert finished == [("c", [3])]
+    assembler.add("k2", np.array([2]))
+    assert finished[-1] == ("b", [2, 3])
+    assembler.add("k1", np.array([1]))
+    assert finished[-1] == ("a", [1, 2, 1])
+    assert ticks == [(0, 6), (1, 6), (3, 6), (6, 6)]
+    assert assembler._fresh == {}  # every computed array released once its captures are written
