@@ -5,7 +5,8 @@ side (`cloud.fuse_views`) gives points, colours and per-point view ids; Open3D's
 (one legacy PointCloud per view, merged with `+=`, pixel centres shifted to nvf's +0.5 convention),
 so the comparison favours the baseline. Goal of issue 5: >= 5x faster (ratio <= 0.2). Extra
 figures: peak traced memory of one fusion (tracemalloc, numpy buffers), process RSS high-water mark,
-the largest point difference between the two sides, and the whole default pipeline's time.
+the largest point difference between the two sides, and the whole default pipeline's time. Where
+CUDA is visible, a second result runs nvf's back-projection on the GPU (host arrays in and out).
 """
 
 from __future__ import annotations
@@ -65,4 +66,26 @@ def run() -> list[Result]:
             "default_pipeline_kept": len(fused.kept),
         },
     )
-    return [result]
+    results = [result]
+    import torch
+
+    if torch.cuda.is_available():  # the same fusion with back-projection on the GPU (`--device cuda`)
+        device = torch.device("cuda")
+
+        def nvf_fuse_cuda() -> cloud.Points:
+            fused = cloud.fuse_views(views, device=device)
+            torch.cuda.synchronize()
+            return fused
+
+        torch.cuda.reset_peak_memory_stats()
+        on_gpu = nvf_fuse_cuda()
+        results.append(compare(
+            f"cloud fusion on {torch.cuda.get_device_name()}, 13 views {SIZE}²",
+            Side("nvf fuse_views --device cuda (host arrays in and out)", nvf_fuse_cuda),
+            Side("open3d create_from_depth_image per view + merge", open3d_fuse),
+            repeats=5,
+            goal="ratio <= 0.2 (>= 5x faster)",
+            extra={"max_point_diff_vs_cpu": float(np.abs(on_gpu.points_n3 - ours.points_n3).max()),
+                   "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20},
+        ))  # fmt: skip
+    return results

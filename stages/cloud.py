@@ -148,23 +148,40 @@ class Points:
                       self.view_n[index])  # fmt: skip
 
 
-def fuse_views(views: Views, mask_vhw: np.ndarray | None = None) -> Points:
+def fuse_views(views: Views, mask_vhw: np.ndarray | None = None, device: Any = None) -> Points:
     """Back-project every valid pixel (depth > 0, finite, mask) of every view into one cloud.
 
     X = R^T (d K^-1 (u, v, 1) - T) with (u, v) the pixel centre (+0.5), by
     `geometry.backproject_views`; rows are ordered view, row, column; colours sample the image at
-    the pixel centre (nearest).
+    the pixel centre (nearest). `device`: a CUDA `torch.device` back-projects there in float64
+    (same points to ~1e-15) and brings the cloud back; None (or the CPU) uses numpy threads.
     """
     height, width = views.depth_vhw.shape[1:]
-    found = geometry.backproject_views(views.depth_vhw, views.K_v33, views.R_v33, views.T_v3, mask_vhw)
+    if device is None or device.type == "cpu":
+        found = geometry.backproject_views(views.depth_vhw, views.K_v33, views.R_v33, views.T_v3, mask_vhw)
+    else:
+        found = _backproject_on(device, views, mask_vhw)
     colors = None
     if views.images is not None:
-        flat = found.row_n * width + found.col_n
-        colors = np.empty((len(flat), 3), dtype=np.uint8)
+        colors = np.empty((len(found.pixel_n), 3), dtype=np.uint8)
         bounds = np.searchsorted(found.view_n, np.arange(len(views.depth_vhw) + 1))
         for view, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-            colors[start:stop] = _sample_colors(views.images[view], flat[start:stop], height, width)
+            colors[start:stop] = _sample_colors(views.images[view], found.pixel_n[start:stop], height, width)
     return Points(found.points_n3, colors, found.view_n.astype(np.int32))
+
+
+def _backproject_on(device: Any, views: Views, mask_vhw: np.ndarray | None) -> geometry.ViewPoints:
+    """`geometry.backproject_views` on a torch device in float64, answered as numpy arrays."""
+    import torch
+
+    def put(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
+
+    depth = put(views.depth_vhw).double()
+    mask = None if mask_vhw is None else put(mask_vhw)
+    found = geometry.backproject_views(depth, put(views.K_v33), put(views.R_v33), put(views.T_v3), mask)
+    return geometry.ViewPoints(found.points_n3.cpu().numpy(), found.view_n.cpu().numpy(),
+                               found.pixel_n.cpu().numpy(), found.width)  # fmt: skip
 
 
 def _sample_colors(image_hw3: np.ndarray, flat: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -383,8 +400,11 @@ def foreground_mask(views: Views, cfg: Config, masks_vhw: np.ndarray | None = No
 
 
 def build_cloud(views: Views, cfg: Config = Config(), masks_vhw: np.ndarray | None = None,
-                label: str = "capture") -> Fused:  # fmt: skip
-    """Steps 1-7 of the module docstring, in that order; StageFailure when a step leaves no point."""
+                label: str = "capture", device: Any = None) -> Fused:  # fmt: skip
+    """Steps 1-7 of the module docstring, in that order; StageFailure when a step leaves no point.
+
+    `device`: where step 1 (back-projection) runs, as in `fuse_views`; the filters run on the CPU.
+    """
     valid_pixels = int(np.count_nonzero(np.isfinite(views.depth_vhw) & (views.depth_vhw > 0)))
     if valid_pixels == 0:
         raise StageFailure(f"{label}: no valid depth pixel in any view; rerun nvf align (or check its warnings)")
@@ -396,7 +416,7 @@ def build_cloud(views: Views, cfg: Config = Config(), masks_vhw: np.ndarray | No
             raise StageFailure(f"{label}: the {name} filter left no point ({before} before); "
                                f"loosen it ({_HOW_TO_LOOSEN[name]})")  # fmt: skip
 
-    raw = fuse_views(views, foreground_mask(views, cfg, masks_vhw))
+    raw = fuse_views(views, foreground_mask(views, cfg, masks_vhw), device)
     record("foreground", cfg.depth_range is not None or masks_vhw is not None, valid_pixels, len(raw),
            depth_range=cfg.depth_range, mask_dir=cfg.mask_dir)  # fmt: skip
     kept = raw
@@ -755,28 +775,37 @@ def run(
     capture_ids: Sequence[str] | None = None,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    device: str = "cpu",
 ) -> list[Path]:
     """Fuse every selected capture of `work`; write ``<capture>/cloud.ply`` and ``cloud_metrics.json``.
+
+    `device` (auto, cpu, cuda, cuda:N) is where back-projection runs; the outputs do not depend on it.
 
     `data` is the dataset the work tree was made from (for colours); without it the images are
     found through ``<capture>/transforms.json`` when present, else the cloud has no colours.
     Returns the paths written; captures whose outputs are up to date are skipped unless `overwrite`.
     """
     _check_config(cfg)
+    torch_device = None
+    if device.strip().lower() != "cpu":
+        from stages.core.batching import choose_device
+
+        torch_device = choose_device(device)
     captures = worktree.select_captures(work_captures(work), shard=shard, capture_ids=capture_ids)
     index = dataset.scan(data) if data is not None else None
     written: list[Path] = []
     if progress is not None:
         progress(0, len(captures))
     for done, capture in enumerate(captures, start=1):
-        written.extend(fuse_capture(Path(work), capture.id, cfg, index=index, overwrite=overwrite))
+        written.extend(fuse_capture(Path(work), capture.id, cfg, index=index, overwrite=overwrite,
+                                    device=torch_device))  # fmt: skip
         if progress is not None:
             progress(done, len(captures))
     return written
 
 
 def fuse_capture(work: Path, capture: str, cfg: Config, *, index: dataset.DatasetIndex | None = None,
-                 overwrite: bool = False) -> list[Path]:  # fmt: skip
+                 overwrite: bool = False, device: Any = None) -> list[Path]:  # fmt: skip
     """Fuse one capture; returns [cloud.ply, cloud_metrics.json], or [] when they are up to date."""
     aligned_path = worktree.record_path(work, capture, "aligned")
     names = io.load_record(aligned_path, kind="aligned", capture=capture).names if aligned_path.is_file() else []
@@ -795,7 +824,7 @@ def fuse_capture(work: Path, capture: str, cfg: Config, *, index: dataset.Datase
     if images is None:
         log.warning("cloud: %s: images not found (pass --data DATA); the cloud has no colours", capture)
     masks = load_masks(Path(cfg.mask_dir), views.names, views.depth_vhw.shape[1:]) if cfg.mask_dir else None
-    fused = build_cloud(views, cfg, masks, label=f"capture {capture}")
+    fused = build_cloud(views, cfg, masks, label=f"capture {capture}", device=device)
     report: dict[str, Any] = {"capture": capture, "stage": STAGE, "inputs": inputs_hash, "config": asdict(cfg)}
     report.update(cloud_metrics(fused, views, cfg))
     report["filters"] = [asdict(step) for step in fused.steps]

@@ -162,7 +162,7 @@ def _run_align(module: ModuleType, cfg: Any, ctx: Context) -> list[Path]:
 
 def _run_cloud(module: ModuleType, cfg: Any, ctx: Context) -> list[Path]:
     return module.run(ctx.out, cfg, data=ctx.data, capture_ids=ctx.capture_ids, overwrite=ctx.overwrite,
-                      progress=ctx.progress)  # fmt: skip
+                      progress=ctx.progress, device=ctx.device)  # fmt: skip
 
 
 def _run_triplets(module: ModuleType, cfg: Any, ctx: Context) -> list[Path]:

@@ -136,6 +136,18 @@ def test_fuse_views_matches_geometry_backprojection_with_colours(views):
     np.testing.assert_array_equal(fused.colors_n3, images[expected.view_n, expected.row_n, expected.col_n])
 
 
+def test_fuse_on_a_torch_device_gives_the_numpy_cloud(views):
+    torch = pytest.importorskip("torch")
+    mask = np.zeros(views.depth_vhw.shape, dtype=bool)
+    mask[:, ::2] = True
+    on_device = cloud._backproject_on(torch.device("cpu"), views, mask)  # the CUDA code path, run on the CPU
+    numpy = geometry.backproject_views(views.depth_vhw, views.K_v33, views.R_v33, views.T_v3, mask)
+    assert on_device.points_n3.dtype == np.float64 and len(on_device.points_n3) == len(numpy.points_n3) > 0
+    np.testing.assert_allclose(on_device.points_n3, numpy.points_n3, atol=1e-12)
+    np.testing.assert_array_equal(on_device.pixel_n, numpy.pixel_n)
+    np.testing.assert_array_equal(on_device.view_n, numpy.view_n)
+
+
 def test_cross_view_agreement_flags_a_misscaled_view(views):
     bad = cloud.Views(views.names, views.depth_vhw.copy(), views.K_v33, views.R_v33, views.T_v3)
     bad.depth_vhw[6] *= 1.1  # the frontal view 10% too far

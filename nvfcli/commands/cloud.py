@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from nvfcli.console import progress_bar
-from nvfcli.options import Captures, Json, Overwrite, Shard
+from nvfcli.options import Captures, Device, Json, Overwrite, Shard
 from stages import cloud as stage
 from stages.core import worktree
 
@@ -58,6 +58,7 @@ def cloud(
     fscore_threshold: Annotated[
         Optional[float], typer.Option(help="F-score threshold, scene units [default: 1% of the reference's size].")
     ] = None,
+    device: Device = "auto",
     shard: Shard = None,
     captures: Captures = None,
     overwrite: Overwrite = False,
@@ -83,5 +84,5 @@ def cloud(
     ids = worktree.read_capture_ids(captures) if captures else None
     with progress_bar("cloud") as progress:
         written = stage.run(work, cfg, data=data, shard=worktree.Shard.parse(shard), capture_ids=ids,
-                            overwrite=overwrite, progress=progress)  # fmt: skip
+                            overwrite=overwrite, progress=progress, device=device)  # fmt: skip
     typer.echo(json.dumps([str(p) for p in written], indent=2) if json_out else "\n".join(map(str, written)))

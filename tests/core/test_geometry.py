@@ -272,6 +272,28 @@ def test_backproject_numpy_and_torch_agree_and_batched_indices():
     np.testing.assert_allclose(uv.numpy(), g.pixel_grid(5, 6).reshape(-1, 2), atol=1e-9)
 
 
+def test_backproject_numpy_chunks_threads_and_float32_depth_match_the_plain_formula(monkeypatch):
+    rng = np.random.default_rng(11)
+    depth = rng.uniform(1.0, 3.0, size=(4, 9, 7)).astype(np.float32)
+    depth[rng.uniform(size=depth.shape) < 0.3] = 0.0
+    mask = rng.uniform(size=depth.shape) < 0.9
+    K = np.broadcast_to(np.array([[12.0, 0.2, 3.5], [0, 11, 4.5], [0, 0, 1]]), (4, 3, 3))
+    R, T = random_rotation(rng, 4), rng.normal(size=(4, 3))
+    monkeypatch.setattr(g, "_BACKPROJECT_CHUNK", 5)  # many chunks per view, a ragged last one
+    monkeypatch.setattr(g, "_cpu_count", lambda: 3)  # views on a thread pool
+    out = g.backproject_views(depth, K, R, T, mask)
+    assert out.points_n3.dtype == np.float64
+    view, row, col = np.nonzero((depth > 0) & mask)  # view, row, column order
+    pix = np.stack([col + 0.5, row + 0.5, np.ones_like(col, dtype=float)], -1)
+    cam = depth[view, row, col][:, None].astype(np.float64) * np.einsum("nij,nj->ni", np.linalg.inv(K)[view], pix)
+    world = np.einsum("nji,nj->ni", R[view], cam - T[view])  # R^T (x_cam - T)
+    np.testing.assert_allclose(out.points_n3, world, atol=1e-12)
+    np.testing.assert_array_equal(out.view_n, view)
+    np.testing.assert_array_equal(out.row_n, row)
+    np.testing.assert_array_equal(out.col_n, col)
+    np.testing.assert_array_equal(out.pixel_n, row * 7 + col)
+
+
 def test_backproject_shape_errors():
     with pytest.raises(InputError, match=r"\[H, W\]"):
         g.backproject(np.ones(5), np.eye(3), np.eye(3), np.zeros(3))
