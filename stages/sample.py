@@ -21,7 +21,7 @@ translations in the *normalised* frame of training: there every capture's T was 
 mean camera distance from the centroid of the centres is 1. What the model saw is thus a camera
 distance ρ to the subject in those units; the sampler scales T by ρ / radius. ρ comes from
 `pose_radius` if given, else from the run's triplet index (median over its pairs of the distance
-implied by each code, `estimate_pose_radius`), else the Multi-PIE layout's value (15 cameras on a
+implied by each code, `geometry.pose_code_radius`; train writes it to model.json), else the Multi-PIE layout's value (15 cameras on a
 sphere: ρ = 1.298).
 
 Sampling (the loop in `denoise` is the whole algorithm): scheduler `ddim` (default, Table III: 30
@@ -230,24 +230,6 @@ def pose_codes(conditioning: str, R_f33: np.ndarray, T_f3: np.ndarray, scale: fl
     raise ModelError(f"the run's conditioning '{conditioning}' is unknown to this nvf: update nvf")
 
 
-def estimate_pose_radius(code_p12: np.ndarray, min_angle_deg: float = 5.0) -> float | None:
-    """Camera-to-subject distance ρ implied by pairs' 12-D codes (median over pairs), None if none fits.
-
-    Two cameras looking at one point X at distance ρ on both optical axes: X is (0, 0, ρ) in both
-    frames and x_t = R_rel x_s + T_rel, so T_rel = ρ (e_z - R_rel e_z); least squares per pair, over
-    pairs whose axes differ by more than `min_angle_deg`.
-    """
-    rt = np.asarray(code_p12, np.float64).reshape(-1, 3, 4)
-    direction = np.array([0.0, 0.0, 1.0]) - rt[:, :, 2]  # e_z - R_rel e_z, [P, 3]
-    norm2 = np.einsum("pi,pi->p", direction, direction)
-    keep = norm2 > (2 * math.sin(math.radians(min_angle_deg) / 2)) ** 2
-    if not keep.any():
-        return None
-    rho = np.einsum("pi,pi->p", rt[keep, :, 3], direction[keep]) / norm2[keep]
-    rho = rho[np.isfinite(rho) & (rho > 0)]
-    return float(np.median(rho)) if len(rho) else None
-
-
 def run_pose_radius(run_info: dict[str, Any], run_dir: Path) -> tuple[float, str]:
     """(ρ, where it came from) for a run: model.json's `pose_radius`, its triplet index, or Multi-PIE's."""
     if run_info.get("pose_radius"):
@@ -257,7 +239,7 @@ def run_pose_radius(run_info: dict[str, Any], run_dir: Path) -> tuple[float, str
         if candidate.is_file():
             try:
                 record = io.load_record(candidate, kind="triplets")
-                rho = estimate_pose_radius(record["pose_code"])
+                rho = geometry.pose_code_radius(record["pose_code"])
             except Exception as err:  # an unreadable index only costs the estimate
                 log.warning("sample: cannot read the pose codes of %s (%s)", candidate, err)
                 continue

@@ -105,9 +105,20 @@ def test_pose_codes_are_the_training_codes_of_the_same_rig():
     expected4 = triplets.pair_zero123_codes(cameras.R, cameras.T, scale, frame, np.zeros(12, int), targets)
     codes16 = sample.pose_codes("zero123", cameras.R, cameras.T, rho / 4.0)
     np.testing.assert_allclose(codes16[:, :4], expected4, atol=1e-6)
-    assert sample.estimate_pose_radius(expected) == pytest.approx(rho, rel=1e-9)
+    assert geometry.pose_code_radius(expected) == pytest.approx(rho, rel=1e-9)
     assert rho == pytest.approx(sample.MULTIPIE_POSE_RADIUS, abs=2e-3)
-    assert sample.estimate_pose_radius(np.tile(np.hstack([np.eye(3), np.zeros((3, 1))]).ravel(), (3, 1))) is None
+    assert geometry.pose_code_radius(np.tile(np.hstack([np.eye(3), np.zeros((3, 1))]).ravel(), (3, 1))) is None
+
+
+def test_pose_radius_comes_from_model_json_else_the_triplet_index_else_multipie(tiny_run, tmp_path):
+    run, _ = tiny_run
+    info = json.loads((run / checkpoint.MODEL_JSON).read_text())
+    rho, source = sample.run_pose_radius(info, run)
+    assert source == "model.json" and rho == pytest.approx(1.298, abs=1e-3)  # written by train
+    rho_index, source = sample.run_pose_radius({**info, "pose_radius": None}, run)
+    assert source.startswith("estimated from") and rho_index == pytest.approx(rho, rel=1e-9)
+    assert sample.run_pose_radius({"triplets": str(tmp_path / "gone.safetensors")}, run) == (
+        sample.MULTIPIE_POSE_RADIUS, "Multi-PIE layout (the run's triplet index was not found)")  # fmt: skip
 
 
 def test_cameras_follow_the_fov_and_rig():
@@ -204,9 +215,7 @@ def test_views_transforms_and_contact_sheet(tiny_run, tmp_path):
     info = json.loads((out / "sample.json").read_text())
     assert [f["azimuth_deg"] for f in info["frames"]] == [0.0, -30.0, 30.0, 60.0]
     assert [f["seed"] for f in info["frames"]] == [None, 1, 2, 3] and info["diffusers_guidance_scale"] == 6.0
-    assert info["pose_radius_source"].startswith("estimated from") and info["pose_radius"] == pytest.approx(
-        1.298, abs=1e-3
-    )
+    assert info["pose_radius_source"] == "model.json" and info["pose_radius"] == pytest.approx(1.298, abs=1e-3)
     sheet = io.read_image(out / "contact_sheet.png")
     assert sheet.shape == (2 + 34, 2 + 4 * 34, 3)  # one row: input in its slot (azimuth 0) among the targets
     np.testing.assert_array_equal(sheet[2:34, 2 + 34 : 2 + 34 + 32], views[0])  # slot 1 of (-30, 0, 30, 60)

@@ -278,6 +278,24 @@ def _float(x: Any, xp: Any, like: Any = None) -> Any:
     return x if x.is_floating_point() else x.to(xp.get_default_dtype())
 
 
+def pose_code_radius(code_p12: np.ndarray, min_angle_deg: float = 5.0) -> float | None:
+    """Camera-to-subject distance ρ implied by pairs' 12-D codes (median over pairs), None if none fits.
+
+    Two cameras looking at one point X at distance ρ on both optical axes: X is (0, 0, ρ) in both
+    frames and x_t = R_rel x_s + T_rel, so T_rel = ρ (e_z - R_rel e_z); least squares per pair, over
+    pairs whose axes differ by more than `min_angle_deg`.
+    """
+    rt = np.asarray(code_p12, np.float64).reshape(-1, 3, 4)
+    direction = np.array([0.0, 0.0, 1.0]) - rt[:, :, 2]  # e_z - R_rel e_z, [P, 3]
+    norm2 = np.einsum("pi,pi->p", direction, direction)
+    keep = norm2 > (2 * np.sin(np.radians(min_angle_deg) / 2)) ** 2
+    if not keep.any():
+        return None
+    rho = np.einsum("pi,pi->p", rt[keep, :, 3], direction[keep]) / norm2[keep]
+    rho = rho[np.isfinite(rho) & (rho > 0)]
+    return float(np.median(rho)) if len(rho) else None
+
+
 class ViewPoints(NamedTuple):
     """Points back-projected from a batch of depth maps, one row per valid pixel."""
 

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from stages.core import io, models
+from stages.core import geometry, io, models
 from stages.core.batching import ProgressFn
 from stages.core.errors import InputError
 from stages.train import checkpoint as ckpt
@@ -199,6 +199,8 @@ def _write_run_files(
         "source_latent": "VAE mode, unscaled, concatenated to x_t (Zero123)",
         "preprocess": "centre crop to square, bicubic resize, [-1, 1]",
         "triplets": str(triplets.path),
+        # camera distance in the codes' units, so sampling needs no triplet index (None: no pair fits)
+        "pose_radius": geometry.pose_code_radius(rec["pose_code"]),
     }
     io.write_json(out / ckpt.MODEL_JSON, info)
     io.write_json(out / "config.json", dataclasses.asdict(cfg))
