@@ -255,6 +255,29 @@ def test_global_mapper_options_build():
     assert type(options["mapping"]).__name__ == "GlobalPipelineOptions"
 
 
+@pytest.mark.parametrize("dropped, solves", [(0, 1), (7, 2)])
+def test_final_adjustment_stops_on_convergence_and_skips_a_needless_second_solve(monkeypatch, dropped, solves):
+    import pycolmap
+
+    seen = []
+    monkeypatch.setattr(pycolmap, "bundle_adjustment", lambda rec, options: seen.append(options))
+
+    class Filter:
+        def __init__(self, rec):
+            pass
+
+        def filter_all_points3D(self, max_error, min_angle):
+            return dropped
+
+    monkeypatch.setattr(pycolmap, "ObservationManager", Filter)
+    poses.refine_reconstruction(object(), poses.Config())
+    assert len(seen) == solves  # the second solve only when the filter dropped observations
+    ceres = seen[0].ceres
+    assert ceres.loss_function_type == pycolmap.LossFunctionType.CAUCHY
+    # COLMAP's 0 would run every solve to its iteration cap (~4x the time, same poses)
+    assert ceres.solver_options.function_tolerance == poses.REFINE_FUNCTION_TOLERANCE > 0
+
+
 # -- bad input -------------------------------------------------------------------------------------
 
 
