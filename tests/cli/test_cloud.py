@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from nvfcli.app import app
@@ -80,3 +81,14 @@ def test_chain_synth_poses_depth_align_cloud(tmp_path):
     assert cfg.resolution == 128 and report["points"]["valid_pixels"] > 0.2 * 13 * 128 * 128
     # SfM poses aligned depth to sparse points: the views agree where they overlap
     assert report["scene"]["depth_consistency_relative"] < 0.05
+
+
+def test_a_gpu_asked_for_where_none_is_visible_is_one_line_and_writes_nothing(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    data = tmp_path / "data"
+    synth.run(data, synth.Config(subjects=1, resolution=32, elevated=False, surface_points=500))
+    work = groundtruth_work(data, tmp_path / "work")
+    _one_line_error(runner.invoke(app, ["cloud", str(work), "--device", "cuda"]), 2, "--device cpu")
+    assert not list(work.rglob("cloud*"))
