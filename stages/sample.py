@@ -20,9 +20,9 @@ flatten([R_rel | T_rel]) (conditioning `paper`) or [Zero123's 4 numbers ‖ 12-D
 translations in the *normalised* frame of training: there every capture's T was scaled so that the
 mean camera distance from the centroid of the centres is 1. What the model saw is thus a camera
 distance ρ to the subject in those units; the sampler scales T by ρ / radius. ρ comes from
-`pose_radius` if given, else from the run's triplet index (median over its pairs of the distance
-implied by each code, `geometry.pose_code_radius`; train writes it to model.json), else the Multi-PIE layout's value (15 cameras on a
-sphere: ρ = 1.298).
+`pose_radius` if given, else from the run's model.json (train writes the median over its pairs of
+the distance implied by each code, `geometry.pose_code_radius`), else the same estimate from the
+run's triplet index, else the Multi-PIE layout's value (15 cameras on a sphere: ρ = 1.298).
 
 Sampling (the loop in `denoise` is the whole algorithm): scheduler `ddim` (default, Table III: 30
 steps), `ddpm`, `dpm++` (DPMSolverMultistepScheduler) or `euler` (EulerDiscreteScheduler), all from
