@@ -14,7 +14,8 @@ work trees costs nothing; an image that occurs twice in one run is embedded once
 
 Output per capture: ``WORK/<capture>/embed.safetensors`` (kind ``embed``) with ``embedding``
 [N, D] float32, L2-normalised (unit rows; D = 512 for ViT-B/32), rows in the capture's view order
-(``names``). Metadata: ``model`` (open_clip name or folder), ``pretrained`` (weight tag or ""),
+(``names``), and ``norm`` [N] float32, each row's L2 norm before normalising (embedding * norm is
+the raw `encode_image` output, which `--conditioning zero123` feeds Zero123's camera projection). Metadata: ``model`` (open_clip name or folder), ``pretrained`` (weight tag or ""),
 ``model_fingerprint``, ``embed_dim``, ``normalization`` (``l2``), ``data_root`` (absolute path of the
 dataset) and ``image_paths`` (JSON, relative to it), which `nvf triplets` uses to find the pixels.
 """
@@ -100,9 +101,19 @@ class ClipEmbedder:
     @torch.inference_mode()
     def embed(self, pixels_b3ss: torch.Tensor) -> torch.Tensor:
         """Unit-norm embeddings [B, D] float32 (CPU) of preprocessed images [B, 3, S, S]."""
+        return self.embed_with_norm(pixels_b3ss)[:, :-1]
+
+    @torch.inference_mode()
+    def embed_with_norm(self, pixels_b3ss: torch.Tensor) -> torch.Tensor:
+        """[unit embedding ‖ its L2 norm before normalising] [B, D + 1] float32 (CPU).
+
+        unit * norm is the raw `encode_image` output (transformers' `image_embeds`), which is what
+        Zero123's camera projection was trained on.
+        """
         pixels = pixels_b3ss.to(self.device, self.input_dtype, non_blocking=True)
         features = self.model.encode_image(pixels).float()  # [B, D]
-        return torch.nn.functional.normalize(features, dim=-1).cpu()
+        norm = features.norm(dim=-1, keepdim=True)  # [B, 1]
+        return torch.cat([features / norm.clamp_min(1e-12), norm], dim=-1).cpu()
 
     def bytes_per_item(self) -> int:
         """Peak extra memory one more image in a batch costs, in bytes.
@@ -216,6 +227,7 @@ def run(
         "pretrained": ref.pretrained or "",
         "model_fingerprint": model_fingerprint(ref),
         "precision": precision,
+        "rows": "unit embedding + norm",  # what the cache holds per image: [D + 1]
     }
     cache = ArrayCache((cache_folder or default_cache_folder()) if cfg.cache else None)
     plans, paths_by_key = _plan(data, out, selected, settings, cfg, overwrite)
@@ -233,8 +245,8 @@ def run(
     written: list[Path] = []
 
     def finish(plan: _CapturePlan, rows: list[np.ndarray]) -> None:
-        embedding_nd = np.stack(rows).astype(np.float32)  # [N, D]
-        written.append(_write_record(plan, embedding_nd, settings, cfg, data))
+        rows_nd1 = np.stack(rows).astype(np.float32)  # [N, D + 1]: unit rows ‖ norms
+        written.append(_write_record(plan, rows_nd1, settings, cfg, data))
 
     assembler = CaptureAssembler(plans, finish, vectors.__getitem__, progress)
     assembler.flush_ready()
@@ -281,7 +293,7 @@ def _hash_image(path: Path) -> str:
 
 
 def _embed_all(embedder: ClipEmbedder, paths: list[Path], keys: list[str], cfg: Config, device: torch.device) -> Any:
-    """Yield (key, unit vector [D] float32) for every path, in order, batched with decoding ahead."""
+    """Yield (key, [unit vector ‖ norm] [D + 1] float32) for every path, in order, batched with decoding ahead."""
     batch_size = batching.resolve_batch_size(
         cfg.batch_size,
         device,
@@ -300,7 +312,7 @@ def _embed_all(embedder: ClipEmbedder, paths: list[Path], keys: list[str], cfg: 
         pixels = torch.stack(decoder.get(positions, lookahead=len(positions)))  # [B, 3, S, S] float32
         if device.type == "cuda":
             pixels = pixels.pin_memory()
-        return embedder.embed(pixels)  # [B, D]
+        return embedder.embed_with_norm(pixels)  # [B, D + 1]
 
     try:
         for positions, vectors_bd in batching.iter_batched(forward, range(len(paths)), batch_size=batch_size):
@@ -310,12 +322,13 @@ def _embed_all(embedder: ClipEmbedder, paths: list[Path], keys: list[str], cfg: 
         decoder.close()
 
 
-def _write_record(plan: _CapturePlan, embedding_nd: np.ndarray, settings: dict[str, Any], cfg: Config,
+def _write_record(plan: _CapturePlan, rows_nd1: np.ndarray, settings: dict[str, Any], cfg: Config,
                   data: Path) -> Path:  # fmt: skip
     capture = plan.capture
+    embedding_nd, norm_n = rows_nd1[:, :-1], rows_nd1[:, -1]
     path = io.save_record(
         plan.out_path,
-        {"embedding": embedding_nd},
+        {"embedding": np.ascontiguousarray(embedding_nd), "norm": np.ascontiguousarray(norm_n)},
         kind="embed",
         stage=STAGE,
         capture=capture.id,

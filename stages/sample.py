@@ -279,14 +279,17 @@ def clip_ref(run_clip: dict[str, Any], override: str | None) -> models.ModelRef:
     return models.ModelRef("clip", model_id, pretrained=run_clip.get("pretrained") or None)
 
 
-def embed_photo(photo_hw3: np.ndarray, ref: models.ModelRef, device: torch.device, expected_dim: int) -> torch.Tensor:
-    """Unit-norm CLIP embedding [1, D] (CPU) of the photo, with the model's own open_clip preprocessing."""
+def embed_photo(photo_hw3: np.ndarray, ref: models.ModelRef, device: torch.device, expected_dim: int,
+                raw: bool = False) -> torch.Tensor:  # fmt: skip
+    """CLIP embedding [1, D] (CPU) of the photo, with the model's own open_clip preprocessing: unit
+    norm, or with `raw` the model's output before normalising (what the run trained on, model.json)."""
     from PIL import Image
 
     from stages import embed  # a stage of the same floor, for its loaded-model cache
 
     embedder = embed.loaded_embedder(ref, embed.model_fingerprint(ref), device, "fp32")
-    vector = embedder.embed(embedder.preprocess(Image.fromarray(photo_hw3))[None])  # [1, D]
+    row = embedder.embed_with_norm(embedder.preprocess(Image.fromarray(photo_hw3))[None])  # [1, D + 1]
+    vector = row[:, :-1] * row[:, -1:] if raw else row[:, :-1]
     if vector.shape[1] != expected_dim:
         raise InputError(f"CLIP model {ref.id} gives {vector.shape[1]}-D embeddings but the run was trained on "
                          f"{expected_dim}-D ones: pass the --clip-model `nvf embed` used")  # fmt: skip
@@ -528,7 +531,8 @@ def run(model_path: Path, image: Path, out: Path, cfg: Config = Config(), *, mas
         raise ModelError(f"the run expects {model.pose_dim} pose numbers, this sampler builds {pose.shape[1]} for "
                          f"conditioning '{model.conditioning}': the run and nvf disagree; retrain or update nvf")  # fmt: skip
     photo = load_photo(image, mask)
-    clip = embed_photo(photo, clip_ref(model.clip_model, cfg.clip_model), torch_device, model.clip_dim)  # [1, D]
+    raw = model.clip_model.get("normalization") == "none"  # zero123 conditioning: raw image_embeds
+    clip = embed_photo(photo, clip_ref(model.clip_model, cfg.clip_model), torch_device, model.clip_dim, raw)  # [1, D]
     z_cond = torch.cat([clip.expand(len(pose), -1), torch.from_numpy(pose)], dim=1)  # [V, D + P]
     source_pixels = preprocess_image(photo, model.resolution)  # [3, S, S] in [-1, 1]
     seeds = [cfg.seed + frame for frame in range(1, plan.n_frames)]

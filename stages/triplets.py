@@ -734,8 +734,12 @@ class TripletSet:
             raise InputError(f"unknown split '{split}': use {', '.join(SPLITS)}")
         return np.flatnonzero(self.record["split"][self.record["pair_source"]] == SPLITS[split])
 
-    def embeddings(self) -> np.ndarray:
-        """z_I [N, D] float32 of every image row, read from the captures' embed records."""
+    def embeddings(self, raw: bool = False) -> np.ndarray:
+        """z_I [N, D] float32 of every image row, read from the captures' embed records.
+
+        Unit rows (the paper's z_I), or with `raw` the model's output before normalising (unit row
+        times the record's ``norm``), which Zero123's camera projection was trained on.
+        """
         capture_index, embed_row = self.record["capture_index"], self.record["embed_row"]
         out: np.ndarray | None = None
         for c in range(len(self.captures)):
@@ -743,7 +747,13 @@ class TripletSet:
             if not len(members):
                 continue
             path = self.record_path(c, "embed")
-            matrix = io.load_record(path, kind="embed", capture=self.captures[c]["id"])["embedding"]  # type: ignore[arg-type]
+            record = io.load_record(path, kind="embed", capture=self.captures[c]["id"])  # type: ignore[arg-type]
+            matrix = record["embedding"]
+            if raw:
+                if "norm" not in record.tensors:
+                    raise InputError(f"{path} has unit embeddings only (written by an older nvf embed); raw "
+                                     "CLIP features need their norms: rerun nvf embed with --overwrite")  # fmt: skip
+                matrix = matrix * record["norm"][:, None]
             if out is None:
                 out = np.zeros((self.n_images, matrix.shape[1]), dtype=np.float32)
             out[members] = matrix[embed_row[members]]

@@ -29,12 +29,12 @@ def tiny_ref() -> models.ModelRef:
     return models.resolve_model("clip", "tiny")
 
 
-def _open_clip_one_by_one(ref: models.ModelRef, path: Path) -> np.ndarray:
+def _open_clip_one_by_one(ref: models.ModelRef, path: Path, normalize: bool = True) -> np.ndarray:
     """open_clip's README recipe for one image: preprocess(Image.open) -> encode_image -> normalise."""
     model, preprocess, _dim = models.load_clip_model(ref)
     with torch.no_grad():
         features = model.encode_image(preprocess(Image.open(path)).unsqueeze(0))
-    return (features / features.norm(dim=-1, keepdim=True))[0].numpy()
+    return (features / features.norm(dim=-1, keepdim=True) if normalize else features)[0].numpy()
 
 
 def test_tiny_open_clip_folder_embeds_like_open_clip(tmp_path, tiny_ref):
@@ -50,9 +50,12 @@ def test_tiny_open_clip_folder_embeds_like_open_clip(tmp_path, tiny_ref):
     assert record.names == ["v0.png", "v1.png", "v2.png"]
     assert record.extra["model"] == tiny_ref.id and record.extra["embed_dim"] == "512"
     assert record.extra["data_root"] == str(data.resolve())
+    assert record["norm"].shape == (3,) and record["norm"].dtype == np.float32
     for row in range(3):
         expected = _open_clip_one_by_one(tiny_ref, data / "cap0" / f"v{row}.png")
         np.testing.assert_allclose(vectors[row], expected, atol=2e-6)
+        raw = _open_clip_one_by_one(tiny_ref, data / "cap0" / f"v{row}.png", normalize=False)  # Zero123's input
+        np.testing.assert_allclose(vectors[row] * record["norm"][row], raw, rtol=1e-5, atol=1e-6 * np.abs(raw).max())
     # different images give different embeddings; the same bytes give the same one
     other = io.load_record(paths[1])["embedding"]
     assert np.abs(vectors[1] - vectors[2]).max() > 1e-3
@@ -71,7 +74,7 @@ def test_deterministic_and_cached_reruns(tmp_path, tiny_ref, monkeypatch, caplog
     def no_model(*args, **kwargs):
         raise AssertionError("the model ran although every embedding is cached")
 
-    monkeypatch.setattr(embed.ClipEmbedder, "embed", no_model)
+    monkeypatch.setattr(embed.ClipEmbedder, "embed_with_norm", no_model)
     with caplog.at_level(logging.INFO, logger="nvf"):
         second = embed.run(data, tmp_path / "w2", cfg, device="cpu", cache_folder=tmp_path / "cache")
     assert "0 image(s) embedded, 5 from the cache" in caplog.text  # 6 views, 5 distinct images
@@ -94,7 +97,7 @@ def test_simulated_oom_halves_the_batch_and_changes_nothing(tmp_path, tiny_ref, 
     data = _dataset(tmp_path / "data", captures=1, views=8)
     cfg = embed.Config(model=tiny_ref.id, batch_size=8, cache=False)
     [plain] = embed.run(data, tmp_path / "plain", cfg, device="cpu")
-    original = embed.ClipEmbedder.embed
+    original = embed.ClipEmbedder.embed_with_norm
     sizes: list[int] = []
 
     def embed_with_oom(self, pixels):
@@ -103,7 +106,7 @@ def test_simulated_oom_halves_the_batch_and_changes_nothing(tmp_path, tiny_ref, 
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(self, pixels)
 
-    monkeypatch.setattr(embed.ClipEmbedder, "embed", embed_with_oom)
+    monkeypatch.setattr(embed.ClipEmbedder, "embed_with_norm", embed_with_oom)
     [forced] = embed.run(data, tmp_path / "forced", cfg, device="cpu")
     assert sizes == [8, 4, 2, 2, 2, 2]
     np.testing.assert_allclose(io.load_record(forced)["embedding"], io.load_record(plain)["embedding"], atol=1e-6)

@@ -311,3 +311,13 @@ def test_bad_settings_are_input_errors(tiny_run, tmp_path):
         sample.run(run, photo, tmp_path / "v", tiny_cfg(clip_model=None), device="cpu")
     with pytest.raises(InputError, match="no checkpoint"):
         sample.run(tmp_path, photo, tmp_path / "v", tiny_cfg(), device="cpu")
+
+
+def test_the_photo_embedding_is_raw_for_runs_trained_on_raw_clip_features(tiny_run):
+    _, photo = tiny_run
+    ref = models.resolve_model("clip", "tiny")
+    rgb = io.read_image(photo)
+    unit = sample.embed_photo(rgb, ref, torch.device("cpu"), 512)
+    raw = sample.embed_photo(rgb, ref, torch.device("cpu"), 512, raw=True)  # model.json normalization "none"
+    assert unit.norm().item() == pytest.approx(1.0, abs=1e-6) and abs(raw.norm().item() - 1.0) > 1e-3
+    torch.testing.assert_close(raw / raw.norm(), unit, atol=1e-6, rtol=0)

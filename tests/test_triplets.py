@@ -273,3 +273,13 @@ def test_missing_records_are_one_clear_error(synth_tree, tmp_path):
         triplets.run(work, None, triplets.Config(pairs="nearest:0"))
     with pytest.raises(InputError, match="add up to"):
         triplets.run(work, None, triplets.Config(train_split=0.9, val_split=0.2))
+
+
+def test_raw_clip_features_need_the_norms_of_a_current_embed_record(synth_tree, tmp_path):
+    _, work = synth_tree  # its embed records hold unit rows only, as nvf embed wrote them before norms
+    out = tmp_path / "idx" / "triplets.safetensors"
+    triplets.run(work, out, triplets.Config(pose_code="both", train_split=0.5, test_split=0.2, seed=1))
+    loaded = triplets.load_triplets(out)
+    np.testing.assert_allclose(np.linalg.norm(loaded.embeddings(), axis=1), 1.0, atol=1e-6)
+    with pytest.raises(InputError, match="rerun nvf embed with --overwrite"):
+        loaded.embeddings(raw=True)

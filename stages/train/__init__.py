@@ -183,7 +183,7 @@ def _write_run_files(
             "id": rec.extra.get("embed_model", ""),
             "pretrained": rec.extra.get("embed_pretrained", ""),
             "dim": clip_dim,
-            "normalization": "l2",
+            "normalization": "l2" if cfg.conditioning == "paper" else "none",
         },
         "clip_dim": clip_dim,
         "pose_dim": pose_dim,
@@ -261,7 +261,7 @@ def _train(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     triplets = load_triplets(triplets_path)
-    embeddings = triplets.embeddings()
+    embeddings = triplets.embeddings(raw=cfg.conditioning == "zero123")  # Zero123 was trained on raw image_embeds
     clip_dim = int(embeddings.shape[1])
     base = cfg.base_model or models.resolve_model("diffusion", cfg.preset).id
     parts = build_parts(base, cfg.conditioning, clip_dim, device, projection_seed=cfg.seed)

@@ -238,8 +238,9 @@ class TrainedModel:
     - `vae`: frozen; pixels [-1, 1] from `stages.train.data.preprocess_image` (centre crop, resize to
       `resolution`); latents of the diffusion are `mean * scaling_factor`;
     - `projection`: z_cond [B, D] -> context [B, 1, C]; z_cond = [CLIP(source) ‖ pose] with CLIP of
-      `clip_model` (L2-normalised, `clip_dim` numbers), pose = 12-D [R_rel | T_rel] code
-      (`conditioning` paper) or [4-number Zero123 T ‖ 12-D code] (zero123);
+      `clip_model` (`clip_dim` numbers; unit rows for `paper`, raw `encode_image` output for
+      `zero123`: model.json's ``normalization``), pose = 12-D [R_rel | T_rel] code (`conditioning`
+      paper) or [4-number Zero123 T ‖ 12-D code] (zero123);
     - unconditional branch for CFG (Eq. 9): CLIP part of z_cond zeroed and source latent zeroed,
       pose kept (`null_z_cond`), as trained;
     - `scheduler_config`: the base's (DDIM-compatible) noise schedule; build a sampler with

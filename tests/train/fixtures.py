@@ -16,13 +16,19 @@ from stages.core import dataset, io, models, worktree
 EMBED_DIM = 512
 
 
-def fake_embed(work: Path, data: Path, capture: dataset.Capture, seed: int, dim: int = EMBED_DIM) -> None:
-    """An embed record with random unit rows, as `nvf embed` writes it (without running CLIP)."""
-    vectors = np.random.default_rng(seed).normal(size=(len(capture.images), dim)).astype(np.float32)
+def fake_embed(work: Path, data: Path, capture: dataset.Capture, seed: int, dim: int = EMBED_DIM,
+               norms: bool = True) -> None:  # fmt: skip
+    """An embed record with random unit rows and norms, as `nvf embed` writes it (without running
+    CLIP); `norms=False` writes an older record with unit rows only."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(len(capture.images), dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    tensors = {"embedding": vectors}
+    if norms:
+        tensors["norm"] = rng.uniform(5.0, 15.0, size=len(capture.images)).astype(np.float32)
     io.save_record(
         worktree.record_path(work, capture.id, "embed"),
-        {"embedding": vectors},
+        tensors,
         kind="embed",
         stage="embed",
         capture=capture.id,

@@ -121,6 +121,15 @@ def test_zero123_conditioning_trains_from_the_base_projection(tmp_path):
     trained = train.load_checkpoint(tmp_path / "run")
     assert trained.conditioning == "zero123" and trained.pose_dim == 16
     assert trained.projection.spec["in_features"] == 512 + 4 + 12
+    # Zero123's projection was trained on raw CLIP image_embeds: the run feeds unit rows x norms
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["clip_model"]["normalization"] == "none"
+    index_set = load_triplets(index)
+    unit, raw = index_set.embeddings(), index_set.embeddings(raw=True)
+    norms = np.linalg.norm(raw, axis=1)
+    assert norms.min() > 5.0 - 1e-4 and norms.max() < 15.0 + 1e-4
+    np.testing.assert_allclose(raw / norms[:, None], unit, atol=1e-6)
+    table = data.pair_table(index_set, "train", "zero123", raw)
+    np.testing.assert_array_equal(table.z_cond[:, :512], raw[index_set.record["pair_source"][index_set.pairs("train")]])
     with pytest.raises(InputError, match="pose-code both"):
         train.run(
             build_triplets(tmp_path / "paper-only", subjects=2, train_split=0.5), tmp_path / "run2", cfg, device="cpu"
