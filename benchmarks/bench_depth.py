@@ -10,6 +10,10 @@ fusion width 64: ~5.7 M parameters; no download). Timing does not depend on the 
   preprocessing, forward, post-processing to the image size);
 - overhead: the same run against the bare batched forward of pre-decoded, pre-processed tensors
   at nvf's batch size (goal: at most 10% slower).
+
+On CUDA a third result runs the paper's model size (DPT-Large's architecture, random weights, 384
+px) on 64 images of 512 px: nvf (automatic batch size) vs the per-image pipeline, and nvf's fp16
+images/s and peak CUDA memory.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +92,59 @@ def run() -> list[Result]:
                               repeats=3, goal="ratio <= 0.333 (>= 3x faster)", extra=extra)  # fmt: skip
         vs_bare = compare("depth_overhead", Side("nvf depth", nvf_depth), Side("bare batched forward", bare_forward),
                           repeats=3, goal="ratio <= 1.10", extra=extra)  # fmt: skip
-        return [vs_pipeline, vs_bare]
+        results = [vs_pipeline, vs_bare]
+        if device.type == "cuda":
+            results.append(_dpt_large_on_gpu(tmp, device, pipeline))
+        return results
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_dpt_large(folder: Path) -> Path:
+    """Intel/dpt-large's architecture (ViT-L/16 at 384 px, 24 layers, ~343 M parameters), random weights."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    config = DPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                       image_size=384, patch_size=16, backbone_out_indices=[5, 11, 17, 23],
+                       neck_hidden_sizes=[256, 512, 1024, 1024], fusion_hidden_size=256, is_hybrid=False)  # fmt: skip
+    torch.manual_seed(0)
+    DPTForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessor(size={"height": 384, "width": 384}, keep_aspect_ratio=True, ensure_multiple_of=32,
+                      image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+def _dpt_large_on_gpu(tmp: Path, device: torch.device, pipeline) -> Result:
+    """The paper's depth model on the GPU: nvf depth at the automatic batch size (fp32 and fp16) vs
+    the per-image pipeline; images/s and peak CUDA memory of nvf's fp16 run."""
+    from stages import depth
+
+    model_dir = build_dpt_large(tmp / "dpt-large")
+    n_images = N_IMAGES
+    paths = synth_image_folders(tmp / "data-large", n_images, 512)
+    runs = iter(range(10**6))
+
+    def nvf_depth(precision: str) -> None:
+        cfg = depth.Config(model=str(model_dir), layout="folder", cache=False, precision=precision)
+        depth.run(tmp / "data-large", tmp / f"large{next(runs)}", cfg, device=str(device))
+        torch.cuda.synchronize()
+
+    pipe = pipeline("depth-estimation", model=str(model_dir), device=device)
+
+    def pipeline_per_image() -> None:
+        for path in paths:
+            pipe(str(path))
+        torch.cuda.synchronize()
+
+    nvf_depth("fp16")  # warm-up (cuDNN autotuning, allocator)
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    nvf_depth("fp16")
+    fp16_s = time.perf_counter() - start
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    return compare("depth_dpt_large_gpu", Side("nvf depth fp32", lambda: nvf_depth("fp32")),
+                   Side("pipeline per image fp32", pipeline_per_image), repeats=2,
+                   goal="ratio <= 0.333 (>= 3x faster)",
+                   extra={"device": torch.cuda.get_device_name(device), "images": n_images, "image_px": 512,
+                          "model": "DPT-Large architecture (random weights), 384 px",
+                          "nvf_fp16_images_per_s": n_images / fp16_s, "nvf_fp16_peak_gib": peak_gib})  # fmt: skip
