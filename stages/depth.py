@@ -36,6 +36,7 @@ import torch
 from stages.core import batching, dataset, io, models, worktree
 from stages.core.batching import ProgressFn, effective_precision
 from stages.core.cache import ArrayCache, CaptureAssembler, Prefetcher
+from stages.core.digests import image_digests
 from stages.core.errors import InputError
 from stages.core.models import model_fingerprint
 
@@ -263,13 +264,6 @@ def stored_hw(image_hw: tuple[int, int], max_res: int | None) -> tuple[int, int]
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def _hash_file(path: Path) -> str:
-    try:
-        return io.hash_file(path)
-    except FileNotFoundError:
-        raise InputError(f"{path}: image not found (did the dataset change since the scan?)") from None
-
-
 def run(
     data: Path,
     out: Path,
@@ -392,8 +386,8 @@ def _plan(
     """Hash every image (in threads), skip the captures whose record is up to date, and list for
     each other capture the maps the cache lacks."""
     paths = [data / image.path for capture in captures for image in capture.images]
-    with ThreadPoolExecutor(min(8, max(1, cfg.workers)), thread_name_prefix="nvf-hash") as pool:
-        hashes = list(pool.map(_hash_file, paths))
+    hashes = image_digests(data, out, captures, workers=min(8, max(1, cfg.workers)))
+    with ThreadPoolExecutor(min(8, max(1, cfg.workers)), thread_name_prefix="nvf-size") as pool:
         sizes = list(pool.map(_image_hw, paths))
     plans: list[_CapturePlan] = []
     position = 0

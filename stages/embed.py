@@ -26,7 +26,6 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +36,7 @@ import torch
 from stages.core import batching, dataset, io, models, worktree
 from stages.core.batching import ProgressFn, effective_precision
 from stages.core.cache import ArrayCache, CaptureAssembler, Prefetcher
+from stages.core.digests import image_digests
 from stages.core.errors import InputError
 from stages.core.models import model_fingerprint
 
@@ -265,8 +265,7 @@ def _plan(
 ) -> tuple[list[_CapturePlan], dict[str, Path]]:
     """Hash every image (in threads), skip captures whose record is up to date, key the other views."""
     paths = [data / image.path for capture in captures for image in capture.images]
-    with ThreadPoolExecutor(min(8, cfg.workers), thread_name_prefix="nvf-hash") as pool:
-        digests = list(pool.map(_hash_image, paths))
+    digests = image_digests(data, out, captures, workers=min(8, cfg.workers))
     plans: list[_CapturePlan] = []
     paths_by_key: dict[str, Path] = {}
     position = 0
@@ -283,13 +282,6 @@ def _plan(
         paths_by_key.update(zip(keys, c_paths, strict=True))
         plans.append(_CapturePlan(capture, keys, inputs_hash, out_path, set(keys)))
     return plans, paths_by_key
-
-
-def _hash_image(path: Path) -> str:
-    try:
-        return io.hash_file(path)
-    except FileNotFoundError:
-        raise InputError(f"{path}: image not found (did the dataset change since the scan?)") from None
 
 
 def _embed_all(embedder: ClipEmbedder, paths: list[Path], keys: list[str], cfg: Config, device: torch.device) -> Any:

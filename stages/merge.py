@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stages import pipeline
-from stages.core import dataset, io, worktree
+from stages.core import dataset, digests, io, worktree
 from stages.core.errors import InputError
 
 log = logging.getLogger("nvf")
@@ -186,7 +186,8 @@ def _other_files(shard: Path, captures: set[str]) -> list[Path]:
     """The shard's files outside its capture folders (index.json, rig files, ...), manifest and temps aside."""
     found = []
     for path in sorted(shard.iterdir()):
-        if path.name == pipeline.MANIFEST or worktree.TEMP_NAME.match(path.name) or path.name in captures:
+        if (path.name in (pipeline.MANIFEST, digests.MEMO_DIR) or worktree.TEMP_NAME.match(path.name)
+                or path.name in captures):  # fmt: skip
             continue
         found.extend(_files(path) if path.is_dir() else [path])
     return found

@@ -53,7 +53,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stages.core import dataset, geometry, io, worktree
+from stages.core import dataset, digests, geometry, io, worktree
 from stages.core.errors import InputError, StageFailure
 
 log = logging.getLogger("nvf")
@@ -767,8 +767,9 @@ def solve_rig(captures: Sequence[CapturePoses], iterations: int = 4) -> Rig:
 # ----------------------------------------------------------------------------------------------
 
 
-def check_capture(root: Path, capture: dataset.Capture) -> list[tuple[int, int]]:
-    """Validate a capture's images (decodable, >= 2, unique names); returns their (width, height)."""
+def check_capture(root: Path, capture: dataset.Capture, decode: bool = True) -> list[tuple[int, int]]:
+    """Validate a capture's images (>= 2, unique names, and with `decode` decodable); returns their
+    (width, height) when decoded, else []."""
     if len(capture.images) < 2:
         raise InputError(f"capture {capture.id}: {len(capture.images)} image(s); poses need at least 2 views "
                          "of one capture (add views or leave the capture out with --captures)")  # fmt: skip
@@ -776,8 +777,8 @@ def check_capture(root: Path, capture: dataset.Capture) -> list[tuple[int, int]]
     if len(set(names)) != len(names):
         dupe = next(n for n in names if names.count(n) > 1)
         raise InputError(f"capture {capture.id}: image name {dupe} occurs twice; rename or remove the copy")
-    sizes = []
-    for entry in capture.images:
+    sizes: list[tuple[int, int]] = []
+    for entry in capture.images if decode else ():
         image = io.read_image(root / entry.path)  # InputError naming a corrupt file
         sizes.append((int(image.shape[1]), int(image.shape[0])))
     return sizes
@@ -967,11 +968,11 @@ def resolve_rig(cfg: Config, layout: str) -> tuple[str, Rig | None]:
     return "file", Rig.load(cfg.rig)
 
 
-def capture_hash(root: Path, capture: dataset.Capture, cfg: Config) -> str:
-    """Input hash of a capture: its image names and bytes plus the config (and the rig file's bytes)."""
+def capture_hash(capture: dataset.Capture, cfg: Config, image_digests: Sequence[str]) -> str:
+    """Input hash of a capture: its image names and bytes (`image_digests`, sha256 in view order)
+    plus the config (and the rig file's bytes)."""
     rig_file = [io.hash_file(cfg.rig)] if cfg.rig not in ("off", "auto", "on") and Path(cfg.rig).is_file() else []
-    return io.hash_inputs(dataclasses.asdict(cfg), capture.names, *rig_file,
-                          *[root / entry.path for entry in capture.images])  # fmt: skip
+    return io.hash_inputs(dataclasses.asdict(cfg), capture.names, *rig_file, list(image_digests))
 
 
 def _groups(selected: Sequence[dataset.Capture], mode: str) -> list[list[dataset.Capture]]:
@@ -1024,17 +1025,27 @@ def run(
         log.warning("poses: no captures selected (shard %s/%s)", shard.index, shard.count)
         return []
     groups = _groups(selected, mode)
-    sizes = {capture.id: check_capture(data, capture) for capture in selected}
-    written: list[Path] = []
-    done = 0
+    for capture in selected:
+        check_capture(data, capture, decode=False)
+    # Image digests are remembered in the work tree (core.digests): a rerun reads no unchanged file.
+    memos = {capture.id: digests.DigestMemo(out, capture.id) for capture in selected}
+    plans = []  # (group, input hashes, pending flags)
     for group in groups:
-        hashes = [capture_hash(data, capture, cfg) for capture in group]
+        hashes = [capture_hash(c, cfg, [memos[c.id].digest(data / image.path) for image in c.images]) for c in group]
         if len(group) > 1:  # a rig couples the captures of the group: each depends on all
             hashes = [io.hash_inputs(own, sorted(hashes)) for own in hashes]
         pending = [overwrite or not worktree.is_up_to_date(worktree.record_path(out, c.id, "poses"), h)
                    or not _exports_present(out, c.id, cfg) for c, h in zip(group, hashes)]  # fmt: skip
         if len(group) > 1 and any(pending):
             pending = [True] * len(group)
+        plans.append((group, hashes, pending))
+    # decode what will be posed, all before the first write (an up-to-date capture decoded when it was posed)
+    sizes = {c.id: check_capture(data, c) for group, _, pending in plans for c, todo in zip(group, pending) if todo}
+    for memo in memos.values():
+        memo.save()
+    written: list[Path] = []
+    done = 0
+    for group, hashes, pending in plans:
         partial = {c.id: sfm_capture(data, c, cfg, sizes[c.id]) for c, todo in zip(group, pending) if todo}
         group_rig = rig
         if len(group) > 1 and partial:

@@ -122,3 +122,16 @@ def test_fp16_on_cpu_falls_back_and_bad_settings_are_input_errors(tmp_path, capl
         batching.effective_precision("fp8", torch.device("cpu"))
     with pytest.raises(InputError, match="--workers"):
         embed.run(tmp_path, tmp_path / "work", embed.Config(workers=0), device="cpu")
+
+
+def test_a_rerun_reads_no_unchanged_image_and_an_edited_one_reruns_its_capture(tmp_path, tiny_ref, monkeypatch):
+    data = _dataset(tmp_path / "data")
+    cfg = embed.Config(model=tiny_ref.id, cache=False)
+    first = embed.run(data, tmp_path / "work", cfg, device="cpu")
+    reads: list[str] = []
+    original = io.hash_file
+    monkeypatch.setattr(io, "hash_file", lambda path, *a, **k: reads.append(Path(path).name) or original(path, *a, **k))
+    assert embed.run(data, tmp_path / "work", cfg, device="cpu") == [] and reads == []  # up to date from the memo
+    Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(data / "cap1" / "v2.png")
+    assert embed.run(data, tmp_path / "work", cfg, device="cpu") == [first[1]] and reads == ["v2.png"]
+    assert np.abs(io.load_record(first[1])["embedding"][2]).sum() > 0
