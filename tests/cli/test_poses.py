@@ -106,7 +106,7 @@ def test_shard_and_captures_select_subjects(tmp_path):
     listed.write_text(f"{second}\n")
     again = runner.invoke(app, [*base, "--out", str(tmp_path / "picked"), "--captures", str(listed)])
     assert again.exit_code == 0 and {p.split("/")[-2] for p in json.loads(again.stdout)} == {second}
-    assert sorted(p.name for p in (tmp_path / "picked").iterdir()) == [first, second]
+    assert sorted(p.name for p in (tmp_path / "picked").iterdir()) == [".nvf-digests", first, second]
 
 
 def test_unknown_capture_in_list_is_one_line(tmp_path):
