@@ -4,8 +4,8 @@ A stage knows it is up to date by hashing its inputs (sha256 of each image's byt
 scale (750k images, ~305 GB) a no-op rerun of poses, depth and embed would read the dataset three
 times. `DigestMemo` keeps ``WORK/.nvf-digests/<capture>.json``: for each file (absolute path) its
 size, modification time (ns), inode and sha256 (outside the capture folders, so a failed stage
-leaves no capture folder behind). A file whose size, mtime and inode are unchanged
-is not read again; any change to them rehashes it.
+leaves no capture folder behind). A file whose size, mtime and inode are unchanged is not read
+again; any change to them rehashes it.
 
 Like make and rsync this trusts that rewriting a file changes its mtime (or size); to force a
 rehash, ``touch`` the file or delete the memo. Shards own disjoint captures, so two processes never
