@@ -14,18 +14,7 @@ from hypothesis import strategies as st
 from stages import synth, triplets
 from stages.core import dataset, geometry, io, worktree
 from stages.core.errors import InputError, RecordError
-
-EMBED_DIM = 512
-
-
-def _fake_embed(work: Path, data: Path, capture: dataset.Capture, seed: int) -> None:
-    """An embed record with random unit rows, as `nvf embed` writes it (without running CLIP)."""
-    vectors = np.random.default_rng(seed).normal(size=(len(capture.images), EMBED_DIM)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    io.save_record(worktree.record_path(work, capture.id, "embed"), {"embedding": vectors}, kind="embed",
-                   stage="embed", capture=capture.id, names=capture.names,
-                   extra={"model": "fake", "pretrained": "", "embed_dim": str(EMBED_DIM),
-                          "data_root": str(data.resolve())})  # fmt: skip
+from tests.train.fixtures import EMBED_DIM, fake_embed
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +28,7 @@ def synth_tree(tmp_path_factory) -> tuple[Path, Path]:
     for i, capture in enumerate(dataset.scan(data).captures):
         (work / capture.id).mkdir(parents=True)
         shutil.copy(synth.groundtruth_dir(data, capture.id) / "poses.safetensors", work / capture.id)
-        _fake_embed(work, data, capture, seed=i)
+        fake_embed(work, data, capture, seed=i, norms=False)  # unit rows only, as older nvf embed wrote
     return data, work
 
 
