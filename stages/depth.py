@@ -385,25 +385,18 @@ def _plan(
 ) -> list[_CapturePlan]:
     """Hash every image (in threads), skip the captures whose record is up to date, and list for
     each other capture the maps the cache lacks."""
-    paths = [data / image.path for capture in captures for image in capture.images]
-    hashes = image_digests(data, out, captures, workers=min(8, max(1, cfg.workers)))
-    with ThreadPoolExecutor(min(8, max(1, cfg.workers)), thread_name_prefix="nvf-size") as pool:
-        sizes = list(pool.map(_image_hw, paths))
+    workers = min(8, max(1, cfg.workers))
+    per_capture = image_digests(data, out, captures, workers=workers)
     plans: list[_CapturePlan] = []
-    position = 0
-    for capture in captures:
-        n = len(capture.images)
-        c_paths, c_hashes, c_sizes = (
-            paths[position : position + n],
-            hashes[position : position + n],
-            sizes[position : position + n],
-        )
-        position += n
+    for capture, c_hashes in zip(captures, per_capture, strict=True):
         inputs_hash = io.hash_inputs(settings, list(zip(capture.names, c_hashes, strict=False)))
         out_path = worktree.record_path(out, capture.id, "depth")
         if not overwrite and worktree.is_up_to_date(out_path, inputs_hash):
             log.debug("depth: %s is up to date, skipped", capture.id)
             continue
+        c_paths = [data / image.path for image in capture.images]
+        with ThreadPoolExecutor(workers, thread_name_prefix="nvf-size") as pool:
+            c_sizes = list(pool.map(_image_hw, c_paths))  # image headers only
         capture_hw = stored_hw(c_sizes[0], cfg.max_res)
         if len(set(c_sizes)) > 1:
             log.warning(

@@ -264,15 +264,11 @@ def _plan(
     data: Path, out: Path, captures: Sequence[dataset.Capture], settings: dict[str, Any], cfg: Config, overwrite: bool
 ) -> tuple[list[_CapturePlan], dict[str, Path]]:
     """Hash every image (in threads), skip captures whose record is up to date, key the other views."""
-    paths = [data / image.path for capture in captures for image in capture.images]
-    digests = image_digests(data, out, captures, workers=min(8, cfg.workers))
+    per_capture = image_digests(data, out, captures, workers=min(8, cfg.workers))
     plans: list[_CapturePlan] = []
     paths_by_key: dict[str, Path] = {}
-    position = 0
-    for capture in captures:
-        n = len(capture.images)
-        c_paths, c_digests = paths[position : position + n], digests[position : position + n]
-        position += n
+    for capture, c_digests in zip(captures, per_capture, strict=True):
+        c_paths = [data / image.path for image in capture.images]
         inputs_hash = io.hash_inputs(settings, list(zip(capture.names, c_digests, strict=True)))
         out_path = worktree.record_path(out, capture.id, "embed")
         if not overwrite and worktree.is_up_to_date(out_path, inputs_hash):

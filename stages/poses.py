@@ -1028,10 +1028,11 @@ def run(
     for capture in selected:
         check_capture(data, capture, decode=False)
     # Image digests are remembered in the work tree (core.digests): a rerun reads no unchanged file.
-    memos = {capture.id: digests.DigestMemo(out, capture.id) for capture in selected}
+    memos: dict[str, digests.DigestMemo] = {}  # saved once the captures to pose are validated
+    per_capture = dict(zip([c.id for c in selected], digests.image_digests(data, out, selected, memos=memos)))
     plans = []  # (group, input hashes, pending flags)
     for group in groups:
-        hashes = [capture_hash(c, cfg, [memos[c.id].digest(data / image.path) for image in c.images]) for c in group]
+        hashes = [capture_hash(c, cfg, per_capture[c.id]) for c in group]
         if len(group) > 1:  # a rig couples the captures of the group: each depends on all
             hashes = [io.hash_inputs(own, sorted(hashes)) for own in hashes]
         pending = [overwrite or not worktree.is_up_to_date(worktree.record_path(out, c.id, "poses"), h)

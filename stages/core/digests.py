@@ -80,14 +80,19 @@ class DigestMemo:
             self._dirty = False
 
 
-def image_digests(data: Path, out: Path, captures: Sequence[dataset.Capture], workers: int = 4) -> list[str]:
-    """sha256 of every image of `captures` under `data`, capture by capture in view order, through
-    each capture's memo in the work tree `out` (saved afterwards); `workers` threads read files."""
-    paths = [Path(data) / image.path for capture in captures for image in capture.images]
-    memos = {capture.id: DigestMemo(out, capture.id) for capture in captures}
-    memo_of_path = [memos[capture.id] for capture in captures for _ in capture.images]
+def image_digests(data: Path, out: Path, captures: Sequence[dataset.Capture], workers: int = 4,
+                  memos: dict[str, DigestMemo] | None = None) -> list[list[str]]:  # fmt: skip
+    """sha256 of every image of `captures` under `data`: one list per capture, in view order, through
+    each capture's memo in the work tree `out`; `workers` threads read files. The memos are saved
+    here, unless the caller passes a dict `memos` to receive them and save them itself (after it
+    validated its inputs, say)."""
+    own = memos is None
+    memos = {} if memos is None else memos
+    memos.update({capture.id: DigestMemo(out, capture.id) for capture in captures})
+    jobs = [(memos[capture.id], Path(data) / image.path) for capture in captures for image in capture.images]
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="nvf-hash") as pool:
-        digests = list(pool.map(DigestMemo.digest, memo_of_path, paths))
-    for memo in memos.values():
-        memo.save()
-    return digests
+        flat = iter(list(pool.map(lambda job: job[0].digest(job[1]), jobs)))
+    if own:
+        for memo in memos.values():
+            memo.save()
+    return [[next(flat) for _ in capture.images] for capture in captures]

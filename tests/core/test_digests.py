@@ -59,7 +59,7 @@ def test_missing_files_and_unreadable_memos(tmp_path, counted_reads):
     assert counted_reads.count("a.png") == 3  # the first digest and the two checks, never the memo's answer
 
 
-def test_image_digests_keep_capture_and_view_order(tmp_path):
+def test_image_digests_per_capture_in_view_order(tmp_path):
     from stages.core import dataset
 
     for cap, names in (("c1", ["b.png", "a.png"]), ("c2", ["x.png"])):
@@ -69,5 +69,12 @@ def test_image_digests_keep_capture_and_view_order(tmp_path):
     captures = [dataset.Capture("c1", "1", (dataset.ImageEntry("c1/b.png", "b"), dataset.ImageEntry("c1/a.png", "a"))),
                 dataset.Capture("c2", "2", (dataset.ImageEntry("c2/x.png", "x"),))]  # fmt: skip
     found = digests.image_digests(tmp_path / "data", tmp_path / "work", captures, workers=2)
-    assert found == [io.hash_file(tmp_path / "data" / p) for p in ("c1/b.png", "c1/a.png", "c2/x.png")]
+    expected = [
+        [io.hash_file(tmp_path / "data" / p) for p in ("c1/b.png", "c1/a.png")],
+        [io.hash_file(tmp_path / "data" / "c2/x.png")],
+    ]
+    assert found == expected
     assert sorted(p.name for p in (tmp_path / "work" / digests.MEMO_DIR).iterdir()) == ["c1.json", "c2.json"]
+    memos: dict = {}  # the caller's memos: nothing is saved until it says so
+    assert digests.image_digests(tmp_path / "data", tmp_path / "other", captures, memos=memos) == expected
+    assert sorted(memos) == ["c1", "c2"] and not (tmp_path / "other").exists()
