@@ -6,9 +6,12 @@ stdout carries results (paths, tables, JSON) so commands pipe; everything else g
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
+import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -41,3 +44,9 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+def print_paths(paths: Iterable[Path], as_json: bool = False) -> None:
+    """A command's result on stdout: the paths it wrote, one per line, or a JSON list with --json."""
+    paths = [str(p) for p in paths]
+    typer.echo(json.dumps(paths, indent=2) if as_json else "\n".join(paths))

@@ -7,6 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from stages.core.batching import Precision as _Precision
+from stages.core.dataset import Layout as _Layout
+
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo work whose outputs already exist.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same output.")]
@@ -23,3 +26,7 @@ Shard = Annotated[
 Captures = Annotated[
     Optional[str], typer.Option("--captures", help="File of capture ids (one per line), or - for stdin.")
 ]
+Layout = Annotated[_Layout, typer.Option("--layout", help="Dataset layout: auto, multipie or folder.")]
+Precision = Annotated[_Precision, typer.Option("--precision", help="fp32, fp16 (CUDA only) or bf16.")]
+Workers = Annotated[int, typer.Option("--workers", help="Image decoding/preprocessing threads.", min=1)]
+Cache = Annotated[bool, typer.Option("--cache/--no-cache", help="Use the on-disk cache of computed results.")]

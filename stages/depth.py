@@ -43,11 +43,9 @@ from stages.core.models import model_fingerprint
 log = logging.getLogger("nvf")
 
 STAGE = "depth"
-Precision = Literal["fp32", "fp16", "bf16"]
 Interpolation = Literal["bilinear", "bicubic"]
 DepthKind = Literal["auto", "disparity", "depth"]
 StoreDtype = Literal["float32", "float16"]
-Layout = Literal["auto", "multipie", "folder"]
 
 _RELATIVE_MODEL_TYPES = {"dpt"}  # relative inverse depth; depth_anything depends on its config
 _CPU_MAX_BATCH = 32  # beyond this a CPU gains nothing from bigger batches, only memory use
@@ -61,9 +59,9 @@ class Config:
     """Model preset: `paper` (Intel/dpt-large) or `tiny` (random weights, tests and smoke runs)."""
     model: str | None = None
     """A hub id, local folder or alternative name (`depth-anything-v2-small`) instead of the preset's."""
-    layout: Layout = "auto"
+    layout: dataset.Layout = "auto"
     """Dataset layout: `auto`, `multipie` or `folder` (as `nvf scan`)."""
-    precision: Precision = "fp32"
+    precision: batching.Precision = "fp32"
     """Weights and activations: fp32, fp16 (CUDA only; CPU falls back to fp32) or bf16."""
     batch_size: int | None = None
     """Images per forward pass; None sizes batches to free memory (halved on out-of-memory)."""
@@ -116,7 +114,7 @@ class DepthPredictor:
         self,
         ref: models.ModelRef,
         device: torch.device,
-        precision: Precision = "fp32",
+        precision: batching.Precision = "fp32",
         depth_kind: DepthKind = "auto",
         interpolation: Interpolation = "bicubic",
     ) -> None:
@@ -183,7 +181,7 @@ _LOADED: dict[tuple, DepthPredictor] = {}
 
 
 def loaded_predictor(
-    ref: models.ModelRef, fingerprint: str, device: torch.device, precision: Precision, cfg: Config
+    ref: models.ModelRef, fingerprint: str, device: torch.device, precision: batching.Precision, cfg: Config
 ) -> DepthPredictor:
     """A `DepthPredictor`, kept loaded for the next run in this process (one model at a time), so
     chained runs (examples, notebooks, benchmarks) pay the load once."""

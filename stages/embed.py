@@ -28,7 +28,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,8 +43,6 @@ from stages.core.models import model_fingerprint
 log = logging.getLogger("nvf")
 
 STAGE = "embed"
-Precision = Literal["fp32", "fp16", "bf16"]
-Layout = Literal["auto", "multipie", "folder"]
 
 _CPU_MAX_BATCH = 32  # beyond this a CPU gains nothing from bigger batches, only memory use
 _GPU_MAX_BATCH = 512
@@ -59,9 +57,9 @@ class Config:
     model: str | None = None
     """Instead of the preset's: open_clip `NAME@TAG` (e.g. ViT-L-14@laion2b_s32b_b82k), `hf-hub:org/repo`,
     or a local open_clip folder (`open_clip_config.json` + weights)."""
-    layout: Layout = "auto"
+    layout: dataset.Layout = "auto"
     """Dataset layout: `auto`, `multipie` or `folder` (as `nvf scan`)."""
-    precision: Precision = "fp32"
+    precision: batching.Precision = "fp32"
     """Weights and activations: fp32, fp16 (CUDA only; a CPU falls back to fp32) or bf16."""
     batch_size: int | None = None
     """Images per forward pass; None sizes batches to free memory (halved on out-of-memory)."""
@@ -90,7 +88,7 @@ class ClipEmbedder:
     `embed(pixels_b3ss) -> [B, D]` float32 on the CPU, each row L2-normalised.
     """
 
-    def __init__(self, ref: models.ModelRef, device: torch.device, precision: Precision = "fp32") -> None:
+    def __init__(self, ref: models.ModelRef, device: torch.device, precision: batching.Precision = "fp32") -> None:
         self.ref = ref
         self.device = device
         self.model, self.preprocess, self.dim = models.load_clip_model(ref, device, precision)
@@ -154,7 +152,9 @@ def _pair(value: Any) -> tuple[int, int]:
 _LOADED: dict[tuple, ClipEmbedder] = {}
 
 
-def loaded_embedder(ref: models.ModelRef, fingerprint: str, device: torch.device, precision: Precision) -> ClipEmbedder:
+def loaded_embedder(
+    ref: models.ModelRef, fingerprint: str, device: torch.device, precision: batching.Precision
+) -> ClipEmbedder:
     """A `ClipEmbedder`, kept loaded for the next run in this process (one model at a time), so
     chained runs (examples, notebooks, benchmarks) pay the load once."""
     key = (ref.id, ref.pretrained, fingerprint, str(device), precision)

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from stages import __version__
 from stages.core import dataset, io
 
-Layout = Literal["auto", "multipie", "folder"]
-
 
 @dataclass(frozen=True)
 class Config:
-    layout: Layout = "auto"
+    layout: dataset.Layout = "auto"
     """How the data is organised: `multipie` (names like 001_01_01_051_00.png), `folder` (one capture per
     folder of images) or `auto` (Multi-PIE when the names fit)."""
     filters: dataset.Filters = field(default_factory=dataset.Filters)

@@ -68,7 +68,6 @@ POSE_SOURCES: dict[str, int] = {"sfm": 0, "rig": 1, "interp": 2}
 PAIR_MODES = ("all", "adjacent", "nearest", "random")
 PoseCode = Literal["paper", "zero123", "both"]
 DepthChoice = Literal["auto", "aligned", "depth", "none"]
-Layout = Literal["auto", "multipie", "folder"]
 
 SCHEMA: dict[str, tuple[int | str, ...]] = {
     # per image (N = len(names); names are image paths relative to the dataset root)
@@ -120,7 +119,7 @@ class PairSpec:
 class Config:
     """Which views pair up, how they are conditioned and how people are split."""
 
-    layout: Layout = "auto"
+    layout: dataset.Layout = "auto"
     """Dataset layout, as in `nvf scan`."""
     pairs: str = "all"
     """Pairs inside a capture: `all` (every ordered pair), `adjacent` (azimuth neighbours),

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from nvfcli.console import progress_bar
+from nvfcli.console import print_paths, progress_bar
 from nvfcli.options import Captures, Json, Overwrite, Shard
 from stages import align as stage
 from stages.core import worktree
@@ -51,4 +50,4 @@ def align(
     with progress_bar("align") as progress:
         written = stage.run(work, cfg, shard=worktree.Shard.parse(shard), capture_ids=ids, overwrite=overwrite,
                             progress=progress)  # fmt: skip
-    typer.echo(json.dumps([str(p) for p in written], indent=2) if json_out else "\n".join(map(str, written)))
+    print_paths(written, json_out)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from nvfcli.console import progress_bar
+from nvfcli.console import print_paths, progress_bar
 from nvfcli.options import Captures, Device, Json, Overwrite, Shard
 from stages import cloud as stage
 from stages.core import worktree
@@ -85,4 +84,4 @@ def cloud(
     with progress_bar("cloud") as progress:
         written = stage.run(work, cfg, data=data, shard=worktree.Shard.parse(shard), capture_ids=ids,
                             overwrite=overwrite, progress=progress, device=device)  # fmt: skip
-    typer.echo(json.dumps([str(p) for p in written], indent=2) if json_out else "\n".join(map(str, written)))
+    print_paths(written, json_out)

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from nvfcli.console import progress_bar
-from nvfcli.options import BatchSize, Captures, DataDir, Device, Json, Overwrite, Shard
+from nvfcli.console import print_paths, progress_bar
+from nvfcli.options import (
+    BatchSize,
+    Cache,
+    Captures,
+    DataDir,
+    Device,
+    Json,
+    Layout,
+    Overwrite,
+    Precision,
+    Shard,
+    Workers,
+)
 from stages import depth as stage
 from stages.core import worktree
 
@@ -25,8 +36,8 @@ def depth(
             "of the preset's (DA-V2 Base/Large: non-commercial)."
         ),
     ] = None,
-    layout: Annotated[stage.Layout, typer.Option(help="Dataset layout.")] = "auto",
-    precision: Annotated[stage.Precision, typer.Option(help="fp32, fp16 (CUDA only) or bf16.")] = "fp32",
+    layout: Layout = "auto",
+    precision: Precision = "fp32",
     batch_size: BatchSize = None,
     max_res: Annotated[Optional[int], typer.Option(help="Store maps with the longer side at most this.")] = None,
     interpolation: Annotated[stage.Interpolation, typer.Option(help="Resampling to the stored size.")] = "bicubic",
@@ -36,8 +47,8 @@ def depth(
     depth_kind: Annotated[
         stage.DepthKind, typer.Option(help="What the model predicts (auto: from its config).")
     ] = "auto",
-    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Use the on-disk depth cache.")] = True,
-    workers: Annotated[int, typer.Option(help="Image-decoding threads.", min=1)] = 4,
+    cache: Cache = True,
+    workers: Workers = 4,
     device: Device = "auto",
     shard: Shard = None,
     captures: Captures = None,
@@ -56,4 +67,4 @@ def depth(
     with progress_bar("depth") as progress:
         written = stage.run(data, out, cfg, shard=worktree.Shard.parse(shard), capture_ids=ids, overwrite=overwrite,
                             device=device, progress=progress)  # fmt: skip
-    typer.echo(json.dumps([str(p) for p in written], indent=2) if json_out else "\n".join(map(str, written)))
+    print_paths(written, json_out)

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from nvfcli.console import progress_bar
-from nvfcli.options import BatchSize, Captures, DataDir, Device, Json, Overwrite, Shard
+from nvfcli.console import print_paths, progress_bar
+from nvfcli.options import (
+    BatchSize,
+    Cache,
+    Captures,
+    DataDir,
+    Device,
+    Json,
+    Layout,
+    Overwrite,
+    Precision,
+    Shard,
+    Workers,
+)
 from stages import embed as stage
 from stages.core import worktree
 
@@ -22,11 +33,11 @@ def embed(
         Optional[str],
         typer.Option(help="open_clip NAME@TAG (e.g. ViT-L-14@laion2b_s32b_b82k), hf-hub:org/repo or a local folder."),
     ] = None,
-    layout: Annotated[stage.Layout, typer.Option(help="Dataset layout.")] = "auto",
-    precision: Annotated[stage.Precision, typer.Option(help="fp32, fp16 (CUDA only) or bf16.")] = "fp32",
+    layout: Layout = "auto",
+    precision: Precision = "fp32",
     batch_size: BatchSize = None,
-    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Use the on-disk embedding cache.")] = True,
-    workers: Annotated[int, typer.Option(help="Image decoding/preprocessing threads.", min=1)] = 4,
+    cache: Cache = True,
+    workers: Workers = 4,
     device: Device = "auto",
     shard: Shard = None,
     captures: Captures = None,
@@ -44,4 +55,4 @@ def embed(
     with progress_bar("embed") as progress:
         written = stage.run(data, out, cfg, shard=worktree.Shard.parse(shard), capture_ids=ids, overwrite=overwrite,
                             device=device, progress=progress)  # fmt: skip
-    typer.echo(json.dumps([str(p) for p in written], indent=2) if json_out else "\n".join(map(str, written)))
+    print_paths(written, json_out)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from nvfcli.console import progress_bar
+from nvfcli.console import print_paths, progress_bar
 from nvfcli.options import Device, Json, Overwrite
 from stages import evaluate as stage
 
@@ -73,4 +72,4 @@ def evaluate(
                           input_image=input_image, compare=compare)  # fmt: skip
     with progress_bar("evaluate") as progress:
         written = stage.run(inputs, out, cfg, device=device, overwrite=overwrite, progress=progress)
-    typer.echo(json.dumps([str(p) for p in written], indent=2) if json_out else "\n".join(map(str, written)))
+    print_paths(written, json_out)

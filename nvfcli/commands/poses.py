@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from nvfcli.console import progress_bar
-from nvfcli.options import Captures, DataDir, Json, Overwrite, Shard
+from nvfcli.console import print_paths, progress_bar
+from nvfcli.options import Captures, DataDir, Json, Layout, Overwrite, Shard
 from stages import poses as stage
 from stages.core import worktree
 from stages.core.errors import InputError
-from stages.scan import Layout
 
 
 def poses(
     data: DataDir,
     out: Annotated[Path, typer.Option("--out", "-o", help="Work tree: writes OUT/<capture>/poses.safetensors.")],
     preset: Annotated[str, typer.Option(help=f"Starting point: {', '.join(stage.PRESETS)}.")] = "default",
-    layout: Annotated[Layout, typer.Option(help="Dataset layout.")] = "auto",
+    layout: Layout = "auto",
     camera_model: Annotated[
         Optional[str], typer.Option(help="COLMAP camera model, e.g. SIMPLE_RADIAL, SIMPLE_PINHOLE.")
     ] = None,
@@ -68,4 +66,4 @@ def poses(
     with progress_bar("posing captures") as progress:
         written = stage.run(data, out, cfg, shard=worktree.Shard.parse(shard), captures=ids, overwrite=overwrite,
                             progress=progress)  # fmt: skip
-    typer.echo(json.dumps([str(p) for p in written], indent=2) if json_out else "\n".join(map(str, written)))
+    print_paths(written, json_out)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from nvfcli.console import progress_bar
+from nvfcli.console import print_paths, progress_bar
 from nvfcli.options import Json, Overwrite
 from stages import reconstruct as stage
 from stages.core.errors import InputError
@@ -63,4 +62,4 @@ def reconstruct(
                               ns=base.ns + stage.parse_overrides(ns or []))  # fmt: skip
     with progress_bar("training") as progress:
         written = stage.run(source, out, cfg, data=data, overwrite=overwrite, device=device, progress=progress)
-    typer.echo(json.dumps([str(p) for p in written], indent=2) if json_out else "\n".join(map(str, written)))
+    print_paths(written, json_out)

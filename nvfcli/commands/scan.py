@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from nvfcli.console import out_console
-from nvfcli.options import DataDir, Json
+from nvfcli.options import DataDir, Json, Layout
 from stages import scan as stage
 from stages.core import dataset
 
@@ -19,7 +19,7 @@ IdList = Optional[list[str]]
 
 def scan(
     data: DataDir,
-    layout: Annotated[stage.Layout, typer.Option(help="Dataset layout.")] = "auto",
+    layout: Layout = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the full index as JSON here.")] = None,
     list_ids: Annotated[bool, typer.Option("--list", help="Print capture ids, one per line.")] = False,
     json_out: Json = False,

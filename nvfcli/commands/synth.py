@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Annotated, Optional
 
 import typer
 
-from nvfcli.console import progress_bar
+from nvfcli.console import print_paths, progress_bar
 from nvfcli.options import Json, OutDir, Overwrite, Seed
 from stages import synth as stage
 from stages.core import dataset
@@ -60,4 +59,4 @@ def synth(
                               **{k: v for k, v in changes.items() if v is not None})  # fmt: skip
     with progress_bar("rendering captures") as progress:
         written = stage.run(out, cfg, progress=progress)
-    typer.echo(json.dumps([str(p) for p in written], indent=2) if json_out else "\n".join(map(str, written)))
+    print_paths(written, json_out)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from nvfcli.console import progress_bar
+from nvfcli.console import print_paths, progress_bar
 from nvfcli.options import Json, Overwrite
 from stages import train as stage
 from stages.core.errors import InputError
@@ -70,4 +69,4 @@ def train(
     cfg = dataclasses.replace(stage.PRESETS[preset], **{k: v for k, v in given.items() if v is not None})
     with progress_bar("train") as progress:
         written = stage.run(triplets, out, cfg, device=device, resume=resume, overwrite=overwrite, progress=progress)
-    typer.echo(json.dumps([str(p) for p in written], indent=2) if json_out else "\n".join(map(str, written)))
+    print_paths(written, json_out)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from nvfcli.console import progress_bar
-from nvfcli.options import Json, Overwrite, Seed
+from nvfcli.console import print_paths, progress_bar
+from nvfcli.options import Json, Layout, Overwrite, Seed
 from stages import triplets as stage
 from stages.core import dataset
 
@@ -24,7 +23,7 @@ def triplets(
         Optional[Path], typer.Option("--out", "-o", help="Index file [default: WORK/triplets.safetensors].")
     ] = None,
     data: Annotated[Optional[Path], typer.Option(help="Dataset folder [default: the one nvf embed read].")] = None,
-    layout: Annotated[stage.Layout, typer.Option(help="Dataset layout.")] = "auto",
+    layout: Layout = "auto",
     pairs: Annotated[str, typer.Option(help="all, adjacent, nearest:K or random:K (within a capture).")] = "all",
     exclude_interp: Annotated[
         bool, typer.Option("--exclude-interp", help="Leave out views with interpolated poses.")
@@ -65,4 +64,4 @@ def triplets(
     )  # fmt: skip
     with progress_bar("triplets") as progress:
         written = stage.run(work, out, cfg, data=data, overwrite=overwrite, progress=progress)
-    typer.echo(json.dumps([str(p) for p in written], indent=2) if json_out else "\n".join(map(str, written)))
+    print_paths(written, json_out)

@@ -21,9 +21,13 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from stages.core.errors import InputError
 from stages.core.io import IMAGE_SUFFIXES
+
+Layout = Literal["auto", "multipie", "folder"]
+"""How `scan` reads a dataset folder: detect, the Multi-PIE tree, or one capture per folder of images."""
 
 
 @dataclass(frozen=True)
