@@ -67,6 +67,13 @@ CAMERA_MODELS: tuple[str, ...] = typing.get_args(CameraModel)
 COLMAP_ROOTS = ("reader", "extraction", "matching", "pairing", "verification", "mapping")
 REFINE_FUNCTION_TOLERANCE = 1e-6
 """Relative cost change that ends each solve of the final robust bundle adjustment (Ceres' default)."""
+COLMAP_PEAK_THRESHOLD = 0.02 / 3
+"""COLMAP's default SIFT peak threshold (Lowe's 0.02 over 3 scales per octave), for images in 0..1."""
+FACE_CONTRAST = 0.015
+"""Fine-scale contrast (`fine_contrast`) up to which `Config.peak_threshold` applies unscaled: the
+512 px synthetic rings it was tuned and is tested on measure 0.012-0.015 (subjects 1-3); smaller
+renders of the same faces up to 0.019 (so at most 0.0025, as accurate on 256 px rings); kermit's
+textured photos 0.033, a studio portrait 0.039."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,11 @@ class Config:
     fast_first: bool = True
     """Try COLMAP's faster SIFT settings first and escalate to the settings above only when views
     stay unregistered (textured captures finish fast, smooth faces still get the tuned pass)."""
+    contrast_threshold: bool = True
+    """In that fast pass, scale `peak_threshold` with the capture's fine-scale contrast above
+    `FACE_CONTRAST` (up to COLMAP's default), as if every capture were normalised to a face's
+    contrast: textured captures keep the same detections per unit of contrast with fewer weak
+    features to match (kermit: threshold 0.0044, 3,200 -> 2,300 features per photo, same poses)."""
     seed: int = 0
     """Seed of COLMAP's random sampling (RANSAC, mapper), for repeatable runs."""
     num_threads: int = -1
@@ -123,7 +135,7 @@ class Config:
 PRESETS: dict[str, Config] = {
     "default": Config(),
     "colmap": Config(
-        peak_threshold=0.0066666666666666671,
+        peak_threshold=COLMAP_PEAK_THRESHOLD,
         max_features=8192,
         affine_shape=False,
         domain_size_pooling=False,
@@ -321,7 +333,12 @@ def run_sfm(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequence
     reconstruction is then refined (`refine_reconstruction`). Returns (the best reconstruction or
     None, the number of models of that pass).
     """
-    passes = [fast_pass(cfg), cfg] if cfg.fast_first else [cfg]
+    passes = [cfg]
+    if cfg.fast_first:
+        contrast = capture_contrast(root, image_names) if cfg.contrast_threshold else None
+        passes.insert(0, fast_pass(cfg, contrast))
+        log.debug("poses: fine-scale contrast %s; fast-pass SIFT peak threshold %.4f",
+                  "not measured" if contrast is None else f"{contrast:.4f}", passes[0].peak_threshold)  # fmt: skip
     best, n_models = None, 0
     for number, pass_cfg in enumerate(passes):
         rec, models = _sfm_pass(root, image_names, pass_cfg, sizes)
@@ -337,12 +354,49 @@ def run_sfm(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequence
     return best, n_models
 
 
-def fast_pass(cfg: Config) -> Config:
+def fast_pass(cfg: Config, contrast: float | None = None) -> Config:
     """``cfg`` with plain SIFT (the first, cheap pass): no affine shape and no domain-size pooling,
     which cost ~2x the extraction time and, measured on synth rings, localise keypoints no better.
-    The low peak threshold stays: its extra points are what make ring poses accurate."""
+    The low peak threshold stays for faces (its extra points are what make ring poses accurate);
+    with a capture's `fine_contrast` it is scaled as `contrast_peak_threshold` says."""
+    threshold = cfg.peak_threshold if contrast is None else contrast_peak_threshold(cfg.peak_threshold, contrast)
     return dataclasses.replace(cfg, max_features=min(cfg.max_features, 8192), affine_shape=False,
-                               domain_size_pooling=False)  # fmt: skip
+                               domain_size_pooling=False, peak_threshold=threshold)  # fmt: skip
+
+
+def contrast_peak_threshold(peak_threshold: float, contrast: float) -> float:
+    """``peak_threshold`` x ``contrast`` / `FACE_CONTRAST`, clipped to [peak_threshold, COLMAP's
+    default]: DoG responses scale with image contrast, so this keeps the sensitivity tuned on faces
+    for any contrast (the same as normalising the images' contrast), and never goes below it."""
+    scaled = peak_threshold * contrast / FACE_CONTRAST
+    return float(min(max(scaled, peak_threshold), max(peak_threshold, COLMAP_PEAK_THRESHOLD)))
+
+
+def fine_contrast(gray_hw: np.ndarray) -> float:
+    """Contrast at SIFT's base scale: the 99th percentile of |DoG| between Gaussian blurs of sigma
+    0.8 and 0.8 x 2^(1/3) pixels on a grey image in 0..1 at half resolution (sigma 1.6 at full
+    resolution, SIFT's first detection scale). Scales linearly with the image's contrast."""
+    sigma = 0.8
+    dog_hw = _gaussian_blur(gray_hw, sigma * 2 ** (1 / 3)) - _gaussian_blur(gray_hw, sigma)
+    magnitude = np.abs(dog_hw).ravel()
+    k = int(0.99 * (magnitude.size - 1))
+    return float(np.partition(magnitude, k)[k])
+
+
+def _gaussian_blur(image_hw: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur (kernel radius 3 sigma, edges mirrored), float32."""
+    radius = max(1, math.ceil(3 * sigma))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps = (taps / taps.sum()).astype(np.float32)
+    height, width = image_hw.shape
+    padded = np.pad(image_hw.astype(np.float32, copy=False), radius, mode="symmetric")
+    rows = sum(tap * padded[i : i + height] for i, tap in enumerate(taps))  # [H, W + 2r]
+    return sum(tap * rows[:, i : i + width] for i, tap in enumerate(taps))  # [H, W]
+
+
+def capture_contrast(root: Path, image_names: Sequence[str]) -> float:
+    """Median `fine_contrast` of a capture's images (decoded at half resolution, ~4 ms per 640x480 JPEG)."""
+    return float(np.median([fine_contrast(io.read_gray(root / name, reduce=2)) for name in image_names]))
 
 
 def _sfm_pass(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequence[tuple[int, int]]):
@@ -482,10 +536,14 @@ def extract_views(rec, image_names: Sequence[str]) -> tuple[dict[str, dict[str, 
             "reproj_error": float(errors.mean()) if errors.size else math.nan,
             "observations": int(errors.size),
         }  # fmt: skip
+    # one lookup per image, not per observation (each pycolmap attribute access builds an object)
+    row_of_id = {image_id: row_of[image.name] for image_id, image in rec.images.items() if image.name in row_of}
+    xy_of_id = {image_id: np.array([p.xy for p in rec.images[image_id].points2D]).reshape(-1, 2)
+                for image_id in row_of_id}  # fmt: skip
     points, colors, errors, offsets, track_rows, track_uv = [], [], [], [0], [], []
     for point in rec.points3D.values():
-        elements = [(row_of[rec.images[e.image_id].name], rec.images[e.image_id].points2D[e.point2D_idx].xy)
-                    for e in point.track.elements if rec.images[e.image_id].name in row_of]  # fmt: skip
+        elements = [(row_of_id[e.image_id], xy_of_id[e.image_id][e.point2D_idx])
+                    for e in point.track.elements if e.image_id in row_of_id]  # fmt: skip
         if not elements:
             continue
         points.append(point.xyz)

@@ -255,6 +255,46 @@ def test_global_mapper_options_build():
     assert type(options["mapping"]).__name__ == "GlobalPipelineOptions"
 
 
+def test_fine_contrast_is_linear_in_image_contrast():
+    rng = np.random.default_rng(1)
+    texture = np.kron(rng.random((24, 32)), np.ones((4, 4))).astype(np.float32)  # [96, 128] blobs
+    full = poses.fine_contrast(texture)
+    assert full > 0.01
+    # an offset cancels in the DoG; a contrast factor scales it
+    assert poses.fine_contrast(0.3 + 0.25 * texture) == pytest.approx(0.25 * full, rel=1e-4)
+    assert poses.fine_contrast(np.full((96, 128), 0.5, np.float32)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_contrast_scales_the_peak_threshold_between_the_face_and_colmap_values():
+    face, colmap_default = poses.Config().peak_threshold, poses.COLMAP_PEAK_THRESHOLD
+    assert poses.contrast_peak_threshold(face, 0.5 * poses.FACE_CONTRAST) == face  # never below the face value
+    assert poses.contrast_peak_threshold(face, 2 * poses.FACE_CONTRAST) == pytest.approx(2 * face)
+    assert poses.contrast_peak_threshold(face, 100 * poses.FACE_CONTRAST) == pytest.approx(colmap_default)
+    assert poses.contrast_peak_threshold(0.01, 100.0) == 0.01  # a user's threshold above COLMAP's stays
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_only_the_fast_pass_takes_the_contrast_scaled_threshold(monkeypatch, scaled):
+    passes = []
+    monkeypatch.setattr(poses, "capture_contrast", lambda root, names: 2 * poses.FACE_CONTRAST)
+    monkeypatch.setattr(poses, "_sfm_pass", lambda root, names, cfg, sizes: (passes.append(cfg), (None, 0))[1])
+    cfg = poses.Config(contrast_threshold=scaled)
+    assert poses.run_sfm(Path("."), ["a.png", "b.png"], cfg, [(64, 64)] * 2) == (None, 0)
+    fast, tuned = passes  # nothing registered, so the tuned pass ran too
+    assert fast.peak_threshold == pytest.approx(2 * cfg.peak_threshold if scaled else cfg.peak_threshold)
+    assert not fast.affine_shape and not fast.domain_size_pooling
+    assert tuned == cfg  # escalation keeps the full face settings: most sensitive threshold, affine, DSP
+
+
+def test_ring_contrast_keeps_the_face_threshold(ring):
+    data, _work, _capture, _cfg, _written = ring
+    images = sorted(data.rglob("*.png"))
+    images = [p.relative_to(data) for p in images if "groundtruth" not in p.parts]
+    contrast = poses.capture_contrast(data, images)
+    assert 0.005 < contrast <= poses.FACE_CONTRAST  # measured 0.0150 (subject 1, 512 px)
+    assert poses.fast_pass(poses.Config(), contrast).peak_threshold == poses.Config().peak_threshold
+
+
 @pytest.mark.parametrize("dropped, solves", [(0, 1), (7, 2)])
 def test_final_adjustment_stops_on_convergence_and_skips_a_needless_second_solve(monkeypatch, dropped, solves):
     import pycolmap
@@ -465,6 +505,8 @@ def test_kermit_registers_at_least_10_of_11_and_agrees_with_bundler(shared_data,
     data.mkdir()
     for image in sorted(kermit.glob("*.jpg")):
         shutil.copy(image, data / image.name)
+    contrast = poses.capture_contrast(data, sorted(p.name for p in data.glob("*.jpg")))
+    assert 0.025 < contrast < 0.045  # measured 0.033: textured, so a fast pass at threshold ~0.0044
     poses.run(data, tmp_path / "work", poses.Config())
     record = poses.load_poses(tmp_path / "work", "kermit")
     assert int((record["source"] == poses.SOURCES["sfm"]).sum()) >= 10

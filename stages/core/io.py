@@ -394,6 +394,32 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"{path}: corrupt or unreadable image ({exc}); replace or remove the file") from None
 
 
+def read_gray(path: str | os.PathLike, reduce: int = 1) -> np.ndarray:
+    """Read an image as grey float32 [H // reduce, W // reduce] in 0..1 (ITU-R 601 luma, as COLMAP's
+    reader; EXIF orientation is not applied). ``reduce`` > 1 box-averages reduce x reduce pixels; a
+    JPEG is then decoded at the smaller scale directly (DCT scaling), which is several times faster.
+
+    A missing, truncated or undecodable file is an InputError naming the file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if reduce & (reduce - 1) == 0:  # JPEG scales by 1/2, 1/4 or 1/8; other formats ignore it
+                image.draft("L", (width // reduce, height // reduce))
+            image = image.convert("L")
+            factor = round(width / image.size[0])
+            if reduce > factor:
+                image = image.reduce(reduce // factor)
+            return np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
+    except FileNotFoundError:
+        raise InputError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: corrupt or unreadable image ({exc}); replace or remove the file") from None
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) after EXIF orientation, reading only the header."""
     from PIL import Image, UnidentifiedImageError

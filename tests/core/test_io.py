@@ -157,6 +157,24 @@ def test_image_exif_orientation_is_applied(tmp_path):
     assert io.image_size(tmp_path / "r.jpg") == (16, 24)
 
 
+def test_read_gray_reduces_by_box_averages_and_decodes_jpeg_at_scale(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (8, 12), dtype=np.uint8)
+    path = io.write_image(tmp_path / "g.png", np.repeat(grey[..., None], 3, axis=2))
+    np.testing.assert_allclose(io.read_gray(path), grey / 255, atol=1e-7)
+    boxes = grey.reshape(4, 2, 6, 2).mean(axis=(1, 3)) / 255
+    np.testing.assert_allclose(io.read_gray(path, reduce=2), boxes, atol=0.6 / 255)  # uint8 rounding
+    assert io.read_gray(path, reduce=3).shape == (3, 4)  # partial boxes at the edges, as PIL's reduce
+    smooth = np.kron(rng.integers(0, 256, (30, 40)), np.ones((8, 8))).astype(np.uint8)  # [240, 320]
+    Image.fromarray(smooth).save(tmp_path / "s.jpg", quality=95)
+    half = io.read_gray(tmp_path / "s.jpg", reduce=2)  # decoded at 1/2 scale by the JPEG decoder
+    assert half.shape == (120, 160) and half.dtype == np.float32
+    full = io.read_gray(tmp_path / "s.jpg")
+    assert np.abs(half - full.reshape(120, 2, 160, 2).mean(axis=(1, 3))).mean() < 3 / 255
+    with pytest.raises(InputError, match="nothing.png: image not found"):
+        io.read_gray(tmp_path / "nothing.png")
+
+
 def test_corrupt_image_names_the_file(tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
