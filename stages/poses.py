@@ -47,6 +47,7 @@ import tempfile
 import time
 import typing
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -325,17 +326,22 @@ def _quiet_colmap() -> None:
         logging_ns.minloglevel = 0 if log.isEnabledFor(logging.DEBUG) else 3
 
 
-def run_sfm(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequence[tuple[int, int]]):
+def run_sfm(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequence[tuple[int, int]],
+            contrast: float | None = None):  # fmt: skip
     """Run SfM on ``image_names`` (paths relative to ``root``) in a temp workspace.
 
     With ``cfg.fast_first`` a pass with plain SIFT (no affine shape, no domain-size pooling) runs
-    first; the full settings of ``cfg`` run only when it leaves views unregistered. The best
-    reconstruction is then refined (`refine_reconstruction`). Returns (the best reconstruction or
-    None, the number of models of that pass).
+    first, its peak threshold scaled by the capture's ``contrast`` (`capture_contrast`; measured
+    here when not given); the full settings of ``cfg`` run only when it leaves views unregistered.
+    The best reconstruction is then refined (`refine_reconstruction`). Returns (the best
+    reconstruction or None, the number of models of that pass).
     """
     passes = [cfg]
     if cfg.fast_first:
-        contrast = capture_contrast(root, image_names) if cfg.contrast_threshold else None
+        if not cfg.contrast_threshold:
+            contrast = None
+        elif contrast is None or not math.isfinite(contrast):
+            contrast = capture_contrast(root, image_names)
         passes.insert(0, fast_pass(cfg, contrast))
         log.debug("poses: fine-scale contrast %s; fast-pass SIFT peak threshold %.4f",
                   "not measured" if contrast is None else f"{contrast:.4f}", passes[0].peak_threshold)  # fmt: skip
@@ -395,8 +401,31 @@ def _gaussian_blur(image_hw: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def capture_contrast(root: Path, image_names: Sequence[str]) -> float:
-    """Median `fine_contrast` of a capture's images (decoded at half resolution, ~4 ms per 640x480 JPEG)."""
-    return float(np.median([fine_contrast(io.read_gray(root / name, reduce=2)) for name in image_names]))
+    """Median `fine_contrast` of a capture's images (`check_capture` measures it while validating)."""
+    return inspect_images(root, image_names).contrast
+
+
+@dataclass(frozen=True)
+class CheckedImages:
+    """What decoding a capture's images measured: (width, height) per row after EXIF orientation,
+    and the median `fine_contrast` (NaN when nothing was decoded)."""
+
+    sizes: list[tuple[int, int]]
+    contrast: float = math.nan
+
+
+def inspect_images(root: Path, image_names: Sequence[str]) -> CheckedImages:
+    """Decode every image once (a thread per core; JPEGs at half scale, see `io.read_gray`): an
+    InputError names the first corrupt file; returns the sizes and the capture's contrast."""
+
+    def inspect(name: str) -> tuple[tuple[int, int], float]:
+        gray_hw = io.read_gray(root / name, reduce=2)  # decodes all of the file: validates it
+        return io.image_size(root / name), fine_contrast(gray_hw)
+
+    with ThreadPoolExecutor(max(1, min(len(image_names), os.cpu_count() or 1)), "nvf-decode") as pool:
+        found = list(pool.map(inspect, image_names))
+    contrast = float(np.median([c for _, c in found])) if found else math.nan
+    return CheckedImages([size for size, _ in found], contrast)
 
 
 def _sfm_pass(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequence[tuple[int, int]]):
@@ -825,9 +854,9 @@ def solve_rig(captures: Sequence[CapturePoses], iterations: int = 4) -> Rig:
 # ----------------------------------------------------------------------------------------------
 
 
-def check_capture(root: Path, capture: dataset.Capture, decode: bool = True) -> list[tuple[int, int]]:
+def check_capture(root: Path, capture: dataset.Capture, decode: bool = True) -> CheckedImages:
     """Validate a capture's images (>= 2, unique names, and with `decode` decodable); returns their
-    (width, height) when decoded, else []."""
+    sizes and contrast when decoded (`inspect_images`), else no sizes."""
     if len(capture.images) < 2:
         raise InputError(f"capture {capture.id}: {len(capture.images)} image(s); poses need at least 2 views "
                          "of one capture (add views or leave the capture out with --captures)")  # fmt: skip
@@ -835,11 +864,7 @@ def check_capture(root: Path, capture: dataset.Capture, decode: bool = True) -> 
     if len(set(names)) != len(names):
         dupe = next(n for n in names if names.count(n) > 1)
         raise InputError(f"capture {capture.id}: image name {dupe} occurs twice; rename or remove the copy")
-    sizes: list[tuple[int, int]] = []
-    for entry in capture.images if decode else ():
-        image = io.read_image(root / entry.path)  # InputError naming a corrupt file
-        sizes.append((int(image.shape[1]), int(image.shape[0])))
-    return sizes
+    return inspect_images(root, [entry.path for entry in capture.images]) if decode else CheckedImages([])
 
 
 def order_parameter(capture: dataset.Capture, layout: str) -> tuple[np.ndarray, np.ndarray]:
@@ -851,18 +876,19 @@ def order_parameter(capture: dataset.Capture, layout: str) -> tuple[np.ndarray, 
 
 
 def estimate_capture(root: Path, capture: dataset.Capture, cfg: Config, layout: str,
-                     sizes: Sequence[tuple[int, int]] | None = None,
-                     rig: Rig | None = None) -> CapturePoses:  # fmt: skip
+                     checked: CheckedImages | None = None, rig: Rig | None = None) -> CapturePoses:  # fmt: skip
     """SfM on one capture, then the fallbacks for views it could not register (rig, then interp)."""
-    return complete_capture(sfm_capture(root, capture, cfg, sizes), capture, layout, rig)
+    return complete_capture(sfm_capture(root, capture, cfg, checked), capture, layout, rig)
 
 
 def sfm_capture(root: Path, capture: dataset.Capture, cfg: Config,
-                sizes: Sequence[tuple[int, int]] | None = None) -> CapturePoses:  # fmt: skip
-    """SfM on one capture; rows SfM could not register keep identity poses, zero K and source interp."""
-    sizes = list(sizes) if sizes is not None else check_capture(root, capture)
+                checked: CheckedImages | None = None) -> CapturePoses:  # fmt: skip
+    """SfM on one capture (``checked``: its `check_capture`, done here when not given); rows SfM
+    could not register keep identity poses, zero K and source interp."""
+    checked = checked if checked is not None else check_capture(root, capture)
+    sizes = checked.sizes
     paths = [entry.path for entry in capture.images]
-    rec, n_models = run_sfm(root, paths, cfg, sizes)
+    rec, n_models = run_sfm(root, paths, cfg, sizes, checked.contrast)
     views, sparse = extract_views(rec, paths) if rec is not None else ({}, None)
     n = len(paths)
     R, T = np.tile(np.eye(3), (n, 1, 1)), np.zeros((n, 3))
@@ -1099,13 +1125,13 @@ def run(
             pending = [True] * len(group)
         plans.append((group, hashes, pending))
     # decode what will be posed, all before the first write (an up-to-date capture decoded when it was posed)
-    sizes = {c.id: check_capture(data, c) for group, _, pending in plans for c, todo in zip(group, pending) if todo}
+    checked = {c.id: check_capture(data, c) for group, _, pending in plans for c, todo in zip(group, pending) if todo}
     for memo in memos.values():
         memo.save()
     written: list[Path] = []
     done = 0
     for group, hashes, pending in plans:
-        partial = {c.id: sfm_capture(data, c, cfg, sizes[c.id]) for c, todo in zip(group, pending) if todo}
+        partial = {c.id: sfm_capture(data, c, cfg, checked[c.id]) for c, todo in zip(group, pending) if todo}
         group_rig = rig
         if len(group) > 1 and partial:
             group_rig = _solve_group_rig(list(partial.values()), group)

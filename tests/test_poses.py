@@ -284,6 +284,9 @@ def test_only_the_fast_pass_takes_the_contrast_scaled_threshold(monkeypatch, sca
     assert fast.peak_threshold == pytest.approx(2 * cfg.peak_threshold if scaled else cfg.peak_threshold)
     assert not fast.affine_shape and not fast.domain_size_pooling
     assert tuned == cfg  # escalation keeps the full face settings: most sensitive threshold, affine, DSP
+    passes.clear()  # a contrast measured while validating is used as it is
+    poses.run_sfm(Path("."), ["a.png", "b.png"], cfg, [(64, 64)] * 2, contrast=3 * poses.FACE_CONTRAST)
+    assert passes[0].peak_threshold == pytest.approx(3 * cfg.peak_threshold if scaled else cfg.peak_threshold)
 
 
 def test_ring_contrast_keeps_the_face_threshold(ring):

@@ -171,6 +171,9 @@ def test_read_gray_reduces_by_box_averages_and_decodes_jpeg_at_scale(tmp_path):
     assert half.shape == (120, 160) and half.dtype == np.float32
     full = io.read_gray(tmp_path / "s.jpg")
     assert np.abs(half - full.reshape(120, 2, 160, 2).mean(axis=(1, 3))).mean() < 3 / 255
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "s.jpg").read_bytes()[:-200])
+    with pytest.raises(InputError, match="cut.jpg: corrupt or unreadable image"):  # the scaled decode reads it all
+        io.read_gray(tmp_path / "cut.jpg", reduce=2)
     with pytest.raises(InputError, match="nothing.png: image not found"):
         io.read_gray(tmp_path / "nothing.png")
 
