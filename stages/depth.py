@@ -120,7 +120,7 @@ class DepthPredictor:
     ) -> None:
         self.ref = ref
         self.device = device
-        self.dtype = batching.TORCH_DTYPES[precision]
+        self.dtype = batching.torch_dtype(precision)
         self.model, self.processor = models.load_depth_model(ref, device, self.dtype)
         self.depth_kind = infer_depth_kind(self.model.config) if depth_kind == "auto" else depth_kind
         self.interpolation = interpolation

@@ -74,8 +74,10 @@ def sample(
     overwrite: Overwrite = False,
     json_out: Json = False,
 ) -> None:
-    """Sample target views of PHOTO with the model of a run; writes OUT/views/NNN.png (000 = the photo),
-    OUT/transforms.json (ready for `nvf reconstruct OUT`) and OUT/contact_sheet.png.
+    """Sample novel views of PHOTO with the model of a run into OUT/views/, with their poses.
+
+    Writes OUT/views/NNN.png (000 = the photo), OUT/transforms.json (ready for `nvf reconstruct
+    OUT`) and OUT/contact_sheet.png.
 
     Examples: `nvf sample run --image face.jpg --out views`; `nvf sample run --image face.jpg --out views
     --orbit 36 --scheduler dpm++ --steps 20`; `nvf sample run -i face.png --mask face_mask.png -o views

@@ -12,13 +12,15 @@ import gc
 import logging
 import os
 import re
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from stages.core.errors import InputError, StageFailure
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI and light stages import this module
+    import torch
 
 log = logging.getLogger("nvf")
 
@@ -39,6 +41,8 @@ def choose_device(spec: str = "auto") -> torch.device:
     current CUDA device); `cuda:N`. Anything else, or CUDA asked for where none is visible, or an
     index past the last GPU, raises `InputError` saying what to pass instead.
     """
+    import torch
+
     text = spec.strip().lower()
     if text == "cpu":
         return torch.device("cpu")
@@ -71,6 +75,8 @@ def free_memory_bytes(device: torch.device | str) -> int:
     reserved but unallocated (it reuses that before asking the driver). CPU: `MemAvailable` from
     /proc/meminfo, or available physical pages from `os.sysconf` where that file is missing.
     """
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
@@ -104,6 +110,8 @@ def auto_batch_size(
     call needs whatever the batch (weights not yet loaded, workspace) and `bytes_per_item` the peak
     extra memory one more item costs. Deterministic for a given free memory; logged.
     """
+    import torch
+
     if bytes_per_item <= 0:
         raise ValueError(f"bytes_per_item must be positive, got {bytes_per_item}")
     if not 0.0 < headroom <= 1.0:
@@ -150,6 +158,8 @@ def resolve_batch_size(
 
 def _release_cuda_memory() -> None:
     """Drop garbage and hand PyTorch's cached CUDA blocks back after an OOM."""
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -172,6 +182,8 @@ def iter_batched(
     `min_batch_size` raises `StageFailure`. Any other exception propagates unchanged.
     `progress(n_done, n_total)` is called once with 0 and after every finished slice.
     """
+    import torch
+
     logger = logger or log
     if batch_size < 1 or min_batch_size < 1:
         raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, min_batch_size={min_batch_size}")
@@ -238,12 +250,19 @@ def run_batched(
 
 
 Precision = Literal["fp32", "fp16", "bf16"]
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a `Precision` (fp32, fp16, bf16)."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def effective_precision(precision: str, device: torch.device) -> str:
     """`precision`, except fp16 on a CPU, which falls back to fp32 with a warning."""
-    if precision not in TORCH_DTYPES:
+    if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}: use fp32, fp16 or bf16")
     if precision == "fp16" and device.type != "cuda":
         log.warning("--precision fp16 needs a CUDA device; running in fp32 on %s (use bf16 for a CPU)", device)

@@ -26,6 +26,24 @@ def test_version():
     assert result.exit_code == 0 and result.stdout.strip() == f"nvf {__version__}"
 
 
+def test_every_command_loads_and_its_listed_help_is_its_docstring():
+    from nvfcli.app import COMMANDS, load_command
+
+    for name, (_module, help_line) in COMMANDS.items():
+        command = load_command(name)
+        assert command.name == name and command.callback is not None
+        assert (command.help or "").splitlines()[0] == help_line  # the lazy listing cannot drift
+
+
+@pytest.mark.parametrize("args", [["--help"], ["poses", "--help"], ["scan", "--help"]])
+def test_help_and_light_commands_do_not_import_torch(args):
+    code = ("import sys; from typer.testing import CliRunner; from nvfcli.app import app; "
+            f"result = CliRunner().invoke(app, {args!r}); "
+            "print(result.exit_code, 'Usage' in result.stdout, 'torch' in sys.modules)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["0", "True", "False"], done.stderr  # torch alone takes ~2 s to import
+
+
 def test_info_json_reports_versions_devices_and_offline_hub():
     result = invoke("info", "--json", env={"HF_HUB_OFFLINE": "1"})
     assert result.exit_code == 0, result.output
