@@ -499,11 +499,25 @@ def refine_reconstruction(rec, cfg: Config) -> None:
     # sooner with the same poses (measured on 256/512 px rings and kermit: < 0.001° apart).
     _set_if_present(getattr(ceres, "solver_options", ceres), "function_tolerance", REFINE_FUNCTION_TOLERANCE)
     for _ in range(2):
-        pycolmap.bundle_adjustment(rec, options)
+        _bundle_adjust(pycolmap, rec, options)
         if not hasattr(pycolmap, "ObservationManager"):
             continue
         if not pycolmap.ObservationManager(rec).filter_all_points3D(cfg.refine_max_error, 1.0):
             break  # nothing dropped: a second solve would start at its optimum
+
+
+def _bundle_adjust(pycolmap, rec, options) -> None:
+    """Global bundle adjustment of every registered image, gauge fixed by two cameras: what
+    ``pycolmap.bundle_adjustment`` does (same poses, bit for bit), without its resetting COLMAP's
+    log level to INFO, which printed its headings on stderr after `_quiet_colmap`."""
+    if not (hasattr(pycolmap, "create_default_bundle_adjuster") and hasattr(pycolmap, "BundleAdjustmentGauge")):
+        pycolmap.bundle_adjustment(rec, options)
+        return
+    config = pycolmap.BundleAdjustmentConfig()
+    for image_id in rec.reg_image_ids():
+        config.add_image(image_id)
+    config.fix_gauge(pycolmap.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
+    pycolmap.create_default_bundle_adjuster(options, config, rec).solve()
 
 
 def _register_more(pycolmap, database: Path, root: Path, work: Path, rec, mapping_options):

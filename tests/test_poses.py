@@ -303,7 +303,7 @@ def test_final_adjustment_stops_on_convergence_and_skips_a_needless_second_solve
     import pycolmap
 
     seen = []
-    monkeypatch.setattr(pycolmap, "bundle_adjustment", lambda rec, options: seen.append(options))
+    monkeypatch.setattr(poses, "_bundle_adjust", lambda pycolmap, rec, options: seen.append(options))
 
     class Filter:
         def __init__(self, rec):
@@ -319,6 +319,28 @@ def test_final_adjustment_stops_on_convergence_and_skips_a_needless_second_solve
     assert ceres.loss_function_type == pycolmap.LossFunctionType.CAUCHY
     # COLMAP's 0 would run every solve to its iteration cap (~4x the time, same poses)
     assert ceres.solver_options.function_tolerance == poses.REFINE_FUNCTION_TOLERANCE > 0
+
+
+def test_final_adjustment_matches_pycolmaps_and_keeps_colmap_quiet():
+    import pycolmap
+
+    options = pycolmap.SyntheticDatasetOptions()
+    options.num_rigs, options.num_frames_per_rig, options.num_points3D = 1, 6, 200
+    noise = pycolmap.SyntheticNoiseOptions()
+    noise.point2D_stddev = 0.5
+    pycolmap.set_random_seed(0)
+    ours = pycolmap.synthesize_dataset(options)
+    pycolmap.synthesize_noise(noise, ours)
+    theirs = pycolmap.Reconstruction(ours)
+    adjustment = pycolmap.BundleAdjustmentOptions()
+    pycolmap.bundle_adjustment(theirs, adjustment)  # resets COLMAP's log level to INFO (0)
+    pycolmap.logging.minloglevel = 3
+    poses._bundle_adjust(pycolmap, ours, adjustment)
+    assert pycolmap.logging.minloglevel == 3  # no "=== Global bundle adjustment ===" on stderr
+    for image_id, image in ours.images.items():
+        np.testing.assert_array_equal(
+            image.cam_from_world().matrix(), theirs.images[image_id].cam_from_world().matrix()
+        )
 
 
 # -- bad input -------------------------------------------------------------------------------------
