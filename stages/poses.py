@@ -27,7 +27,8 @@ Writes per capture (``WORK/<capture>/``):
     - ``sparse.safetensors`` (kind ``sparse``): the SfM points with colours, errors and CSR tracks
       (row indices into the poses' names, pixel uv), the reference `align` uses;
     - on request (``export``): ``transforms.json`` (nerfstudio; file paths relative to the capture
-      folder) and ``colmap/`` (COLMAP text model).
+      folder) and ``colmap/`` (COLMAP text model: SfM's camera models, poses, and the sparse
+      points with their tracks, so COLMAP's tools and nerfstudio's colmap loader can use it).
 
 Convention: COLMAP's ``cam_from_world`` is world-to-camera with the +0.5 pixel-centre convention,
 the same as nvf's, so poses and K are copied without change (the SfM world frame is arbitrary:
@@ -1020,7 +1021,11 @@ def write_capture(out: Path, root: Path, capture: dataset.Capture, poses: Captur
                  for path, s, c in zip(rel, poses.source, poses.confidence)]  # fmt: skip
         written.append(io.write_transforms(folder / "transforms.json", cameras, extra_frames=extra))
     if "colmap" in cfg.export:
-        written.append(io.write_colmap_text(folder / "colmap", cameras, poses.points_p3, poses.colors_p3))
+        models = [(poses.colmap_cameras[name]["model"], poses.colmap_cameras[name]["params"])
+                  if source == SOURCES["sfm"] else None for name, source in zip(poses.names, poses.source)]  # fmt: skip
+        written.append(io.write_colmap_text(folder / "colmap", cameras, poses.points_p3, poses.colors_p3,
+                                            errors_n=poses.point_error_p, track_offsets=poses.track_offsets, track_images=poses.track_images,
+                                            track_uv=poses.track_uv, camera_models=models))  # fmt: skip
     tensors = {"R": poses.R, "T": poses.T, "K": poses.K, "width": poses.width, "height": poses.height,
                "source": poses.source, "confidence": poses.confidence, "reproj_error": poses.reproj_error}  # fmt: skip
     unregistered = [n for n, s in zip(poses.names, poses.source) if s != SOURCES["sfm"]]

@@ -123,6 +123,15 @@ def test_ring_colmap_export_loads_in_pycolmap(ring):
     record = poses.load_poses(work, capture)
     reconstruction = pycolmap.Reconstruction(str(worktree.capture_dir(work, capture) / "colmap"))
     assert reconstruction.num_images() == 13 and reconstruction.num_points3D() > 200
+    # the tracks come along, with SfM's own camera model (distortion included): they reproject
+    sparse = io.load_record(worktree.record_path(work, capture, "sparse"), kind="sparse")
+    assert reconstruction.compute_num_observations() == len(sparse["track_images"])
+    residuals = [np.linalg.norm(image.project_point(point.xyz) - image.points2D[e.point2D_idx].xy)
+                 for point in reconstruction.points3D.values() for e in point.track.elements
+                 for image in [reconstruction.images[e.image_id]]]  # fmt: skip
+    assert np.median(residuals) < 0.5 and np.max(residuals) < 1.5  # pixels; tracks were filtered at 1 px
+    assert 0 < reconstruction.compute_mean_reprojection_error() < 0.5  # SfM's own per-point errors
+    assert {camera.model.name for camera in reconstruction.cameras.values()} == {"SIMPLE_RADIAL"}
     for image in reconstruction.images.values():
         i = record.names.index(image.name)
         pose = image.cam_from_world() if callable(image.cam_from_world) else image.cam_from_world

@@ -604,33 +604,59 @@ def write_colmap_text(
     cameras: CameraSet,
     points_n3: np.ndarray | None = None,
     colors_n3: np.ndarray | None = None,
+    *,
+    errors_n: np.ndarray | None = None,
+    track_offsets: np.ndarray | None = None,
+    track_images: np.ndarray | None = None,
+    track_uv: np.ndarray | None = None,
+    camera_models: Sequence[tuple[str, Sequence[float]] | None] | None = None,
 ) -> Path:
     """Export cameras, images and (optionally) 3D points as a COLMAP text model, atomically.
 
-    One PINHOLE camera per distinct (K, width, height); image poses as COLMAP stores them
-    (quaternion w,x,y,z and translation of world-to-camera, the same convention as nvf). Points
-    are written without tracks (COLMAP accepts empty tracks). COLMAP's K uses the same +0.5 pixel
-    centre convention as nvf, so no shift is applied.
+    One camera per distinct model and parameters: ``camera_models[i]`` (COLMAP model name and
+    params, distortion included) where given, else PINHOLE from K. Image poses as COLMAP stores
+    them (quaternion w,x,y,z and translation of world-to-camera, the same convention as nvf). With
+    CSR tracks (``track_offsets`` [P+1], ``track_images`` [M] camera rows, ``track_uv`` [M, 2]
+    pixels) every observation becomes a 2D point of its image and an element of its point's track;
+    without them points have empty tracks. COLMAP's pixel coordinates and K use the same +0.5 pixel
+    centre convention as nvf, so nothing is shifted. ``errors_n`` fills each point's mean
+    reprojection error (pixels; 0 without).
     """
+    n_points = 0 if points_n3 is None else len(points_n3)
+    points2d: list[list[str]] = [[] for _ in cameras.names]  # per image: "u v point_id"
+    tracks: list[str] = [""] * n_points  # per point: "image_id point2d_idx ..."
+    if track_offsets is not None and track_images is not None and track_uv is not None:
+        for p in range(n_points):
+            elements = []
+            for m in range(int(track_offsets[p]), int(track_offsets[p + 1])):
+                row = int(track_images[m])
+                elements.append(f" {row + 1} {len(points2d[row])}")
+                points2d[row].append(f"{float(track_uv[m, 0])!r} {float(track_uv[m, 1])!r} {p + 1}")
+            tracks[p] = "".join(elements)
     camera_ids: dict[tuple, int] = {}
     camera_lines, image_lines = [], []
     quats = geometry.rotmat_to_quat(cameras.R)
     for i, name in enumerate(cameras.names):
         K, width, height = cameras.K[i], int(cameras.width[i]), int(cameras.height[i])
-        key = (width, height, float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2]))
+        model = camera_models[i] if camera_models is not None else None
+        if model is None:
+            model = ("PINHOLE", (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
+        key = (model[0], width, height, *(float(v) for v in model[1]))
         if key not in camera_ids:
             camera_ids[key] = len(camera_ids) + 1
-            camera_lines.append(f"{camera_ids[key]} PINHOLE {width} {height} " + " ".join(repr(v) for v in key[2:]))
+            camera_lines.append(f"{camera_ids[key]} {model[0]} {width} {height} " + " ".join(repr(v) for v in key[3:]))
         qw, qx, qy, qz = (repr(float(v)) for v in quats[i])
         tx, ty, tz = (repr(float(v)) for v in cameras.T[i])
         image_lines.append(f"{i + 1} {qw} {qx} {qy} {qz} {tx} {ty} {tz} {camera_ids[key]} {name}")
-        image_lines.append("")  # no 2D points
+        image_lines.append(" ".join(points2d[i]))
     point_lines = []
     if points_n3 is not None:
         colors = np.zeros_like(points_n3, dtype=np.uint8) if colors_n3 is None else np.asarray(colors_n3)
         colors = (np.clip(colors, 0, 1) * 255).round().astype(np.uint8) if colors.dtype != np.uint8 else colors
-        for j, (point, color) in enumerate(zip(np.asarray(points_n3, dtype=float), colors)):
-            point_lines.append(f"{j + 1} {point[0]!r} {point[1]!r} {point[2]!r} {color[0]} {color[1]} {color[2]} 0")
+        errors = np.zeros(n_points) if errors_n is None else np.asarray(errors_n, dtype=float)
+        for j, (point, color) in enumerate(zip(np.asarray(points_n3, dtype=float).tolist(), colors)):
+            xyz = f"{point[0]!r} {point[1]!r} {point[2]!r}"  # Python floats: repr is the shortest exact text
+            point_lines.append(f"{j + 1} {xyz} {color[0]} {color[1]} {color[2]} {float(errors[j])!r}{tracks[j]}")
     header = "# written by nvf\n"
     with atomic_dir(folder) as tmp:
         (tmp / "cameras.txt").write_text(header + "\n".join(camera_lines) + "\n")

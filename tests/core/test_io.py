@@ -285,6 +285,39 @@ def test_colmap_text_loads_in_pycolmap(tmp_path):
         np.testing.assert_allclose(matrix[:, 3], cameras.T[i], atol=1e-9)
 
 
+def test_colmap_text_tracks_and_camera_models_load_in_pycolmap(tmp_path):
+    pycolmap = pytest.importorskip("pycolmap")
+    cameras = _cameras(3)
+    points = np.random.default_rng(3).normal(scale=0.3, size=(5, 3))
+    offsets, rows, uv = [0], [], []
+    for p, point in enumerate(points):  # point p is seen by every camera but the one at p % 3
+        for i in range(3):
+            if i != p % 3:
+                projected, _z = geometry.project(point[None], cameras.K[i], cameras.R[i], cameras.T[i])
+                rows.append(i)
+                uv.append(projected[0])
+        offsets.append(len(rows))
+    models = [None, ("SIMPLE_RADIAL", [100.0, 32.0, 32.0, 0.0]), None]
+    folder = io.write_colmap_text(tmp_path / "sparse", cameras, points, errors_n=np.arange(5) / 10,
+                                  track_offsets=np.array(offsets), track_images=np.array(rows),
+                                  track_uv=np.array(uv), camera_models=models)  # fmt: skip
+    reconstruction = pycolmap.Reconstruction(str(folder))
+    assert reconstruction.num_cameras() == 2 and reconstruction.compute_num_observations() == 10
+    by_name = {image.name: image for image in reconstruction.images.values()}
+    assert reconstruction.cameras[by_name["v1.png"].camera_id].model.name == "SIMPLE_RADIAL"
+    for p in range(5):
+        track = reconstruction.points3D[p + 1].track
+        seen = sorted(reconstruction.images[e.image_id].name for e in track.elements)
+        assert seen == [f"v{i}.png" for i in range(3) if i != p % 3]
+        for e in track.elements:
+            image = reconstruction.images[e.image_id]
+            point2d = image.points2D[e.point2D_idx]
+            assert point2d.point3D_id == p + 1
+            # the observations are the projections: COLMAP reprojects them to within rounding
+            np.testing.assert_allclose(image.project_point(points[p]), point2d.xy, atol=1e-9)
+        assert reconstruction.points3D[p + 1].error == pytest.approx(p / 10)
+
+
 def test_sparse_record_csr_tracks_are_checked(tmp_path):
     tensors = {
         "points": np.zeros((3, 3)), "colors": np.zeros((3, 3), np.uint8), "error": np.zeros(3),
