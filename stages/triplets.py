@@ -481,10 +481,9 @@ def _capture_rows(
         raise RecordError(f"{records['embed']}: not the embed record of capture {capture.id}; rerun nvf embed")
     names = capture.names
     pose_rows = _row_map(poses.names, names, poses.path)
-    embed_rows = _row_map(json.loads(embed_meta.get("names", "[]")), names, records["embed"])
+    embed_rows = _row_map(io.read_record_names(records["embed"]), names, records["embed"])
     if "depth" in records:
-        depth_names = json.loads(io.read_record_metadata(records["depth"]).get("names", "[]"))
-        depth_rows = _row_map(depth_names, names, records["depth"])
+        depth_rows = _row_map(io.read_record_names(records["depth"]), names, records["depth"])
     else:
         depth_rows = np.full(len(names), -1, dtype=np.int32)
     sources_all = poses.tensors.get("source")

@@ -32,6 +32,11 @@ from stages.core import geometry
 from stages.core.errors import InputError, RecordError
 
 FORMAT_VERSION = "1"
+NAMES_IN_HEADER_MAX = 1 << 20
+"""Bytes of JSON up to which a record's row names go in its header; longer lists are stored as two
+tensors (UTF-8 bytes and offsets). safetensors caps the header at 100 MB, and a triplets index of
+Multi-PIE's 750k images holds ~45 MB of names (2M images would not fit)."""
+_NAMES_UTF8, _NAMES_OFFSETS = "nvf_names_utf8", "nvf_names_offsets"
 POSE_CONVENTION = "opencv_w2c: x_cam = R @ x_world + T; x right, y down, z forward; pixel centres at +0.5"
 DEPTH_CONVENTION = (
     "depth maps hold z-depth along the optical axis, or relative inverse depth where depth_kind=disparity; 0 = invalid"
@@ -224,20 +229,28 @@ def save_record(
 
     arrays = {key: _to_numpy(value) for key, value in tensors.items()}
     _validate_shapes(Path(path), kind, arrays, len(names), schema)
+    names_json = json.dumps(list(names))
+    names_storage = {}  # absent: in the header (records that fit stay byte-identical to earlier versions)
+    if len(names_json) > NAMES_IN_HEADER_MAX:
+        encoded = [name.encode() for name in names]
+        arrays[_NAMES_UTF8] = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()  # [bytes]
+        arrays[_NAMES_OFFSETS] = np.concatenate([[0], np.cumsum([len(e) for e in encoded])]).astype(np.int64)
+        names_json, names_storage = "[]", {"names_storage": "tensors"}
     metadata = {
         "nvf_format": FORMAT_VERSION,
         "nvf_kind": kind,
         "nvf_stage": stage,
         "nvf_version": __version__,
         "capture": capture,
-        "names": json.dumps(list(names)),
+        "names": names_json,
+        **names_storage,
         "config": json.dumps(to_jsonable(config if config is not None else {}), sort_keys=True),
         "inputs": inputs_hash,
         "pose_convention": POSE_CONVENTION,
         "depth_convention": DEPTH_CONVENTION,
     }
     for key, value in (extra or {}).items():
-        if key in metadata:
+        if key in metadata or key == "names_storage":
             raise ValueError(f"extra metadata key '{key}' clashes with a reserved key")
         metadata[key] = str(value)
     with atomic_path(path) as tmp:
@@ -306,8 +319,15 @@ def load_record(
         config = json.loads(metadata.get("config", "{}"))
     except json.JSONDecodeError:
         raise RecordError(f"{path}: corrupt metadata (names/config are not JSON); delete it and rerun") from None
+    if metadata.get("names_storage") == "tensors":  # a long name list (see NAMES_IN_HEADER_MAX)
+        blob, offsets = tensors.pop(_NAMES_UTF8, None), tensors.pop(_NAMES_OFFSETS, None)
+        if blob is None or offsets is None:
+            raise RecordError(f"{path}: the row names are missing; delete it and rerun the stage that writes it")
+        data, bounds = blob.tobytes(), offsets.tolist()
+        names = [data[start:end].decode() for start, end in zip(bounds[:-1], bounds[1:])]
     _validate_shapes(path, found_kind, tensors, len(names), schema)
-    reserved = {"nvf_format", "nvf_kind", "nvf_stage", "nvf_version", "capture", "names", "config", "inputs"}
+    reserved = {"nvf_format", "nvf_kind", "nvf_stage", "nvf_version", "capture", "names", "names_storage", "config",
+                "inputs"}  # fmt: skip
     return Record(
         path=path,
         tensors=tensors,
@@ -323,11 +343,24 @@ def load_record(
 
 
 def read_record_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of a record without loading its tensors (cheap: used to decide what to skip)."""
+    """The metadata of a record without loading its tensors (cheap: used to decide what to skip).
+    Its row names: `read_record_names` (a long list is not in the metadata)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as handle:
         return dict(handle.metadata() or {})
+
+
+def read_record_names(path: str | os.PathLike) -> list[str]:
+    """A record's row names without loading its other tensors (see `NAMES_IN_HEADER_MAX`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = dict(handle.metadata() or {})
+        if metadata.get("names_storage") != "tensors":
+            return json.loads(metadata.get("names", "[]"))
+        data, offsets = handle.get_tensor(_NAMES_UTF8).tobytes(), handle.get_tensor(_NAMES_OFFSETS).tolist()
+    return [data[start:end].decode() for start, end in zip(offsets[:-1], offsets[1:])]
 
 
 def _to_numpy(value: Any) -> np.ndarray:

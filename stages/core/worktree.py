@@ -21,7 +21,7 @@ from pathlib import Path
 
 from stages.core.dataset import Capture
 from stages.core.errors import InputError
-from stages.core.io import read_record_metadata
+from stages.core.io import read_record_metadata, read_record_names
 
 RECORD_FILES = {
     "poses": "poses.safetensors",
@@ -159,7 +159,7 @@ def recorded_image_paths(poses_path: str | os.PathLike) -> dict[str, Path] | Non
     try:
         meta = read_record_metadata(path) if path.is_file() else {}
         paths = [Path(p) for p in json.loads(meta.get("image_paths", "null")) or []]
-        names = json.loads(meta.get("names", "[]"))
+        names = read_record_names(path) if path.is_file() else []
     except Exception:  # an unreadable record: the caller falls back to --data or transforms.json
         return None
     if not paths or len(paths) != len(names) or not all(p.is_file() for p in paths):

@@ -67,6 +67,21 @@ def test_record_round_trip_keeps_values_and_metadata(tmp_path):
     assert record.nvf_version
 
 
+def test_long_name_lists_go_into_tensors_and_load_back(tmp_path, monkeypatch):
+    names = [f"session01/multiview/{i:03d}/01/05_1/ü{i}.png" for i in range(50)]
+    tensors = {"R": np.zeros((50, 3, 3)), "T": np.zeros((50, 3)), "K": np.zeros((50, 3, 3)),
+               "width": np.zeros(50, np.int32), "height": np.zeros(50, np.int32)}  # fmt: skip
+    small = io.save_record(tmp_path / "small.safetensors", tensors, kind="poses", stage="s", capture="c", names=names)
+    assert "names_storage" not in io.read_record_metadata(small)  # fits: as before, in the header
+    monkeypatch.setattr(io, "NAMES_IN_HEADER_MAX", 100)  # as a 2M-image index would exceed 100 MB
+    path = io.save_record(tmp_path / "big.safetensors", tensors, kind="poses", stage="s", capture="c", names=names)
+    meta = io.read_record_metadata(path)
+    assert meta["names_storage"] == "tensors" and meta["names"] == "[]"
+    record = io.load_record(path, kind="poses")
+    assert record.names == names and sorted(record.tensors) == sorted(tensors) and len(record) == 50
+    assert io.load_record(small).names == names
+
+
 def test_record_accepts_torch_tensors(tmp_path):
     torch = pytest.importorskip("torch")
     depth = torch.rand(2, 5, 7)
