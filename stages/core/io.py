@@ -323,8 +323,7 @@ def load_record(
         blob, offsets = tensors.pop(_NAMES_UTF8, None), tensors.pop(_NAMES_OFFSETS, None)
         if blob is None or offsets is None:
             raise RecordError(f"{path}: the row names are missing; delete it and rerun the stage that writes it")
-        data, bounds = blob.tobytes(), offsets.tolist()
-        names = [data[start:end].decode() for start, end in zip(bounds[:-1], bounds[1:])]
+        names = _decode_names(blob, offsets)
     _validate_shapes(path, found_kind, tensors, len(names), schema)
     reserved = {"nvf_format", "nvf_kind", "nvf_stage", "nvf_version", "capture", "names", "names_storage", "config",
                 "inputs"}  # fmt: skip
@@ -359,8 +358,13 @@ def read_record_names(path: str | os.PathLike) -> list[str]:
         metadata = dict(handle.metadata() or {})
         if metadata.get("names_storage") != "tensors":
             return json.loads(metadata.get("names", "[]"))
-        data, offsets = handle.get_tensor(_NAMES_UTF8).tobytes(), handle.get_tensor(_NAMES_OFFSETS).tolist()
-    return [data[start:end].decode() for start, end in zip(offsets[:-1], offsets[1:])]
+        return _decode_names(handle.get_tensor(_NAMES_UTF8), handle.get_tensor(_NAMES_OFFSETS))
+
+
+def _decode_names(utf8_b: np.ndarray, offsets_n1: np.ndarray) -> list[str]:
+    """Row names from their concatenated UTF-8 bytes [B] and offsets [N+1] (see `save_record`)."""
+    data, bounds = utf8_b.tobytes(), offsets_n1.tolist()
+    return [data[start:end].decode() for start, end in zip(bounds[:-1], bounds[1:])]
 
 
 def _to_numpy(value: Any) -> np.ndarray:

@@ -80,6 +80,7 @@ def test_long_name_lists_go_into_tensors_and_load_back(tmp_path, monkeypatch):
     record = io.load_record(path, kind="poses")
     assert record.names == names and sorted(record.tensors) == sorted(tensors) and len(record) == 50
     assert io.load_record(small).names == names
+    assert io.read_record_names(path) == io.read_record_names(small) == names  # without loading the tensors
 
 
 def test_record_accepts_torch_tensors(tmp_path):
