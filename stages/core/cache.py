@@ -30,11 +30,13 @@ Loaded = TypeVar("Loaded")
 
 
 class ArrayCache:
-    """Arrays by key: memory LRU of at most ``memory_bytes`` (0 = none) over an optional disk folder."""
+    """Arrays by key: a memory LRU of at most ``memory_bytes`` and/or ``max_items`` (0: that bound
+    is off; both 0: no memory tier) over an optional disk folder."""
 
-    def __init__(self, folder: str | Path | None, memory_bytes: int = 0) -> None:
+    def __init__(self, folder: str | Path | None, memory_bytes: int = 0, max_items: int = 0) -> None:
         self.folder = Path(folder) if folder is not None else None
         self.memory_bytes = memory_bytes
+        self.max_items = max_items
         self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
         self._used = 0
         self._lock = threading.Lock()
@@ -44,6 +46,11 @@ class ArrayCache:
         if self.folder is None:
             raise ValueError("this cache has no disk folder")
         return self.folder / key[:2] / f"{key}.npy"
+
+    def __len__(self) -> int:
+        """How many entries the memory tier holds."""
+        with self._lock:
+            return len(self._memory)
 
     def contains(self, key: str) -> bool:
         """Whether ``key`` is cached (in memory or on disk), without loading it."""
@@ -84,7 +91,7 @@ class ArrayCache:
             np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
 
     def _remember(self, key: str, array: np.ndarray) -> None:
-        if self.memory_bytes <= 0:
+        if self.memory_bytes <= 0 and self.max_items <= 0:
             return
         with self._lock:
             if key in self._memory:
@@ -92,7 +99,9 @@ class ArrayCache:
                 return
             self._memory[key] = array
             self._used += array.nbytes
-            while self._used > self.memory_bytes and len(self._memory) > 1:
+            while len(self._memory) > 1 and (
+                0 < self.memory_bytes < self._used or 0 < self.max_items < len(self._memory)
+            ):
                 _, evicted = self._memory.popitem(last=False)
                 self._used -= evicted.nbytes
 

@@ -13,7 +13,6 @@ to (L2-normalised), pose = the 12-D code (`paper`) or [4-number Zero123 T ‖ 12
 
 from __future__ import annotations
 
-import collections
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from stages.core import io
+from stages.core.cache import ArrayCache
 from stages.core.errors import InputError
 from stages.triplets import SPLITS, TripletSet
 
@@ -44,11 +44,12 @@ def preprocess_image(image_hw3: np.ndarray, resolution: int) -> torch.Tensor:
 
 
 class LatentCache:
-    """VAE latent distributions [8, h, w] (mean ‖ logvar) per image, LRU in memory + files on disk.
+    """VAE latent distributions [8, h, w] (mean ‖ logvar) per image: a `core.cache.ArrayCache`
+    (memory LRU over files on disk) that encodes what it does not hold.
 
-    Key: sha256 of the image file's bytes, the VAE fingerprint and the resolution. `folder=None`
-    keeps the memory tier only. `get` encodes what neither tier holds (batched, `encode_batch` images
-    per VAE call).
+    Key: sha256 of the image file's bytes; the folder is per VAE fingerprint and resolution.
+    `folder=None` keeps the memory tier only. `get` encodes what neither tier holds (batched,
+    `encode_batch` images per VAE call).
     """
 
     def __init__(
@@ -62,9 +63,9 @@ class LatentCache:
         encode_batch: int = 16,
     ) -> None:
         self.vae, self.resolution, self.device = vae, resolution, device
-        self.folder = folder / f"{vae_fingerprint}-{resolution}" if folder is not None else None
-        self.capacity, self.encode_batch = capacity, encode_batch
-        self.memory: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+        self.encode_batch = encode_batch
+        self.store = ArrayCache(folder / f"{vae_fingerprint}-{resolution}" if folder is not None else None,
+                                max_items=capacity)  # fmt: skip
         self.encoded = 0  # images the VAE ran on (tests and logs)
         self._keys: dict[Path, str] = {}
 
@@ -75,50 +76,24 @@ class LatentCache:
             self._keys[path] = io.hash_file(path)
         return self._keys[path]
 
-    def _file(self, key: str) -> Path:
-        assert self.folder is not None
-        return self.folder / key[:2] / f"{key}.safetensors"
-
-    def _remember(self, key: str, moments: torch.Tensor) -> None:
-        self.memory[key] = moments
-        self.memory.move_to_end(key)
-        while len(self.memory) > self.capacity:
-            self.memory.popitem(last=False)
-
-    def _lookup(self, key: str) -> torch.Tensor | None:
-        if key in self.memory:
-            self.memory.move_to_end(key)
-            return self.memory[key]
-        if self.folder is not None and (file := self._file(key)).is_file():
-            from safetensors.torch import load_file
-
-            moments = load_file(str(file))["moments"]
-            self._remember(key, moments)
-            return moments
-        return None
-
     def get(self, paths: Sequence[Path]) -> torch.Tensor:
         """Moments [N, 8, h, w] float32 (CPU) of `paths`, encoding the missing ones."""
         keys = [self.key(Path(p)) for p in paths]
-        found = {k: m for k in dict.fromkeys(keys) if (m := self._lookup(k)) is not None}
+        found = {k: m for k in dict.fromkeys(keys) if (m := self.store.get(k)) is not None}
         missing = [(k, Path(p)) for k, p in dict(zip(keys, paths, strict=True)).items() if k not in found]
         for start in range(0, len(missing), self.encode_batch):
             chunk = missing[start : start + self.encode_batch]
             for (key, _), moments in zip(chunk, self._encode([p for _, p in chunk]), strict=True):
-                found[key] = moments
-                self._remember(key, moments)
-                if self.folder is not None:
-                    self._store(key, moments)
-        return torch.stack([found[k] for k in keys])
+                found[key] = moments.numpy()
+                self.store.put(key, found[key])
+        return torch.stack([torch.from_numpy(found[k]) for k in keys])
 
     def prefetch(self, paths: Sequence[Path], progress: Callable[[int, int], None] | None = None) -> None:
         """Make sure every image of `paths` is encoded (into the disk cache when there is one)."""
         unique = list(dict.fromkeys(Path(p) for p in paths))
         step = max(self.encode_batch, 1) * 8
         for start in range(0, len(unique), step):
-            chunk = unique[start : start + step]
-            if self.folder is not None:
-                chunk = [p for p in chunk if not self._file(self.key(p)).is_file()]
+            chunk = [p for p in unique[start : start + step] if not self.store.contains(self.key(p))]
             if chunk:
                 self.get(chunk)
             if progress is not None:
@@ -131,14 +106,6 @@ class LatentCache:
         dist = self.vae.encode(pixels.to(self.device, dtype)).latent_dist
         self.encoded += len(paths)
         return torch.cat([dist.mean, dist.logvar], dim=1).float().cpu()  # [B, 8, h, w]
-
-    def _store(self, key: str, moments: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
-        file = self._file(key)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        with io.atomic_path(file) as tmp:
-            save_file({"moments": moments.contiguous()}, str(tmp))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,18 @@ def test_memory_lru_is_bounded():
     assert cache.hits["memory"] == 2
 
 
+def test_memory_lru_bounded_by_items_and_bytes_together():
+    cache = ArrayCache(None, max_items=2)
+    for key in "abc":
+        cache.put(key, np.zeros(10))
+    assert len(cache) == 2 and cache.get("a") is None and cache.get("c") is not None
+    both = ArrayCache(None, memory_bytes=1000, max_items=5)
+    for key in "abcd":
+        both.put(key, np.zeros(50))  # 400 bytes each: the byte bound bites first
+    assert len(both) == 2 and both.get("d") is not None and both.get("b") is None
+    assert len(ArrayCache(None)) == 0
+
+
 def test_disk_round_trip_and_corrupt_entry_is_a_miss(tmp_path):
     cache = ArrayCache(tmp_path)
     value = np.arange(12, dtype=np.float16).reshape(3, 4)

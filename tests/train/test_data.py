@@ -116,7 +116,7 @@ def test_latent_cache_runs_the_vae_once_per_image_and_survives_restarts(tmp_path
     moments = cache.get([paths[0], paths[1], dup, paths[2], paths[0]])
     assert moments.shape == (5, 8, 4, 4) and cache.encoded == 3  # the copy shares img1's key
     assert torch.equal(moments[1], moments[2]) and torch.equal(moments[0], moments[4])
-    assert len(cache.memory) == 2  # LRU capacity
+    assert len(cache.store) == 2  # LRU capacity (items)
     expected = 40 / 127.5 - 1
     assert torch.allclose(moments[1, :4], torch.full((4, 4, 4), expected)) and torch.all(moments[1, 4:] == -2)
     fresh = data.LatentCache(vae, "fp", 8, torch.device("cpu"), tmp_path / "cache")
