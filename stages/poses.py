@@ -130,6 +130,11 @@ class Config:
     features to match (kermit: threshold 0.0044, 3,200 -> 2,300 features per photo, same poses)."""
     seed: int = 0
     """Seed of COLMAP's random sampling (RANSAC, mapper), for repeatable runs."""
+    deterministic: bool = True
+    """Same images, same poses: the mapper runs on one thread (on several, its choices changed from
+    run to run: kermit flipped between two solutions ~1° apart). Measured no slower on captures of
+    11-15 views, whose bundle adjustments COLMAP runs single-threaded anyway; turn off for long
+    orbits, where multi-threaded adjustment pays."""
     num_threads: int = -1
     """CPU threads for COLMAP (-1: all)."""
 
@@ -240,7 +245,7 @@ def build_options(cfg: Config) -> dict[str, Any]:
         _set_if_present(mapping.mapper.bundle_adjustment, "refine_focal_length", cfg.refine_focal)
         _set_if_present(mapping.mapper, "random_seed", cfg.seed)
     _set_if_present(mapping, "random_seed", cfg.seed)
-    mapping.num_threads = cfg.num_threads
+    mapping.num_threads = 1 if cfg.deterministic else cfg.num_threads
     options = {"reader": reader, "extraction": extraction, "matching": matching, "pairing": pairing,
                "verification": verification, "mapping": mapping}  # fmt: skip
     for key, value in cfg.colmap:
@@ -449,6 +454,7 @@ def _sfm_pass(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequen
     with tempfile.TemporaryDirectory(prefix="nvf-poses-") as tmp:
         work = Path(tmp)
         database = work / "database.db"
+        _import_images(pycolmap, database, root, image_names, mode, options["reader"])
         pycolmap.extract_features(database, root, image_names=list(image_names), camera_mode=mode,
                                   reader_options=options["reader"],
                                   extraction_options=options["extraction"])  # fmt: skip
@@ -478,6 +484,18 @@ def _sfm_pass(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequen
         if best.num_reg_images() < len(image_names) and cfg.mapper == "incremental":
             best = _register_more(pycolmap, database, root, work, best, options["mapping"]) or best
         return best, len(models)
+
+
+def _import_images(pycolmap, database: Path, root: Path, image_names: Sequence[str], mode, reader_options) -> None:
+    """Register the images in the database first, on one thread (in name order): extraction then only
+    adds their features. pycolmap 4's extractor numbers images in the order its threads finish
+    them, and the mapper's choices follow the numbering, so the same capture gave other poses from
+    run to run (up to ~1° on a 256 px ring)."""
+    if not (hasattr(pycolmap, "import_images") and hasattr(pycolmap, "Database")):
+        return
+    with pycolmap.Database.open(database):  # import_images needs the file to exist
+        pass
+    pycolmap.import_images(database, root, camera_mode=mode, image_names=list(image_names), options=reader_options)
 
 
 def refine_reconstruction(rec, cfg: Config) -> None:

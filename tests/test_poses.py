@@ -264,6 +264,34 @@ def test_global_mapper_options_build():
     assert type(options["mapping"]).__name__ == "GlobalPipelineOptions"
 
 
+def test_images_are_numbered_in_name_order_whatever_thread_finishes_first(textureless):
+    import pycolmap
+
+    data, _work, _capture = textureless
+    names = [str(p.relative_to(data)) for p in sorted(data.rglob("*.png")) if "groundtruth" not in p.parts][::-1]
+    cfg = poses.fast_pass(poses.Config())
+    options = poses.build_options(cfg)
+    assert options["mapping"].num_threads == 1  # deterministic by default
+    assert poses.build_options(poses.Config(deterministic=False))["mapping"].num_threads == cfg.num_threads
+    for attempt in range(2):
+        database = data.parent / f"ids{attempt}.db"
+        poses._import_images(pycolmap, database, data, names, pycolmap.CameraMode.SINGLE, options["reader"])
+        pycolmap.extract_features(database, data, image_names=names, camera_mode=pycolmap.CameraMode.SINGLE,
+                                  reader_options=options["reader"], extraction_options=options["extraction"])  # fmt: skip
+        with pycolmap.Database.open(database) as db:
+            by_id = {image.image_id: image.name for image in db.read_all_images()}
+            assert all(db.read_keypoints(image_id).shape[0] > 0 for image_id in by_id)
+        assert [by_id[i] for i in sorted(by_id)] == sorted(names)  # the reader's (sorted) order, every time
+
+
+def test_a_rerun_gives_the_same_poses_bit_for_bit(textureless, tmp_path):
+    data, work, capture = textureless
+    poses.run(data, tmp_path / "again", poses.Config())
+    first, again = poses.load_poses(work, capture), poses.load_poses(tmp_path / "again", capture)
+    for key in ("R", "T", "K", "source", "reproj_error"):
+        np.testing.assert_array_equal(again[key], first[key])
+
+
 def test_fine_contrast_is_linear_in_image_contrast():
     rng = np.random.default_rng(1)
     texture = np.kron(rng.random((24, 32)), np.ones((4, 4))).astype(np.float32)  # [96, 128] blobs
