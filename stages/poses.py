@@ -574,30 +574,6 @@ def extract_views(rec, image_names: Sequence[str]) -> tuple[dict[str, dict[str, 
     """Per registered view (by name): R, T, K, size, colmap camera, reprojection error, observations;
     and the sparse points with CSR tracks indexed by position in ``image_names``."""
     row_of = {name: i for i, name in enumerate(image_names)}
-    views: dict[str, dict[str, Any]] = {}
-    for image in rec.images.values():
-        if not image.has_pose or image.name not in row_of:
-            continue
-        camera = rec.cameras[image.camera_id]
-        R, T = _cam_from_world(image)
-        uv, xyz = [], []
-        for point2d in image.points2D:
-            if point2d.has_point3D():
-                uv.append(point2d.xy)
-                xyz.append(rec.points3D[point2d.point3D_id].xyz)
-        errors = np.zeros(0)
-        if xyz:
-            cam = np.asarray(xyz) @ R.T + T
-            projected = np.asarray(camera.img_from_cam(cam, check_cheirality=False))
-            errors = np.linalg.norm(projected - np.asarray(uv), axis=1)
-        views[image.name] = {
-            "R": R, "T": T, "K": np.asarray(camera.calibration_matrix(), dtype=np.float64),
-            "width": int(camera.width), "height": int(camera.height),
-            "camera": {"model": camera.model_name if hasattr(camera, "model_name") else str(camera.model),
-                       "params": [float(p) for p in camera.params]},
-            "reproj_error": float(errors.mean()) if errors.size else math.nan,
-            "observations": int(errors.size),
-        }  # fmt: skip
     # one lookup per image, not per observation (each pycolmap attribute access builds an object)
     row_of_id = {image_id: row_of[image.name] for image_id, image in rec.images.items() if image.name in row_of}
     xy_of_id = {image_id: np.array([p.xy for p in rec.images[image_id].points2D]).reshape(-1, 2)
@@ -622,6 +598,28 @@ def extract_views(rec, image_names: Sequence[str]) -> tuple[dict[str, dict[str, 
         "track_images": np.asarray(track_rows, dtype=np.int64),
         "track_uv": np.asarray(track_uv, dtype=np.float64).reshape(-1, 2),
     }
+    point_of_obs = np.repeat(np.arange(len(points)), np.diff(sparse["track_offsets"]))  # [M]
+    views: dict[str, dict[str, Any]] = {}
+    for image_id, row in row_of_id.items():
+        image = rec.images[image_id]
+        if not image.has_pose:
+            continue
+        camera = rec.cameras[image.camera_id]
+        R, T = _cam_from_world(image)
+        seen = sparse["track_images"] == row  # [M] this view's observations
+        view_errors = np.zeros(0)
+        if seen.any():
+            cam = sparse["points"][point_of_obs[seen]] @ R.T + T
+            projected = np.asarray(camera.img_from_cam(cam, check_cheirality=False))
+            view_errors = np.linalg.norm(projected - sparse["track_uv"][seen], axis=1)
+        views[image.name] = {
+            "R": R, "T": T, "K": np.asarray(camera.calibration_matrix(), dtype=np.float64),
+            "width": int(camera.width), "height": int(camera.height),
+            "camera": {"model": camera.model_name if hasattr(camera, "model_name") else str(camera.model),
+                       "params": [float(p) for p in camera.params]},
+            "reproj_error": float(view_errors.mean()) if view_errors.size else math.nan,
+            "observations": int(view_errors.size),
+        }  # fmt: skip
     return views, sparse
 
 
