@@ -55,7 +55,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stages.core import dataset, digests, geometry, io, worktree
+from stages.core import dataset, digests, geometry, image_metrics, io, worktree
 from stages.core.errors import InputError, StageFailure
 
 log = logging.getLogger("nvf")
@@ -396,14 +396,10 @@ def fine_contrast(gray_hw: np.ndarray) -> float:
 
 
 def _gaussian_blur(image_hw: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur (kernel radius 3 sigma, edges mirrored), float32."""
+    """Separable Gaussian blur (kernel radius 3 sigma, edges mirrored), float32 [H, W]."""
     radius = max(1, math.ceil(3 * sigma))
-    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    taps = (taps / taps.sum()).astype(np.float32)
-    height, width = image_hw.shape
-    padded = np.pad(image_hw.astype(np.float32, copy=False), radius, mode="symmetric")
-    rows = sum(tap * padded[i : i + height] for i, tap in enumerate(taps))  # [H, W + 2r]
-    return sum(tap * rows[:, i : i + width] for i, tap in enumerate(taps))  # [H, W]
+    padded = np.pad(image_hw.astype(np.float32, copy=False), radius, mode="symmetric")[None]  # [1, H+2r, W+2r]
+    return image_metrics.filter_valid(padded, image_metrics.gaussian_1d(sigma, radius).astype(np.float32))[0]
 
 
 def capture_contrast(root: Path, image_names: Sequence[str]) -> float:

@@ -94,13 +94,14 @@ def psnr(pred: Any, ref: Any, mask: Any = None) -> float:
     return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
 
 
-def _gaussian_1d(sigma: float = SSIM_SIGMA, radius: int = SSIM_RADIUS) -> np.ndarray:
+def gaussian_1d(sigma: float = SSIM_SIGMA, radius: int = SSIM_RADIUS) -> np.ndarray:
+    """Normalised Gaussian taps [2 radius + 1], float64."""
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     w = np.exp(-0.5 * (x / sigma) ** 2)
     return w / w.sum()
 
 
-def _filter_valid(x_chw: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+def filter_valid(x_chw: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Separable 'valid' filtering of [C, H, W] with a 1-D kernel along H then W."""
     from numpy.lib.stride_tricks import sliding_window_view
 
@@ -115,11 +116,11 @@ def ssim_map(pred: Any, ref: Any) -> np.ndarray:
     if min(pred_hw3.shape[:2]) < 2 * SSIM_RADIUS + 1:
         raise InputError(f"SSIM needs images of at least {2 * SSIM_RADIUS + 1} px a side, got {pred_hw3.shape[:2]}")
     x, y = np.moveaxis(pred_hw3, -1, 0), np.moveaxis(ref_hw3, -1, 0)  # [3, H, W]
-    g = _gaussian_1d()
-    mu_x, mu_y = _filter_valid(x, g), _filter_valid(y, g)
-    var_x = _filter_valid(x * x, g) - mu_x**2
-    var_y = _filter_valid(y * y, g) - mu_y**2
-    cov = _filter_valid(x * y, g) - mu_x * mu_y
+    g = gaussian_1d()
+    mu_x, mu_y = filter_valid(x, g), filter_valid(y, g)
+    var_x = filter_valid(x * x, g) - mu_x**2
+    var_y = filter_valid(y * y, g) - mu_y**2
+    cov = filter_valid(x * y, g) - mu_x * mu_y
     c1, c2 = SSIM_K1**2, SSIM_K2**2  # data range 1
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return s.mean(axis=0)
