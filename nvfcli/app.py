@@ -3,14 +3,17 @@
 One error path: a stage raises an `NvfError`; here it becomes one red line on stderr and the exit
 code the error carries (2 bad input, 1 failure). ``NVF_DEBUG=1`` shows the traceback instead.
 
-Commands load lazily: `nvf --help` lists `COMMANDS` without importing any stage, and `nvf poses`
+Commands load lazily: `nvf --help` lists `COMMANDS` with their docstrings' first lines, read without importing any stage, and `nvf poses`
 imports the poses stage only (torch, which most stages need, takes ~2 s to import).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import os
+from pathlib import Path
 from typing import Annotated, Any
 
 import click
@@ -21,42 +24,34 @@ from nvfcli.console import err_console, setup_logging
 from stages import __version__
 from stages.core.errors import NvfError
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("info", "Show what nvf runs on: library versions, devices (free/total memory), caches, model hub."),
-    "fetch-models": ("fetch_models", "Fetch the weights every stage loads into the caches, then print the "
-                     "environment for offline nodes."),
-    "synth": ("synth", "Render synthetic heads from the 15 Multi-PIE cameras, with ground-truth poses, depth "
-              "and surface."),
-    "scan": ("scan", "Find the captures under DATA and report subjects, sessions and cameras."),
-    "poses": ("poses", "Estimate camera poses of every capture under DATA (SfM, then SLERP fallback for the rest)."),
-    "depth": ("depth", "Predict depth for every image of DATA, batched on the GPU, into "
-              "OUT/<capture>/depth.safetensors."),
-    "align": ("align", "Fit each view's depth to the reference (SfM points by default) and write "
-              "WORK/<capture>/aligned.safetensors."),
-    "cloud": ("cloud", "Fuse every capture's aligned depth into WORK/<capture>/cloud.ply + cloud_metrics.json."),
-    "embed": ("embed", "Embed every image of DATA with CLIP (unit-norm rows) into OUT/<capture>/embed.safetensors."),
-    "triplets": ("triplets", "Build WORK/triplets.safetensors (+ .csv, .images.csv) from the poses and embed "
-                 "records of WORK."),
-    "train": ("train", "Train on the train split of TRIPLETS; checkpoints go to OUT/checkpoints/step-N/."),
-    "sample": ("sample", "Sample novel views of PHOTO with the model of a run into OUT/views/, with their poses."),
-    "reconstruct": ("reconstruct", "Train nerfstudio on the views of SOURCE; write OUT/points.ply in the input's "
-                    "frame and OUT/recon_metrics.json."),
-    "evaluate": ("evaluate", "Score what the pipeline made against references and write a report with figures."),
-    "run": ("run", "Run every stage over DATA into OUT; each stage redoes only what changed (inputs, config, "
-            "versions)."),
-    "merge": ("merge", "Merge shard work trees into OUT: every capture in exactly one shard with all its outputs, "
-              "no conflicts."),
-}  # fmt: skip
-"""Command name -> (module under nvfcli.commands, the first line of its docstring), in the order of
-the pipeline so that `nvf --help` reads like the work tree. The module defines the command as a
-function of the same name (dashes as underscores)."""
+COMMANDS: tuple[str, ...] = (
+    "info", "fetch-models", "synth", "scan", "poses", "depth", "align", "cloud", "embed", "triplets", "train",
+    "sample", "reconstruct", "evaluate", "run", "merge",
+)  # fmt: skip
+"""Command names in the order of the pipeline, so that `nvf --help` reads like the work tree. Command
+``fetch-models`` is the function ``fetch_models`` of module ``nvfcli.commands.fetch_models``."""
+
+
+def _attribute(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def help_line(name: str) -> str:
+    """The first line of command ``name``'s docstring, read from its source without importing it
+    (importing would import its stage, and most stages import torch)."""
+    spec = importlib.util.find_spec(f"nvfcli.commands.{_attribute(name)}")
+    if spec is None or not str(spec.origin).endswith(".py"):  # no source shipped: import it after all
+        return (load_command(name).help or "").splitlines()[0]
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == _attribute(name))
+    return (ast.get_docstring(function) or "").splitlines()[0]
 
 
 def load_command(name: str) -> click.Command:
     """Import command ``name``'s module and build its click command as Typer would."""
-    module = importlib.import_module(f"nvfcli.commands.{COMMANDS[name][0]}")
+    module = importlib.import_module(f"nvfcli.commands.{_attribute(name)}")
     single = typer.Typer(rich_markup_mode="rich", pretty_exceptions_enable=False, add_completion=False)
-    single.command(name)(getattr(module, name.replace("-", "_")))
+    single.command(name)(getattr(module, _attribute(name)))
     command = typer.main.get_command(single)
     command.name = name
     return command
@@ -66,7 +61,7 @@ class LazyCommand(click.Command):
     """A command known by name and help line; its module is imported when it runs (or shows --help)."""
 
     def __init__(self, name: str) -> None:
-        super().__init__(name, help=COMMANDS[name][1])
+        super().__init__(name, help=help_line(name))
         self._loaded: click.Command | None = None
 
     def loaded(self) -> click.Command:
