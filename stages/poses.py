@@ -5,7 +5,9 @@ Paper §IV (Eq. 1-2, Algorithm 1): SIFT features, exhaustive (or sequential) mat
 register. nvf improves the fallback: cameras are ordered by azimuth (the Multi-PIE table, else
 their order in the capture), rotations are SLERPed between the nearest registered neighbours,
 centres are placed on a circle fitted to the registered centres (not a blend of T), intrinsics come
-from the neighbours, and every view says where its pose came from.
+from the neighbours, and every view says where its pose came from. On a CPU, exhaustive matching
+goes through `sift_matching` (exact nearest neighbours by BLAS, pairs matched and verified on a
+thread pool) while captures have up to ~2,500 features per image; pycolmap's matcher otherwise.
 
 Rig mode (beyond the paper, ``rig="auto"`` on Multi-PIE layouts): the 13-15 cameras are the same
 for every subject, so the captures of a session are posed together. Each capture's SfM poses are
@@ -55,6 +57,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from stages import sift_matching
 from stages.core import dataset, digests, geometry, image_metrics, io, worktree
 from stages.core.errors import InputError, StageFailure
 
@@ -455,9 +458,7 @@ def _sfm_pass(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequen
                                   reader_options=options["reader"],
                                   extraction_options=options["extraction"])  # fmt: skip
         log.debug("poses: features in %.1f s", time.perf_counter() - clock)
-        match = pycolmap.match_exhaustive if cfg.matcher == "exhaustive" else pycolmap.match_sequential
-        match(database, matching_options=options["matching"], pairing_options=options["pairing"],
-              verification_options=options["verification"])  # fmt: skip
+        _match(pycolmap, database, cfg, options)
         log.debug("poses: matching done at %.1f s", time.perf_counter() - clock)
         models_dir = work / "models"
         models_dir.mkdir()
@@ -480,6 +481,23 @@ def _sfm_pass(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequen
         if best.num_reg_images() < len(image_names) and cfg.mapper == "incremental":
             best = _register_more(pycolmap, database, root, work, best, options["mapping"]) or best
         return best, len(models)
+
+
+def _match(pycolmap, database: Path, cfg: Config, options: dict[str, Any]) -> None:
+    """Match and verify the extracted features: exhaustive pairs through `sift_matching` where it
+    stands in for pycolmap's matcher (CPU, up to a few thousand features per image), else pycolmap's
+    exhaustive or sequential matcher."""
+    if cfg.matcher == "exhaustive":
+        with pycolmap.Database.open(database) as db:
+            counts = [db.num_keypoints_for_image(image.image_id) for image in db.read_all_images()]
+        reason = sift_matching.unsupported_reason(options["matching"], counts)
+        if reason is None:
+            sift_matching.match_exhaustive(database, options["matching"], options["verification"])
+            return
+        log.debug("poses: pycolmap's matcher (%s)", reason)
+    match = pycolmap.match_exhaustive if cfg.matcher == "exhaustive" else pycolmap.match_sequential
+    match(database, matching_options=options["matching"], pairing_options=options["pairing"],
+          verification_options=options["verification"])  # fmt: skip
 
 
 def _import_images(pycolmap, database: Path, root: Path, image_names: Sequence[str], mode, reader_options) -> None:

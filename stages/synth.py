@@ -31,7 +31,6 @@ plus one directional light per shot). A 13-view 256² capture takes ~1.2 s on on
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -42,7 +41,7 @@ from typing import Literal
 
 import numpy as np
 
-from stages.core import dataset, geometry, io
+from stages.core import batching, dataset, geometry, io
 from stages.core.errors import InputError
 
 log = logging.getLogger("nvf")
@@ -670,19 +669,9 @@ def light_for_shot(shot: int, cfg: Config) -> tuple[np.ndarray, float]:
     return direction, intensity
 
 
-def _one_blas_thread() -> contextlib.AbstractContextManager:
-    """Limit BLAS to one thread: the renderer's products are skinny ([N, 3] @ [3, K]), and threads
-    only add contention there (measured ~1.5x slower with 2 threads on a busy 2-core machine)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: without it, BLAS keeps its default
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
 def render_capture(subject: int, session: int, recording: int, shot: int, cfg: Config) -> CaptureRender:
     """Render one capture (all cameras of `cfg`) in memory, with its ground truth."""
-    with _one_blas_thread():
+    with batching.one_blas_thread():
         return _render_capture(subject, session, recording, shot, cfg)
 
 
