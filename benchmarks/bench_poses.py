@@ -13,6 +13,10 @@ shared 2-core machine swings by 10 % or more).
 
 Goals: time ratio <= 0.5x and views registered >= COLMAP's (reported in `extra`). Skips the
 baseline with a note when no `colmap` binary is on PATH (`apt-get install colmap`).
+
+`poses-matching/*` times matching and verification alone on one database of extracted features
+(the fast pass's SIFT): `sift_matching.match_exhaustive` vs `pycolmap.match_exhaustive`, the
+matcher it replaces on a CPU (goal: faster, ratio < 1). These run without `colmap` too.
 """
 
 from __future__ import annotations
@@ -87,15 +91,66 @@ def _colmap(data: Path, work: Path) -> dict:
     return {"registered": max(sizes, default=0)}
 
 
+def _extracted(data: Path, database: Path) -> dict:
+    """Extract the fast pass's features of ``data`` into ``database``; the pycolmap options used."""
+    import pycolmap
+
+    from stages import poses
+
+    names = sorted(str(p.relative_to(data)) for p in data.rglob("*") if p.suffix.lower() in (".png", ".jpg"))
+    checked = poses.inspect_images(data, names)
+    options = poses.build_options(poses.fast_pass(poses.Config(), checked.contrast))
+    mode = pycolmap.CameraMode.SINGLE if len(set(checked.sizes)) == 1 else pycolmap.CameraMode.AUTO
+    poses._quiet_colmap()
+    poses._import_images(pycolmap, database, data, names, mode, options["reader"])
+    pycolmap.extract_features(database, data, image_names=names, camera_mode=mode, reader_options=options["reader"],
+                              extraction_options=options["extraction"])  # fmt: skip
+    return options
+
+
+def _matching(name: str, data: Path, work: Path) -> Result:
+    import pycolmap
+
+    from stages import sift_matching
+
+    work.mkdir(parents=True)
+    features = work / "features.db"
+    options = _extracted(data, features)
+    with pycolmap.Database.open(features) as db:
+        counts = [db.num_keypoints_for_image(image.image_id) for image in db.read_all_images()]
+
+    def fresh() -> Path:
+        database = work / "matching.db"
+        shutil.copy(features, database)
+        return database
+
+    def candidate():
+        sift_matching.match_exhaustive(fresh(), options["matching"], options["verification"])
+
+    def baseline():
+        pycolmap.match_exhaustive(fresh(), matching_options=options["matching"], pairing_options=options["pairing"],
+                                  verification_options=options["verification"])  # fmt: skip
+
+    result = compare(f"poses-matching/{name}", Side("nvf sift_matching", candidate),
+                     Side("pycolmap match_exhaustive", baseline), repeats=5, warmup=1,
+                     goal="ratio < 1 (replaces it up to 2,500 features per image)")  # fmt: skip
+    result.extra["features_per_image"] = int(sum(counts) / max(1, len(counts)))
+    return result
+
+
 def run() -> list[Result]:
-    if shutil.which("colmap") is None:
-        print("bench_poses skipped: no `colmap` binary on PATH; install it (apt-get install colmap) to compare",
-              file=sys.stderr)  # fmt: skip
-        return []
     results = []
     with tempfile.TemporaryDirectory(prefix="nvf-bench-poses-") as tmp:
         root = Path(tmp)
-        for name, data in _datasets(root / "data").items():
+        found = _datasets(root / "data")
+        for name in ("synth-ring-256", "kermit"):
+            if name in found:
+                results.append(_matching(name, found[name], root / "matching" / name))
+        if shutil.which("colmap") is None:
+            print("bench_poses: end-to-end comparison skipped: no `colmap` binary on PATH; install it "
+                  "(apt-get install colmap) to compare", file=sys.stderr)  # fmt: skip
+            return results
+        for name, data in found.items():
             counts: dict[str, dict] = {}
 
             def candidate(data=data, name=name, counts=counts):
