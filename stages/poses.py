@@ -49,7 +49,7 @@ import os
 import tempfile
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1044,7 +1044,8 @@ def write_capture(out: Path, root: Path, capture: dataset.Capture, poses: Captur
         "points": poses.points_p3, "colors": poses.colors_p3, "error": poses.point_error_p,
         "track_offsets": poses.track_offsets, "track_images": poses.track_images, "track_uv": poses.track_uv,
     }, kind="sparse", **meta)]  # fmt: skip
-    cameras = io.CameraSet(poses.names, poses.R, poses.T, poses.K, poses.width, poses.height)
+    distortion = view_distortion(poses.colmap_cameras, poses.names)
+    cameras = io.CameraSet(poses.names, poses.R, poses.T, poses.K, poses.width, poses.height, distortion)
     if "transforms" in cfg.export:
         rel = [os.path.relpath(root / entry.path, folder) for entry in capture.images]
         extra = [{"file_path": path, "nvf_source": _source_name(s), "nvf_confidence": float(c)}
@@ -1065,6 +1066,27 @@ def write_capture(out: Path, root: Path, capture: dataset.Capture, poses: Captur
         "sfm_models": str(poses.models), "image_paths": json.dumps(_absolute_image_paths(root, capture, poses.names)),
     }, **meta))  # fmt: skip
     return written
+
+
+def view_distortion(colmap_cameras: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> np.ndarray | None:
+    """[N, 4] OpenCV (k1, k2, p1, p2) per view from its COLMAP camera (the ``colmap_cameras``
+    metadata): SfM's fit for its views, the nearest SfM view's for interpolated ones, none for views
+    posed through the rig (pinhole). None when no view has any distortion."""
+    rows = []
+    for name in names:
+        camera = colmap_cameras.get(name, {})
+        try:
+            rows.append(io.opencv_distortion(camera["model"], camera["params"]) if "params" in camera else np.zeros(4))
+        except ValueError as exc:
+            log.warning("poses: %s: %s; exported without distortion", name, exc)
+            rows.append(np.zeros(4))
+    found = np.asarray(rows, dtype=np.float64).reshape(-1, 4)
+    return found if found.any() else None
+
+
+def record_distortion(record: io.Record) -> np.ndarray | None:
+    """`view_distortion` of a loaded poses record (its rows, in order)."""
+    return view_distortion(json.loads(record.extra.get("colmap_cameras", "{}")), record.names)
 
 
 def _source_name(code: int) -> str:

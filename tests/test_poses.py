@@ -114,6 +114,15 @@ def test_ring_transforms_load_in_nerfstudio(ring):
     order = [record.names.index(Path(p).name) for p in outputs.image_filenames]
     c2w = geometry.opencv_w2c_to_opengl_c2w(record["R"], record["T"])[order, :3, :]
     np.testing.assert_allclose(outputs.cameras.camera_to_worlds.numpy(), c2w, atol=1e-4)
+    # SfM's SIMPLE_RADIAL k goes along as OpenCV k1 (the images are not undistorted)
+    k = json.loads(record.extra["colmap_cameras"])[record.names[0]]["params"][3]
+    assert k != 0 and doc["camera_model"] == "OPENCV" and doc["k1"] == k
+    np.testing.assert_allclose(outputs.cameras.distortion_params.numpy()[:, 0], k, rtol=1e-6)
+    np.testing.assert_array_equal(poses.record_distortion(record)[:, 0], k)
+    from stages import reconstruct
+
+    views = reconstruct._capture_views(folder, _data, "nerfacto")  # what `nvf reconstruct` trains on
+    np.testing.assert_array_equal(views.cameras.distortion, poses.record_distortion(record))
 
 
 def test_ring_colmap_export_loads_in_pycolmap(ring):
@@ -212,6 +221,17 @@ def test_interpolated_centres_follow_the_circle_not_the_chord():
     np.testing.assert_allclose(center, [0.0, 0.0, -4.0], atol=1e-9)
     blended = 0.5 * (geometry.camera_centers(R[1], T[1]) + geometry.camera_centers(R[3], T[3]))
     assert np.linalg.norm(blended) < 3.5  # a straight blend cuts the chord, 13% inside the ring
+
+
+def test_view_distortion_follows_each_views_source(caplog):
+    sfm = {"model": "SIMPLE_RADIAL", "params": [300.0, 128.0, 128.0, -0.03]}
+    cameras = {"a.png": sfm, "b.png": {**sfm, "from": "a.png"},  # interpolated: the nearest SfM view's
+               "c.png": {"model": "PINHOLE", "from": "rig", "camera": "051"},  # through the rig: pinhole
+               "d.png": {"model": "OPENCV_FISHEYE", "params": [300.0, 300.0, 128.0, 128.0, 0.1, 0.0, 0.0, 0.0]}}  # fmt: skip
+    found = poses.view_distortion(cameras, ["a.png", "b.png", "c.png", "d.png", "e.png"])
+    np.testing.assert_array_equal(found[:, 0], [-0.03, -0.03, 0.0, 0.0, 0.0])
+    assert "OPENCV_FISHEYE" in caplog.text  # said, not silently dropped
+    assert poses.view_distortion({"c.png": cameras["c.png"]}, ["c.png"]) is None
 
 
 def test_fit_circle_and_degenerate_points():

@@ -552,7 +552,8 @@ def import_open3d():
 
 @dataclass(frozen=True)
 class CameraSet:
-    """Posed pinhole cameras: names [N], R [N,3,3], T [N,3] (OpenCV w2c), K [N,3,3], width/height [N]."""
+    """Posed cameras: names [N], R [N,3,3], T [N,3] (OpenCV w2c), K [N,3,3], width/height [N], and
+    ``distortion`` [N, 4] OpenCV (k1, k2, p1, p2) of normalised image coordinates (None: pinhole)."""
 
     names: list[str]
     R: np.ndarray
@@ -560,6 +561,29 @@ class CameraSet:
     K: np.ndarray
     width: np.ndarray
     height: np.ndarray
+    distortion: np.ndarray | None = None
+
+
+COLMAP_DISTORTION_PARAMS: dict[str, tuple[int, ...]] = {
+    "SIMPLE_PINHOLE": (),
+    "PINHOLE": (),
+    "SIMPLE_RADIAL": (3,),
+    "RADIAL": (3, 4),
+    "OPENCV": (4, 5, 6, 7),
+}
+"""COLMAP camera models with OpenCV's distortion: the params' indices of k1[, k2[, p1, p2]]."""
+
+
+def opencv_distortion(model: str, params: Sequence[float]) -> np.ndarray:
+    """(k1, k2, p1, p2) of a COLMAP camera model, whose radial and tangential terms are OpenCV's.
+
+    Raises ValueError for models outside `COLMAP_DISTORTION_PARAMS` (fisheye and others)."""
+    if model not in COLMAP_DISTORTION_PARAMS:
+        raise ValueError(f"COLMAP camera model {model} has no OpenCV (k1, k2, p1, p2) form")
+    found = np.zeros(4)
+    for slot, index in enumerate(COLMAP_DISTORTION_PARAMS[model]):
+        found[slot] = float(params[index])
+    return found
 
 
 def write_transforms(
@@ -572,11 +596,14 @@ def write_transforms(
 ) -> Path:
     """Write nerfstudio's transforms.json (camera-to-world, OpenGL frame: x right, y up, z back).
 
-    Intrinsics go at the top level when every camera shares them, per frame otherwise; file paths
+    Intrinsics (OPENCV: focal, centre, k1, k2, p1, p2 from ``cameras.distortion``, else zeros) go at
+    the top level when every camera shares them, per frame otherwise; file paths
     are ``<image_dir>/<name>``. ``applied_transform`` (3x4) is recorded for dataparsers that undo it.
     """
     c2w = geometry.opencv_w2c_to_opengl_c2w(cameras.R, cameras.T)  # [N, 4, 4]
-    intrinsics = [_intrinsics_dict(k, int(w), int(h)) for k, w, h in zip(cameras.K, cameras.width, cameras.height)]
+    distortion = np.zeros((len(cameras.names), 4)) if cameras.distortion is None else cameras.distortion
+    intrinsics = [_intrinsics_dict(k, int(w), int(h), d)
+                  for k, w, h, d in zip(cameras.K, cameras.width, cameras.height, distortion)]  # fmt: skip
     shared = all(entry == intrinsics[0] for entry in intrinsics)
     doc: dict[str, Any] = {"camera_model": "OPENCV"}
     if shared and intrinsics:
@@ -601,11 +628,12 @@ def read_transforms(path: str | os.PathLike) -> CameraSet:
     doc = read_json(path)
     if not isinstance(doc, dict) or not doc.get("frames"):
         raise InputError(f"{path}: no frames in transforms.json")
-    names, c2w, Ks, widths, heights = [], [], [], [], []
+    names, c2w, Ks, widths, heights, distortion = [], [], [], [], [], []
     for frame in doc["frames"]:
         source = {**doc, **frame}
         try:
             Ks.append([[source["fl_x"], 0, source["cx"]], [0, source["fl_y"], source["cy"]], [0, 0, 1]])
+            distortion.append([float(source.get(key, 0.0)) for key in ("k1", "k2", "p1", "p2")])
             widths.append(int(source["w"]))
             heights.append(int(source["h"]))
             c2w.append(frame["transform_matrix"])
@@ -613,10 +641,13 @@ def read_transforms(path: str | os.PathLike) -> CameraSet:
             raise InputError(f"{path}: frame {frame.get('file_path')} lacks {exc}") from None
         names.append(Path(frame["file_path"]).name)
     R, T = geometry.opengl_c2w_to_opencv_w2c(np.asarray(c2w, dtype=np.float64))
-    return CameraSet(names, R, T, np.asarray(Ks, dtype=np.float64), np.asarray(widths), np.asarray(heights))
+    distortion_n4 = np.asarray(distortion, dtype=np.float64)
+    return CameraSet(names, R, T, np.asarray(Ks, dtype=np.float64), np.asarray(widths), np.asarray(heights),
+                     distortion_n4 if distortion_n4.any() else None)  # fmt: skip
 
 
-def _intrinsics_dict(K: np.ndarray, width: int, height: int) -> dict[str, Any]:
+def _intrinsics_dict(K: np.ndarray, width: int, height: int, distortion: np.ndarray) -> dict[str, Any]:
+    k1, k2, p1, p2 = (float(v) for v in distortion)
     return {
         "fl_x": float(K[0, 0]),
         "fl_y": float(K[1, 1]),
@@ -624,10 +655,10 @@ def _intrinsics_dict(K: np.ndarray, width: int, height: int) -> dict[str, Any]:
         "cy": float(K[1, 2]),
         "w": width,
         "h": height,
-        "k1": 0.0,
-        "k2": 0.0,
-        "p1": 0.0,
-        "p2": 0.0,
+        "k1": k1,
+        "k2": k2,
+        "p1": p1,
+        "p2": p2,
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -242,6 +243,38 @@ def test_transforms_round_trip_shared_intrinsics(tmp_path):
     np.testing.assert_allclose(back.T, cameras.T, atol=1e-12)
     np.testing.assert_allclose(back.K, cameras.K)
     assert back.names == cameras.names
+
+
+def test_transforms_carry_opencv_distortion_and_read_it_back(tmp_path):
+    base = _cameras()
+    distortion = np.zeros((len(base.names), 4))
+    distortion[:, 0] = -0.05  # SIMPLE_RADIAL's k shared by the views
+    cameras = dataclasses.replace(base, distortion=distortion)
+    doc = json.loads(io.write_transforms(tmp_path / "t.json", cameras).read_text())
+    assert doc["camera_model"] == "OPENCV" and doc["k1"] == -0.05 and doc["k2"] == doc["p1"] == doc["p2"] == 0.0
+    np.testing.assert_array_equal(io.read_transforms(tmp_path / "t.json").distortion, distortion)
+    distortion[1] = [0.01, -0.002, 0.0005, -0.0003]  # one camera differs: per-frame intrinsics
+    doc = json.loads(io.write_transforms(tmp_path / "t2.json", cameras).read_text())
+    assert "k1" not in doc and doc["frames"][1]["k2"] == -0.002
+    np.testing.assert_array_equal(io.read_transforms(tmp_path / "t2.json").distortion, distortion)
+    # pinhole cameras: zeros written, None read back
+    assert io.read_transforms(io.write_transforms(tmp_path / "t3.json", base)).distortion is None
+
+
+@pytest.mark.parametrize("model,params,expected", [
+    ("SIMPLE_PINHOLE", [300, 128, 128], [0, 0, 0, 0]),
+    ("PINHOLE", [300, 310, 128, 120], [0, 0, 0, 0]),
+    ("SIMPLE_RADIAL", [300, 128, 128, -0.04], [-0.04, 0, 0, 0]),
+    ("RADIAL", [300, 128, 128, -0.04, 0.01], [-0.04, 0.01, 0, 0]),
+    ("OPENCV", [300, 310, 128, 120, -0.04, 0.01, 0.001, -0.002], [-0.04, 0.01, 0.001, -0.002]),
+])  # fmt: skip
+def test_opencv_distortion_of_colmap_models(model, params, expected):
+    np.testing.assert_array_equal(io.opencv_distortion(model, params), expected)
+
+
+def test_opencv_distortion_refuses_other_models():
+    with pytest.raises(ValueError, match="OPENCV_FISHEYE"):
+        io.opencv_distortion("OPENCV_FISHEYE", [300, 300, 128, 128, 0.1, 0, 0, 0])
 
 
 def test_transforms_per_frame_intrinsics_when_cameras_differ(tmp_path):
