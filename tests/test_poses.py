@@ -334,7 +334,7 @@ def test_contrast_scales_the_peak_threshold_between_the_face_and_colmap_values()
 def test_only_the_fast_pass_takes_the_contrast_scaled_threshold(monkeypatch, scaled):
     passes = []
     monkeypatch.setattr(poses, "capture_contrast", lambda root, names: 2 * poses.FACE_CONTRAST)
-    monkeypatch.setattr(poses, "_sfm_pass", lambda root, names, cfg, sizes: (passes.append(cfg), (None, 0))[1])
+    monkeypatch.setattr(poses, "_sfm_pass", lambda root, names, cfg, sizes, label: (passes.append(cfg), (None, 0))[1])
     cfg = poses.Config(contrast_threshold=scaled)
     assert poses.run_sfm(Path("."), ["a.png", "b.png"], cfg, [(64, 64)] * 2) == (None, 0)
     fast, tuned = passes  # nothing registered, so the tuned pass ran too
@@ -498,6 +498,15 @@ def _errors_through_sfm_alignment(data: Path, work: Path, capture: str) -> tuple
     rotation = geometry.rotation_angle_deg(R_all, R_gt)
     centre = np.linalg.norm(geometry.camera_centers(R_all, T_all) - geometry.camera_centers(R_gt, T_gt), axis=-1)
     return record, rotation, centre
+
+
+def test_captures_posed_at_once_equal_captures_posed_one_by_one(rig_session, tmp_path):
+    data, work, _written = rig_session  # posed 2 captures at a time (the default)
+    poses.run(data, tmp_path, poses.Config(rig="auto"), captures_at_once=1)
+    for capture in [c.id for c in dataset.scan(data).captures]:
+        one_by_one, at_once = poses.load_poses(tmp_path, capture), poses.load_poses(work, capture)
+        for key in ("R", "T", "K", "source", "reproj_error"):
+            np.testing.assert_array_equal(at_once[key], one_by_one[key])
 
 
 def test_rig_mode_poses_every_camera_of_every_capture(rig_session):

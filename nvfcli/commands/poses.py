@@ -39,6 +39,9 @@ def poses(
         ),
     ] = "auto",
     export: Annotated[Optional[str], typer.Option(help="Extra outputs, comma separated: transforms,colmap.")] = None,
+    captures_at_once: Annotated[
+        int, typer.Option(min=1, help="Captures in SfM at a time: one's single-threaded mapping overlaps another's.")
+    ] = 2,
     shard: Shard = None,
     captures: Captures = None,
     overwrite: Overwrite = False,
@@ -65,5 +68,5 @@ def poses(
     ids = worktree.read_capture_ids(captures) if captures else None
     with progress_bar("posing captures") as progress:
         written = stage.run(data, out, cfg, shard=worktree.Shard.parse(shard), captures=ids, overwrite=overwrite,
-                            progress=progress)  # fmt: skip
+                            progress=progress, captures_at_once=captures_at_once)  # fmt: skip
     print_paths(written, json_out)

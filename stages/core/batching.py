@@ -8,13 +8,15 @@ batch size and retries the same slice; later slices keep the reduced size.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import logging
 import os
 import re
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -38,7 +40,10 @@ _MEMINFO = Path("/proc/meminfo")
 def one_blas_thread() -> contextlib.AbstractContextManager:
     """Limit BLAS to one thread (threadpoolctl) for code that runs its own threads, or whose products
     are small: BLAS threads on top of those only contend for the cores (synth's skinny renders were
-    ~1.5x slower with 2 of them; matching several image pairs at once, ~1.4x)."""
+    ~1.5x slower with 2 of them; matching several image pairs at once, ~1.4x).
+
+    The count is process-wide and each holder restores what it found, so holders in threads that
+    overlap must sit inside one held by the thread that starts them (as `poses.run` does)."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # optional: without it, BLAS keeps its default
@@ -175,6 +180,33 @@ def _release_cuda_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def ordered_thread_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """``map(fn, items)`` on ``workers`` threads: results in input order, at most ``2 x workers``
+    items started ahead of the one consumed (bounded memory on long inputs). For work that releases
+    the GIL (pycolmap, numpy). An exception reaches the consumer at its item; items not yet started
+    are then dropped. ``workers <= 1`` runs on the calling thread."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    pending: collections.deque = collections.deque()
+    source = iter(items)
+    with ThreadPoolExecutor(workers, "nvf-map") as pool:
+        try:
+            for item in source:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                result = pending.popleft().result()
+                for item in source:  # refill one
+                    pending.append(pool.submit(fn, item))
+                    break
+                yield result
+        finally:  # an error, or the consumer stopped: start nothing more, let running items finish
+            for future in pending:
+                future.cancel()
 
 
 def iter_batched(

@@ -197,3 +197,41 @@ def test_choose_device_with_two_gpus(monkeypatch):
 def test_choose_device_rejects_unknown(spec):
     with pytest.raises(InputError, match="unknown device"):
         choose_device(spec)
+
+
+# -- threads -----------------------------------------------------------------------------------------
+
+
+def test_ordered_thread_map_keeps_order_and_runs_ahead_boundedly():
+    import threading
+    import time
+
+    started, lock = [], threading.Lock()
+
+    def slow_square(x: int) -> int:
+        with lock:
+            started.append(x)
+        time.sleep(0.02 if x % 3 == 0 else 0.001)  # later items finish first
+        return x * x
+
+    results = batching.ordered_thread_map(slow_square, range(20), workers=2)
+    assert next(results) == 0
+    assert len(started) <= 5  # 4 ahead (2 x workers) plus one refill, not all 20
+    assert list(results) == [x * x for x in range(1, 20)]
+    assert list(batching.ordered_thread_map(slow_square, [3, 1], workers=1)) == [9, 1]
+
+
+def test_ordered_thread_map_raises_at_the_failing_item_and_starts_nothing_more():
+    seen = []
+
+    def fail_on_two(x: int) -> int:
+        seen.append(x)
+        if x == 2:
+            raise ValueError("item 2")
+        return x
+
+    results = batching.ordered_thread_map(fail_on_two, range(100), workers=2)
+    assert [next(results), next(results)] == [0, 1]
+    with pytest.raises(ValueError, match="item 2"):
+        next(results)
+    assert len(seen) < 10
