@@ -16,7 +16,8 @@ baseline with a note when no `colmap` binary is on PATH (`apt-get install colmap
 
 `poses-matching/*` times matching and verification alone on one database of extracted features
 (the fast pass's SIFT): `sift_matching.match_exhaustive` vs `pycolmap.match_exhaustive`, the
-matcher it replaces on a CPU (goal: faster, ratio < 1). These run without `colmap` too.
+matcher it replaces on a CPU (goal: faster, ratio < 1). `poses-throughput/*` poses 4 ring captures
+2 at a time (the default) vs one by one (goal: ratio < 1). These run without `colmap` too.
 """
 
 from __future__ import annotations
@@ -138,6 +139,20 @@ def _matching(name: str, data: Path, work: Path) -> Result:
     return result
 
 
+def _throughput(root: Path) -> Result:
+    from stages import poses, synth
+
+    data = root / "data" / "synth-4-captures"
+    synth.run(data, dataclasses.replace(synth.PRESETS["default"], subjects=4, elevated=False, surface_points=2000))
+    cfg = poses.Config(rig="off")
+
+    def posed(at_once: int):
+        return lambda: poses.run(data, root / f"at-once-{at_once}", cfg, overwrite=True, captures_at_once=at_once)
+
+    return compare("poses-throughput/synth-4-captures-256", Side("2 captures at a time", posed(2)),
+                   Side("one by one", posed(1)), repeats=3, warmup=1, goal="ratio < 1")  # fmt: skip
+
+
 def run() -> list[Result]:
     results = []
     with tempfile.TemporaryDirectory(prefix="nvf-bench-poses-") as tmp:
@@ -146,6 +161,7 @@ def run() -> list[Result]:
         for name in ("synth-ring-256", "kermit"):
             if name in found:
                 results.append(_matching(name, found[name], root / "matching" / name))
+        results.append(_throughput(root))
         if shutil.which("colmap") is None:
             print("bench_poses: end-to-end comparison skipped: no `colmap` binary on PATH; install it "
                   "(apt-get install colmap) to compare", file=sys.stderr)  # fmt: skip
