@@ -1173,7 +1173,7 @@ def run(
     and poses every view SfM missed through it, source rig); a rig file poses each capture
     through that rig. ``device`` is accepted for the common stage signature; pycolmap runs on CPU.
     ``captures_at_once`` captures go through SfM together, so one's single-threaded mapping overlaps
-    another's extraction (4 ring captures on 2 cores: 4.75 s -> 4.08 s; the same poses).
+    another's extraction (4 ring captures on 2 cores: 4.41 s -> 3.74 s; the same poses).
     """
     del device  # SIFT on CPU; pycolmap picks CUDA itself where its build has it
     validate(cfg)
