@@ -337,9 +337,10 @@ def _quiet_colmap() -> None:
 
 
 def run_sfm(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequence[tuple[int, int]],
-            contrast: float | None = None, label: str = "poses"):  # fmt: skip
+            contrast: float | None = None, label: str = "poses", cancel: Any = None):  # fmt: skip
     """Run SfM on ``image_names`` (paths relative to ``root``) in a temp workspace; log lines start
-    with ``label`` (captures are posed concurrently: `run`'s ``captures_at_once``).
+    with ``label`` (captures are posed concurrently: `run`'s ``captures_at_once``). A cancelled
+    ``cancel`` (`cancellation_token`) stops it with InterruptedError at pycolmap's next check.
 
     With ``cfg.fast_first`` a pass with plain SIFT (no affine shape, no domain-size pooling) runs
     first, its peak threshold scaled by the capture's ``contrast`` (`capture_contrast`; measured
@@ -358,7 +359,7 @@ def run_sfm(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequence
                   "not measured" if contrast is None else f"{contrast:.4f}", passes[0].peak_threshold)  # fmt: skip
     best, n_models = None, 0
     for number, pass_cfg in enumerate(passes):
-        rec, models = _sfm_pass(root, image_names, pass_cfg, sizes, label)
+        rec, models = _sfm_pass(root, image_names, pass_cfg, sizes, label, cancel)
         if rec is not None and (best is None or rec.num_reg_images() > best.num_reg_images()):
             best, n_models = rec, models
         if best is not None and best.num_reg_images() == len(image_names):
@@ -436,7 +437,7 @@ def inspect_images(root: Path, image_names: Sequence[str]) -> CheckedImages:
 
 
 def _sfm_pass(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequence[tuple[int, int]],
-              label: str = "poses"):  # fmt: skip
+              label: str = "poses", cancel: Any = None):  # fmt: skip
     """One extraction-matching-mapping pass; (largest model or None, number of models).
 
     Models beyond the largest are not dropped silently: their views are logged, then retried by
@@ -459,9 +460,9 @@ def _sfm_pass(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequen
         _import_images(pycolmap, database, root, image_names, mode, options["reader"])
         pycolmap.extract_features(database, root, image_names=list(image_names), camera_mode=mode,
                                   reader_options=options["reader"],
-                                  extraction_options=options["extraction"])  # fmt: skip
+                                  extraction_options=options["extraction"], **_cancels(cancel))  # fmt: skip
         log.debug("%s: features in %.1f s", label, time.perf_counter() - clock)
-        _match(pycolmap, database, cfg, options)
+        _match(pycolmap, database, cfg, options, cancel)
         log.debug("%s: matching done at %.1f s", label, time.perf_counter() - clock)
         models_dir = work / "models"
         models_dir.mkdir()
@@ -470,7 +471,7 @@ def _sfm_pass(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequen
                 raise InputError("--mapper global needs pycolmap with global_mapping (>= 3.12); use incremental")
             models = pycolmap.global_mapping(database, root, models_dir, options["mapping"])
         else:
-            models = pycolmap.incremental_mapping(database, root, models_dir, options["mapping"])
+            models = pycolmap.incremental_mapping(database, root, models_dir, options["mapping"], **_cancels(cancel))
         log.debug("%s: mapping done at %.1f s", label, time.perf_counter() - clock)
         if not models:
             return None, 0
@@ -481,11 +482,11 @@ def _sfm_pass(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequen
             log.warning("%s: SfM split the views into %d models; a smaller one holds %s", label, len(ranked),
                         ", ".join(names))  # fmt: skip
         if best.num_reg_images() < len(image_names) and cfg.mapper == "incremental":
-            best = _register_more(pycolmap, database, root, work, best, options["mapping"]) or best
+            best = _register_more(pycolmap, database, root, work, best, options["mapping"], cancel) or best
         return best, len(models)
 
 
-def _match(pycolmap, database: Path, cfg: Config, options: dict[str, Any]) -> None:
+def _match(pycolmap, database: Path, cfg: Config, options: dict[str, Any], cancel: Any = None) -> None:
     """Match and verify the extracted features: exhaustive pairs through `sift_matching` where it
     stands in for pycolmap's matcher (CPU, up to a few thousand features per image), else pycolmap's
     exhaustive or sequential matcher."""
@@ -494,12 +495,25 @@ def _match(pycolmap, database: Path, cfg: Config, options: dict[str, Any]) -> No
             counts = [db.num_keypoints_for_image(image.image_id) for image in db.read_all_images()]
         reason = sift_matching.unsupported_reason(options["matching"], counts)
         if reason is None:
-            sift_matching.match_exhaustive(database, options["matching"], options["verification"])
+            sift_matching.match_exhaustive(database, options["matching"], options["verification"], cancel)
             return
         log.debug("poses: pycolmap's matcher (%s)", reason)
     match = pycolmap.match_exhaustive if cfg.matcher == "exhaustive" else pycolmap.match_sequential
     match(database, matching_options=options["matching"], pairing_options=options["pairing"],
-          verification_options=options["verification"])  # fmt: skip
+          verification_options=options["verification"], **_cancels(cancel))  # fmt: skip
+
+
+def cancellation_token() -> Any:
+    """A fresh pycolmap CancellationToken (None where this pycolmap has none): `run` cancels it on
+    an error or Ctrl-C, so captures still in SfM on other threads stop at pycolmap's next check
+    instead of running to their end (pycolmap checks signals on the main thread only)."""
+    pycolmap = _pycolmap()
+    return pycolmap.CancellationToken() if hasattr(pycolmap, "CancellationToken") else None
+
+
+def _cancels(cancel: Any) -> dict[str, Any]:
+    """The keyword that hands ``cancel`` to a pycolmap call (none without a token)."""
+    return {} if cancel is None else {"cancellation_token": cancel}
 
 
 def _import_images(pycolmap, database: Path, root: Path, image_names: Sequence[str], mode, reader_options) -> None:
@@ -555,7 +569,7 @@ def _bundle_adjust(pycolmap, rec, options) -> None:
     pycolmap.create_default_bundle_adjuster(options, config, rec).solve()
 
 
-def _register_more(pycolmap, database: Path, root: Path, work: Path, rec, mapping_options):
+def _register_more(pycolmap, database: Path, root: Path, work: Path, rec, mapping_options, cancel: Any = None):
     """Continue the incremental mapper from ``rec`` with relaxed registration thresholds."""
     start = work / "start"
     start.mkdir()
@@ -571,7 +585,9 @@ def _register_more(pycolmap, database: Path, root: Path, work: Path, rec, mappin
     out = work / "more"
     out.mkdir()
     try:
-        models = pycolmap.incremental_mapping(database, root, out, relaxed, input_path=start)
+        models = pycolmap.incremental_mapping(database, root, out, relaxed, input_path=start, **_cancels(cancel))
+    except InterruptedError:  # cancelled: not a failure to register
+        raise
     except Exception as exc:  # pycolmap raises plain RuntimeErrors here
         log.debug("poses: registering more views failed: %s", exc)
         return None
@@ -929,13 +945,13 @@ def estimate_capture(root: Path, capture: dataset.Capture, cfg: Config, layout: 
 
 
 def sfm_capture(root: Path, capture: dataset.Capture, cfg: Config,
-                checked: CheckedImages | None = None) -> CapturePoses:  # fmt: skip
-    """SfM on one capture (``checked``: its `check_capture`, done here when not given); rows SfM
-    could not register keep identity poses, zero K and source interp."""
+                checked: CheckedImages | None = None, cancel: Any = None) -> CapturePoses:  # fmt: skip
+    """SfM on one capture (``checked``: its `check_capture`, done here when not given; ``cancel``:
+    see `run_sfm`); rows SfM could not register keep identity poses, zero K and source interp."""
     checked = checked if checked is not None else check_capture(root, capture)
     sizes = checked.sizes
     paths = [entry.path for entry in capture.images]
-    rec, n_models = run_sfm(root, paths, cfg, sizes, checked.contrast, label=f"poses: {capture.id}")
+    rec, n_models = run_sfm(root, paths, cfg, sizes, checked.contrast, label=f"poses: {capture.id}", cancel=cancel)
     views, sparse = extract_views(rec, paths) if rec is not None else ({}, None)
     n = len(paths)
     R, T = np.tile(np.eye(3), (n, 1, 1)), np.zeros((n, 3))
@@ -1210,11 +1226,15 @@ def run(
     # thread, its extraction and matching on all); results come back in order, bit for bit the same
     to_pose = [c for group, _, pending in plans for c, todo in zip(group, pending) if todo]
 
+    cancel = cancellation_token() if to_pose else None
+
     def pose(capture: dataset.Capture) -> CapturePoses:
-        return sfm_capture(data, capture, cfg, checked[capture.id])
+        return sfm_capture(data, capture, cfg, checked[capture.id], cancel=cancel)
 
     # BLAS on one thread for the whole run, set and restored here: sift_matching runs its own threads
-    posed_in_order = batching.ordered_thread_map(pose, to_pose, captures_at_once)
+    # on an error or Ctrl-C, the captures still in SfM are cancelled before they are waited for
+    posed_in_order = batching.ordered_thread_map(pose, to_pose, captures_at_once,
+                                                 on_abort=None if cancel is None else cancel.cancel)  # fmt: skip
     with batching.one_blas_thread(), contextlib.closing(posed_in_order) as posed:
         for group, hashes, pending in plans:
             partial = {c.id: next(posed) for c, todo in zip(group, pending) if todo}

@@ -118,9 +118,10 @@ def unsupported_reason(matching_options: Any, feature_counts: list[int]) -> str 
     return None
 
 
-def match_exhaustive(database: Path, matching_options: Any, verification_options: Any) -> int:
+def match_exhaustive(database: Path, matching_options: Any, verification_options: Any, cancel: Any = None) -> int:
     """Match and verify every pair of images in ``database`` (features already extracted), in
-    place of ``pycolmap.match_exhaustive``. Returns the number of verified pairs."""
+    place of ``pycolmap.match_exhaustive``. Returns the number of verified pairs. A cancelled
+    ``cancel`` (pycolmap CancellationToken) raises InterruptedError before the next pair."""
     pycolmap = _pycolmap()
 
     with pycolmap.Database.open(database) as db:
@@ -131,6 +132,8 @@ def match_exhaustive(database: Path, matching_options: Any, verification_options
     sift, min_inliers = matching_options.sift, verification_options.min_num_inliers
 
     def match_pair(pair: tuple[int, int]) -> tuple[np.ndarray, Any]:
+        if cancel is not None and cancel.is_cancelled:  # a property in pycolmap 4.2
+            raise InterruptedError("matching cancelled")
         a, b = pair
         matches = mutual_matches(descriptors[a], descriptors[b], sift.max_ratio, sift.max_distance)
         if len(matches) < min_inliers:

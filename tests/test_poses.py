@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages import poses, synth
+from stages import poses, sift_matching, synth
 from stages.core import dataset, geometry, io, worktree
 from stages.core.errors import InputError
 from tests.helpers import write_tiny_png
@@ -334,7 +334,7 @@ def test_contrast_scales_the_peak_threshold_between_the_face_and_colmap_values()
 def test_only_the_fast_pass_takes_the_contrast_scaled_threshold(monkeypatch, scaled):
     passes = []
     monkeypatch.setattr(poses, "capture_contrast", lambda root, names: 2 * poses.FACE_CONTRAST)
-    monkeypatch.setattr(poses, "_sfm_pass", lambda root, names, cfg, sizes, label: (passes.append(cfg), (None, 0))[1])
+    monkeypatch.setattr(poses, "_sfm_pass", lambda root, names, cfg, *_: (passes.append(cfg), (None, 0))[1])
     cfg = poses.Config(contrast_threshold=scaled)
     assert poses.run_sfm(Path("."), ["a.png", "b.png"], cfg, [(64, 64)] * 2) == (None, 0)
     fast, tuned = passes  # nothing registered, so the tuned pass ran too
@@ -614,3 +614,45 @@ def test_kermit_registers_at_least_10_of_11_and_agrees_with_bundler(shared_data,
     assert aligned.rotation_error_deg.max() < 6.0
     assert aligned.center_error.max() < 0.1 * spread  # measured ~6.6% of the centres' spread
     assert math.isfinite(float(record["reproj_error"].max()))
+
+
+# -- cancellation ------------------------------------------------------------------------------------
+
+
+def test_a_cancelled_token_stops_sfm_and_matching(textureless, tmp_path):
+    import pycolmap
+
+    data, _work, capture = textureless
+    cancel = poses.cancellation_token()
+    if cancel is None:
+        pytest.skip("this pycolmap has no CancellationToken")
+    cancel.cancel()
+    names = sorted(str(p.relative_to(data)) for p in data.rglob("*.png") if "groundtruth" not in p.parts)
+    with pytest.raises(InterruptedError):
+        poses.run_sfm(data, names, poses.Config(), [(192, 192)] * len(names), cancel=cancel)
+    # the matcher checks before each pair
+    options = poses.build_options(poses.fast_pass(poses.Config()))
+    database = tmp_path / "features.db"
+    poses._import_images(pycolmap, database, data, names, pycolmap.CameraMode.SINGLE, options["reader"])
+    pycolmap.extract_features(database, data, image_names=names, camera_mode=pycolmap.CameraMode.SINGLE,
+                              reader_options=options["reader"], extraction_options=options["extraction"])  # fmt: skip
+    with pytest.raises(InterruptedError):
+        sift_matching.match_exhaustive(database, options["matching"], options["verification"], cancel)
+
+
+def test_an_error_cancels_the_captures_still_in_sfm(textureless, tmp_path, monkeypatch):
+    data, _work, _capture = textureless
+    tokens, make_token = [], poses.cancellation_token
+
+    def token():
+        tokens.append(make_token())
+        return tokens[-1]
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(poses, "cancellation_token", token)
+    monkeypatch.setattr(poses, "complete_capture", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        poses.run(data, tmp_path, poses.Config())
+    assert len(tokens) == 1 and (tokens[0] is None or tokens[0].is_cancelled)

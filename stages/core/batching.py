@@ -182,16 +182,20 @@ def _release_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def ordered_thread_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+def ordered_thread_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
+                       on_abort: Callable[[], None] | None = None) -> Iterator[R]:  # fmt: skip
     """``map(fn, items)`` on ``workers`` threads: results in input order, at most ``2 x workers``
     items started ahead of the one consumed (bounded memory on long inputs). For work that releases
-    the GIL (pycolmap, numpy). An exception reaches the consumer at its item; items not yet started
-    are then dropped. ``workers <= 1`` runs on the calling thread."""
+    the GIL (pycolmap, numpy). An exception reaches the consumer at its item. When an item fails or
+    the consumer stops early (an error, Ctrl-C), items not yet started are dropped and ``on_abort``
+    runs before the items still running are waited for (to make them stop sooner, e.g. by
+    cancelling their token). ``workers <= 1`` runs on the calling thread."""
     if workers <= 1:
         yield from map(fn, items)
         return
     pending: collections.deque = collections.deque()
     source = iter(items)
+    finished = False
     with ThreadPoolExecutor(workers, "nvf-map") as pool:
         try:
             for item in source:
@@ -204,9 +208,13 @@ def ordered_thread_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -
                     pending.append(pool.submit(fn, item))
                     break
                 yield result
-        finally:  # an error, or the consumer stopped: start nothing more, let running items finish
-            for future in pending:
-                future.cancel()
+            finished = True
+        finally:
+            if not finished:
+                for future in pending:
+                    future.cancel()
+                if on_abort is not None:
+                    on_abort()
 
 
 def iter_batched(

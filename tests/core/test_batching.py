@@ -230,8 +230,23 @@ def test_ordered_thread_map_raises_at_the_failing_item_and_starts_nothing_more()
             raise ValueError("item 2")
         return x
 
-    results = batching.ordered_thread_map(fail_on_two, range(100), workers=2)
+    aborted = []
+    results = batching.ordered_thread_map(fail_on_two, range(100), workers=2, on_abort=lambda: aborted.append(1))
     assert [next(results), next(results)] == [0, 1]
     with pytest.raises(ValueError, match="item 2"):
         next(results)
-    assert len(seen) < 10
+    assert len(seen) < 10 and aborted == [1]  # told before the running items were waited for
+
+
+def test_ordered_thread_map_calls_on_abort_only_when_stopped_early():
+    aborted = []
+    assert list(batching.ordered_thread_map(abs, [-1, -2, -3], workers=2, on_abort=lambda: aborted.append(1))) == [
+        1,
+        2,
+        3,
+    ]
+    assert aborted == []
+    results = batching.ordered_thread_map(abs, range(-10, 0), workers=2, on_abort=lambda: aborted.append(1))
+    assert next(results) == 10
+    results.close()  # the consumer stops (an error of its own, Ctrl-C)
+    assert aborted == [1]
