@@ -329,11 +329,15 @@ def _parse_value(current: Any, text: str) -> Any:
 
 
 def _quiet_colmap() -> None:
-    """Keep COLMAP's own logging (glog, stderr) to errors unless nvf logs at debug level."""
+    """Keep COLMAP's own logging (glog) to errors unless nvf logs at debug level, and on stderr only:
+    glog's default also writes a ``<host>.<user>.log.INFO.<time>.<pid>`` file to /tmp for every
+    process that logs, which piles up over a cluster's array jobs."""
     pycolmap = _pycolmap()
     logging_ns = getattr(pycolmap, "logging", None)
     if logging_ns is not None and hasattr(logging_ns, "minloglevel"):
         logging_ns.minloglevel = 0 if log.isEnabledFor(logging.DEBUG) else 3
+    if logging_ns is not None and hasattr(logging_ns, "logtostderr"):
+        logging_ns.logtostderr = True
 
 
 def run_sfm(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequence[tuple[int, int]],

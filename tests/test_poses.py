@@ -378,7 +378,7 @@ def test_final_adjustment_stops_on_convergence_and_skips_a_needless_second_solve
     assert ceres.solver_options.function_tolerance == poses.REFINE_FUNCTION_TOLERANCE > 0
 
 
-def test_final_adjustment_matches_pycolmaps_and_keeps_colmap_quiet():
+def test_final_adjustment_matches_pycolmaps_and_keeps_colmap_quiet(tmp_path):
     import pycolmap
 
     options = pycolmap.SyntheticDatasetOptions()
@@ -390,8 +390,13 @@ def test_final_adjustment_matches_pycolmaps_and_keeps_colmap_quiet():
     pycolmap.synthesize_noise(noise, ours)
     theirs = pycolmap.Reconstruction(ours)
     adjustment = pycolmap.BundleAdjustmentOptions()
-    pycolmap.bundle_adjustment(theirs, adjustment)  # resets COLMAP's log level to INFO (0)
-    pycolmap.logging.minloglevel = 3
+    poses._quiet_colmap()
+    assert pycolmap.logging.logtostderr  # glog writes no log files to /tmp
+    for level in (pycolmap.logging.Level.INFO, pycolmap.logging.Level.WARNING, pycolmap.logging.Level.ERROR):
+        pycolmap.logging.set_log_destination(level, str(tmp_path / "glog."))  # its files go here, not /tmp
+    pycolmap.bundle_adjustment(theirs, adjustment)  # resets COLMAP's log level to INFO (0), and to files
+    poses._quiet_colmap()
+    assert pycolmap.logging.minloglevel == 3 and pycolmap.logging.logtostderr
     poses._bundle_adjust(pycolmap, ours, adjustment)
     assert pycolmap.logging.minloglevel == 3  # no "=== Global bundle adjustment ===" on stderr
     for image_id, image in ours.images.items():
