@@ -102,10 +102,7 @@ def _extracted(data: Path, database: Path) -> dict:
     checked = poses.inspect_images(data, names)
     options = poses.build_options(poses.fast_pass(poses.Config(), checked.contrast))
     mode = pycolmap.CameraMode.SINGLE if len(set(checked.sizes)) == 1 else pycolmap.CameraMode.AUTO
-    poses._quiet_colmap()
-    poses._import_images(pycolmap, database, data, names, mode, options["reader"])
-    pycolmap.extract_features(database, data, image_names=names, camera_mode=mode, reader_options=options["reader"],
-                              extraction_options=options["extraction"])  # fmt: skip
+    poses.extract_features(database, data, names, options, mode)
     return options
 
 

@@ -50,7 +50,7 @@ import os
 import tempfile
 import time
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -461,10 +461,7 @@ def _sfm_pass(root: Path, image_names: Sequence[str], cfg: Config, sizes: Sequen
     with tempfile.TemporaryDirectory(prefix="nvf-poses-") as tmp:
         work = Path(tmp)
         database = work / "database.db"
-        _import_images(pycolmap, database, root, image_names, mode, options["reader"])
-        pycolmap.extract_features(database, root, image_names=list(image_names), camera_mode=mode,
-                                  reader_options=options["reader"],
-                                  extraction_options=options["extraction"], **_cancels(cancel))  # fmt: skip
+        extract_features(database, root, image_names, options, mode, cancel)
         log.debug("%s: features in %.1f s", label, time.perf_counter() - clock)
         _match(pycolmap, database, cfg, options, cancel)
         log.debug("%s: matching done at %.1f s", label, time.perf_counter() - clock)
@@ -518,6 +515,19 @@ def cancellation_token() -> Any:
 def _cancels(cancel: Any) -> dict[str, Any]:
     """The keyword that hands ``cancel`` to a pycolmap call (none without a token)."""
     return {} if cancel is None else {"cancellation_token": cancel}
+
+
+def extract_features(database: Path, root: Path, image_names: Sequence[str], options: dict[str, Any], mode: Any,
+                     cancel: Any = None) -> None:  # fmt: skip
+    """SIFT features of ``image_names`` (paths relative to ``root``) into a new COLMAP ``database``,
+    the images registered first in name order (`_import_images`); ``options`` from `build_options`,
+    ``mode`` a pycolmap CameraMode, ``cancel`` as in `run_sfm`. COLMAP's log stays quiet."""
+    pycolmap = _pycolmap()
+    _quiet_colmap()
+    _import_images(pycolmap, database, root, image_names, mode, options["reader"])
+    pycolmap.extract_features(database, root, image_names=list(image_names), camera_mode=mode,
+                              reader_options=options["reader"], extraction_options=options["extraction"],
+                              **_cancels(cancel))  # fmt: skip
 
 
 def _import_images(pycolmap, database: Path, root: Path, image_names: Sequence[str], mode, reader_options) -> None:
@@ -1066,7 +1076,7 @@ def write_capture(out: Path, root: Path, capture: dataset.Capture, poses: Captur
         "points": poses.points_p3, "colors": poses.colors_p3, "error": poses.point_error_p,
         "track_offsets": poses.track_offsets, "track_images": poses.track_images, "track_uv": poses.track_uv,
     }, kind="sparse", **meta)]  # fmt: skip
-    distortion = view_distortion(poses.colmap_cameras, poses.names)
+    distortion = io.colmap_cameras_distortion(poses.colmap_cameras, poses.names)
     cameras = io.CameraSet(poses.names, poses.R, poses.T, poses.K, poses.width, poses.height, distortion)
     if "transforms" in cfg.export:
         rel = [os.path.relpath(root / entry.path, folder) for entry in capture.images]
@@ -1088,27 +1098,6 @@ def write_capture(out: Path, root: Path, capture: dataset.Capture, poses: Captur
         "sfm_models": str(poses.models), "image_paths": json.dumps(_absolute_image_paths(root, capture, poses.names)),
     }, **meta))  # fmt: skip
     return written
-
-
-def view_distortion(colmap_cameras: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> np.ndarray | None:
-    """[N, 4] OpenCV (k1, k2, p1, p2) per view from its COLMAP camera (the ``colmap_cameras``
-    metadata): SfM's fit for its views, the nearest SfM view's for interpolated ones, none for views
-    posed through the rig (pinhole). None when no view has any distortion."""
-    rows = []
-    for name in names:
-        camera = colmap_cameras.get(name, {})
-        try:
-            rows.append(io.opencv_distortion(camera["model"], camera["params"]) if "params" in camera else np.zeros(4))
-        except ValueError as exc:
-            log.warning("poses: %s: %s; exported without distortion", name, exc)
-            rows.append(np.zeros(4))
-    found = np.asarray(rows, dtype=np.float64).reshape(-1, 4)
-    return found if found.any() else None
-
-
-def record_distortion(record: io.Record) -> np.ndarray | None:
-    """`view_distortion` of a loaded poses record (its rows, in order)."""
-    return view_distortion(json.loads(record.extra.get("colmap_cameras", "{}")), record.names)
 
 
 def _source_name(code: int) -> str:

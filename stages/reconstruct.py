@@ -65,7 +65,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stages import poses
 from stages.core import batching, io, worktree
 from stages.core.errors import InputError, ModelError, StageFailure
 
@@ -189,7 +188,7 @@ def _capture_views(folder: Path, data: Path | None, method: str) -> ViewSet:
     record = io.load_record(folder / worktree.RECORD_FILES["poses"], kind="poses")
     names = list(record.names)
     cameras = io.CameraSet(names, record["R"], record["T"], record["K"], record["width"], record["height"],
-                           poses.record_distortion(record))  # fmt: skip
+                           io.record_distortion(record))  # fmt: skip
     paths = _capture_image_paths(folder, record.capture, names, data)
     depth = None
     aligned_path = folder / worktree.RECORD_FILES["aligned"]

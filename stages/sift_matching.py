@@ -99,7 +99,9 @@ def unsupported_reason(matching_options: Any, feature_counts: list[int]) -> str 
     kind = getattr(matching_options, "type", None)
     if kind is not None and getattr(kind, "name", "SIFT_BRUTEFORCE") != "SIFT_BRUTEFORCE":
         return f"matcher type {kind.name}"
-    if getattr(matching_options, "use_gpu", False) or getattr(_pycolmap(), "has_cuda", False):
+    import pycolmap
+
+    if getattr(matching_options, "use_gpu", False) or getattr(pycolmap, "has_cuda", False):
         return "GPU matching"
     if getattr(sift, "cpu_brute_force_matcher", False):
         return "COLMAP's brute-force (angle) criterion asked for"
@@ -122,7 +124,7 @@ def match_exhaustive(database: Path, matching_options: Any, verification_options
     """Match and verify every pair of images in ``database`` (features already extracted), in
     place of ``pycolmap.match_exhaustive``. Returns the number of verified pairs. A cancelled
     ``cancel`` (pycolmap CancellationToken) raises InterruptedError before the next pair."""
-    pycolmap = _pycolmap()
+    import pycolmap
 
     with pycolmap.Database.open(database) as db:
         images = sorted(db.read_all_images(), key=lambda image: image.image_id)
@@ -160,9 +162,3 @@ def match_exhaustive(database: Path, matching_options: Any, verification_options
                 verified += 1
             db.write_two_view_geometry(id1, id2, geometry)
     return verified
-
-
-def _pycolmap():
-    import pycolmap
-
-    return pycolmap

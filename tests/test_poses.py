@@ -118,11 +118,11 @@ def test_ring_transforms_load_in_nerfstudio(ring):
     k = json.loads(record.extra["colmap_cameras"])[record.names[0]]["params"][3]
     assert k != 0 and doc["camera_model"] == "OPENCV" and doc["k1"] == k
     np.testing.assert_allclose(outputs.cameras.distortion_params.numpy()[:, 0], k, rtol=1e-6)
-    np.testing.assert_array_equal(poses.record_distortion(record)[:, 0], k)
+    np.testing.assert_array_equal(io.record_distortion(record)[:, 0], k)
     from stages import reconstruct
 
     views = reconstruct._capture_views(folder, _data, "nerfacto")  # what `nvf reconstruct` trains on
-    np.testing.assert_array_equal(views.cameras.distortion, poses.record_distortion(record))
+    np.testing.assert_array_equal(views.cameras.distortion, io.record_distortion(record))
 
 
 def test_ring_colmap_export_loads_in_pycolmap(ring):
@@ -223,17 +223,6 @@ def test_interpolated_centres_follow_the_circle_not_the_chord():
     assert np.linalg.norm(blended) < 3.5  # a straight blend cuts the chord, 13% inside the ring
 
 
-def test_view_distortion_follows_each_views_source(caplog):
-    sfm = {"model": "SIMPLE_RADIAL", "params": [300.0, 128.0, 128.0, -0.03]}
-    cameras = {"a.png": sfm, "b.png": {**sfm, "from": "a.png"},  # interpolated: the nearest SfM view's
-               "c.png": {"model": "PINHOLE", "from": "rig", "camera": "051"},  # through the rig: pinhole
-               "d.png": {"model": "OPENCV_FISHEYE", "params": [300.0, 300.0, 128.0, 128.0, 0.1, 0.0, 0.0, 0.0]}}  # fmt: skip
-    found = poses.view_distortion(cameras, ["a.png", "b.png", "c.png", "d.png", "e.png"])
-    np.testing.assert_array_equal(found[:, 0], [-0.03, -0.03, 0.0, 0.0, 0.0])
-    assert "OPENCV_FISHEYE" in caplog.text  # said, not silently dropped
-    assert poses.view_distortion({"c.png": cameras["c.png"]}, ["c.png"]) is None
-
-
 def test_fit_circle_and_degenerate_points():
     angles = np.radians([0, 50, 100, 170])
     points = np.stack([2 + 3 * np.cos(angles), np.full(4, 1.0), 3 * np.sin(angles)], axis=1)
@@ -295,9 +284,7 @@ def test_images_are_numbered_in_name_order_whatever_thread_finishes_first(textur
     assert poses.build_options(poses.Config(deterministic=False))["mapping"].num_threads == cfg.num_threads
     for attempt in range(2):
         database = data.parent / f"ids{attempt}.db"
-        poses._import_images(pycolmap, database, data, names, pycolmap.CameraMode.SINGLE, options["reader"])
-        pycolmap.extract_features(database, data, image_names=names, camera_mode=pycolmap.CameraMode.SINGLE,
-                                  reader_options=options["reader"], extraction_options=options["extraction"])  # fmt: skip
+        poses.extract_features(database, data, names, options, pycolmap.CameraMode.SINGLE)
         with pycolmap.Database.open(database) as db:
             by_id = {image.image_id: image.name for image in db.read_all_images()}
             assert all(db.read_keypoints(image_id).shape[0] > 0 for image_id in by_id)
@@ -638,9 +625,7 @@ def test_a_cancelled_token_stops_sfm_and_matching(textureless, tmp_path):
     # the matcher checks before each pair
     options = poses.build_options(poses.fast_pass(poses.Config()))
     database = tmp_path / "features.db"
-    poses._import_images(pycolmap, database, data, names, pycolmap.CameraMode.SINGLE, options["reader"])
-    pycolmap.extract_features(database, data, image_names=names, camera_mode=pycolmap.CameraMode.SINGLE,
-                              reader_options=options["reader"], extraction_options=options["extraction"])  # fmt: skip
+    poses.extract_features(database, data, names, options, pycolmap.CameraMode.SINGLE)
     with pytest.raises(InterruptedError):
         sift_matching.match_exhaustive(database, options["matching"], options["verification"], cancel)
 

@@ -76,9 +76,7 @@ def extracted(tmp_path_factory):
     names = sorted(str(p.relative_to(data)) for p in data.rglob("*.png") if "groundtruth" not in p.parts)
     options = poses.build_options(poses.fast_pass(poses.Config()))
     database = root / "features.db"
-    poses._import_images(pycolmap, database, data, names, pycolmap.CameraMode.SINGLE, options["reader"])
-    pycolmap.extract_features(database, data, image_names=names, camera_mode=pycolmap.CameraMode.SINGLE,
-                              reader_options=options["reader"], extraction_options=options["extraction"])  # fmt: skip
+    poses.extract_features(database, data, names, options, pycolmap.CameraMode.SINGLE)
     return database, options
 
 

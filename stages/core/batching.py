@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import gc
+import itertools
 import logging
 import os
 import re
@@ -198,15 +199,10 @@ def ordered_thread_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
     finished = False
     with ThreadPoolExecutor(workers, "nvf-map") as pool:
         try:
-            for item in source:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= 2 * workers:
-                    break
+            pending.extend(pool.submit(fn, item) for item in itertools.islice(source, 2 * workers))
             while pending:
                 result = pending.popleft().result()
-                for item in source:  # refill one
-                    pending.append(pool.submit(fn, item))
-                    break
+                pending.extend(pool.submit(fn, item) for item in itertools.islice(source, 1))
                 yield result
             finished = True
         finally:

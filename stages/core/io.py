@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,6 +31,8 @@ import numpy as np
 
 from stages.core import geometry
 from stages.core.errors import InputError, RecordError
+
+log = logging.getLogger("nvf")
 
 FORMAT_VERSION = "1"
 NAMES_IN_HEADER_MAX = 1 << 20
@@ -584,6 +587,30 @@ def opencv_distortion(model: str, params: Sequence[float]) -> np.ndarray:
     for slot, index in enumerate(COLMAP_DISTORTION_PARAMS[model]):
         found[slot] = float(params[index])
     return found
+
+
+def colmap_cameras_distortion(
+    colmap_cameras: Mapping[str, Mapping[str, Any]], names: Sequence[str]
+) -> np.ndarray | None:
+    """[N, 4] OpenCV (k1, k2, p1, p2) per row from a poses record's ``colmap_cameras`` metadata (row
+    name -> COLMAP model and params): SfM's fit for its views, the nearest SfM view's for
+    interpolated ones, none for views posed through the rig (pinhole, no params). A model without
+    an OpenCV form is warned about and left out. None when no row has any distortion."""
+    rows = []
+    for name in names:
+        camera = colmap_cameras.get(name, {})
+        try:
+            rows.append(opencv_distortion(camera["model"], camera["params"]) if "params" in camera else np.zeros(4))
+        except ValueError as exc:
+            log.warning("%s: %s; taken as no distortion", name, exc)
+            rows.append(np.zeros(4))
+    found = np.asarray(rows, dtype=np.float64).reshape(-1, 4)
+    return found if found.any() else None
+
+
+def record_distortion(record: Record) -> np.ndarray | None:
+    """`colmap_cameras_distortion` of a loaded poses record, in its row order."""
+    return colmap_cameras_distortion(json.loads(record.extra.get("colmap_cameras", "{}")), record.names)
 
 
 def write_transforms(

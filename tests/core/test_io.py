@@ -277,6 +277,17 @@ def test_opencv_distortion_refuses_other_models():
         io.opencv_distortion("OPENCV_FISHEYE", [300, 300, 128, 128, 0.1, 0, 0, 0])
 
 
+def test_colmap_cameras_distortion_follows_each_views_source(caplog):
+    sfm = {"model": "SIMPLE_RADIAL", "params": [300.0, 128.0, 128.0, -0.03]}
+    cameras = {"a.png": sfm, "b.png": {**sfm, "from": "a.png"},  # interpolated: the nearest SfM view's
+               "c.png": {"model": "PINHOLE", "from": "rig", "camera": "051"},  # through the rig: pinhole
+               "d.png": {"model": "OPENCV_FISHEYE", "params": [300.0, 300.0, 128.0, 128.0, 0.1, 0.0, 0.0, 0.0]}}  # fmt: skip
+    found = io.colmap_cameras_distortion(cameras, ["a.png", "b.png", "c.png", "d.png", "e.png"])
+    np.testing.assert_array_equal(found[:, 0], [-0.03, -0.03, 0.0, 0.0, 0.0])
+    assert "OPENCV_FISHEYE" in caplog.text  # said, not silently dropped
+    assert io.colmap_cameras_distortion({"c.png": cameras["c.png"]}, ["c.png"]) is None
+
+
 def test_transforms_per_frame_intrinsics_when_cameras_differ(tmp_path):
     cameras = _cameras()
     cameras.K[2, 0, 0] = 120.0
