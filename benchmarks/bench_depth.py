@@ -11,9 +11,11 @@ fusion width 64: ~5.7 M parameters; no download). Timing does not depend on the 
 - overhead: the same run against the bare batched forward of pre-decoded, pre-processed tensors
   at nvf's batch size (goal: at most 10% slower).
 
-On CUDA a third result runs the paper's model size (DPT-Large's architecture, random weights, 384
-px) on 64 images of 512 px: nvf (automatic batch size) vs the per-image pipeline, and nvf's fp16
-images/s and peak CUDA memory.
+On CUDA two more results run the paper's model size (DPT-Large's architecture, random weights, 384
+px input) on 128 distinct images of 512 px: nvf (automatic batch size) in fp32 vs the per-image
+pipeline, with nvf's images/s, peak CUDA memory and chosen batch size in fp32, bf16 and fp16; and
+the out-of-memory back-off triggered for real under a memory cap, its maps compared with an
+uncapped run's.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import Result, Side, compare, synth_image_folders
+from benchmarks.harness import LogCatcher, Result, Side, compare, distinct_image_folders, synth_image_folders
 
 N_IMAGES = 64
 RESOLUTION = 128
+N_LARGE, LARGE_PX = 128, 512  # the CUDA run: images of the paper's size
 
 
 def build_small_dpt(folder: Path) -> Path:
@@ -94,7 +97,7 @@ def run() -> list[Result]:
                           repeats=3, goal="ratio <= 1.10", extra=extra)  # fmt: skip
         results = [vs_pipeline, vs_bare]
         if device.type == "cuda":
-            results.append(_dpt_large_on_gpu(tmp, device, pipeline))
+            results += _dpt_large_on_gpu(tmp, device, pipeline)
         return results
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -114,21 +117,34 @@ def build_dpt_large(folder: Path) -> Path:
     return folder
 
 
-def _dpt_large_on_gpu(tmp: Path, device: torch.device, pipeline) -> Result:
-    """The paper's depth model on the GPU: nvf depth at the automatic batch size (fp32 and fp16) vs
-    the per-image pipeline; images/s and peak CUDA memory of nvf's fp16 run."""
+def _dpt_large_on_gpu(tmp: Path, device: torch.device, pipeline) -> list[Result]:
+    """The paper's depth model on the GPU (see the module docstring): per precision, nvf's images/s,
+    peak memory and the batch size it chose; nvf fp32 vs the per-image pipeline; and the
+    out-of-memory back-off triggered for real under a memory cap, checked against the uncapped maps."""
     from stages import depth
+    from stages.core import io
 
     model_dir = build_dpt_large(tmp / "dpt-large")
-    n_images = N_IMAGES
-    paths = synth_image_folders(tmp / "data-large", n_images, 512)
+    paths = distinct_image_folders(tmp / "data-large", N_LARGE, LARGE_PX)
     runs = iter(range(10**6))
 
-    def nvf_depth(precision: str) -> None:
+    def nvf_depth(precision: str, work: Path | None = None) -> Path:
+        work = work or tmp / f"large{next(runs)}"
         cfg = depth.Config(model=str(model_dir), layout="folder", cache=False, precision=precision)
-        depth.run(tmp / "data-large", tmp / f"large{next(runs)}", cfg, device=str(device))
+        depth.run(tmp / "data-large", work, cfg, device=str(device))
         torch.cuda.synchronize()
+        return work
 
+    per_precision: dict[str, dict] = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        nvf_depth(precision)  # warm-up: load, cuDNN autotuning, allocator
+        torch.cuda.reset_peak_memory_stats()
+        with LogCatcher() as caught:
+            start = time.perf_counter()
+            nvf_depth(precision)
+            seconds = time.perf_counter() - start
+        per_precision[precision] = {"images_per_s": N_LARGE / seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                                    "batch": caught.batch_sizes()}  # fmt: skip
     pipe = pipeline("depth-estimation", model=str(model_dir), device=device)
 
     def pipeline_per_image() -> None:
@@ -136,15 +152,46 @@ def _dpt_large_on_gpu(tmp: Path, device: torch.device, pipeline) -> Result:
             pipe(str(path))
         torch.cuda.synchronize()
 
-    nvf_depth("fp16")  # warm-up (cuDNN autotuning, allocator)
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    nvf_depth("fp16")
-    fp16_s = time.perf_counter() - start
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30
-    return compare("depth_dpt_large_gpu", Side("nvf depth fp32", lambda: nvf_depth("fp32")),
-                   Side("pipeline per image fp32", pipeline_per_image), repeats=2,
-                   goal="ratio <= 0.333 (>= 3x faster)",
-                   extra={"device": torch.cuda.get_device_name(device), "images": n_images, "image_px": 512,
-                          "model": "DPT-Large architecture (random weights), 384 px",
-                          "nvf_fp16_images_per_s": n_images / fp16_s, "nvf_fp16_peak_gib": peak_gib})  # fmt: skip
+    extra = {"device": torch.cuda.get_device_name(device), "images": N_LARGE, "image_px": LARGE_PX,
+             "model": "DPT-Large architecture (random weights), 384 px"}  # fmt: skip
+    for precision, figures in per_precision.items():
+        extra.update({f"{precision}_{k}": v for k, v in figures.items()})
+    vs_pipeline = compare("depth_dpt_large_gpu", Side("nvf depth fp32", lambda: nvf_depth("fp32")),
+                          Side("pipeline per image fp32", pipeline_per_image), repeats=2,
+                          goal="ratio <= 0.333 (>= 3x faster)", extra=extra)  # fmt: skip
+    del pipe
+    return [vs_pipeline, _out_of_memory_back_off(tmp, device, nvf_depth, io)]
+
+
+def _out_of_memory_back_off(tmp: Path, device: torch.device, nvf_depth, io) -> Result:
+    """Cap this process's CUDA memory (`torch.cuda.set_per_process_memory_fraction`) to the loaded
+    model plus ~24 images' activations: the free-memory batch size (which the cap does not lower)
+    runs out of memory for real and `iter_batched` halves it until it fits. The maps must equal an
+    uncapped run's: bit for bit where the kernels allow, else the largest difference is reported."""
+    from stages import depth
+
+    reference = nvf_depth("fp32")
+    predictor = next(iter(depth._LOADED.values()))
+    per_item = predictor.bytes_per_item((LARGE_PX, LARGE_PX), (LARGE_PX, LARGE_PX))
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = torch.cuda.memory_allocated(device) + 24 * per_item
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    try:
+        with LogCatcher() as caught:
+            start = time.perf_counter()
+            capped = nvf_depth("fp32")
+            seconds = time.perf_counter() - start
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    differences = []
+    for record in sorted(reference.glob("*/depth.safetensors")):
+        a = io.load_record(record, kind="depth")["depth"]
+        b = io.load_record(capped / record.relative_to(reference), kind="depth")["depth"]
+        differences.append(float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(a).max(), 1e-12)))
+    extra = {"cap_gib": cap / 2**30, "per_item_mib": per_item / 2**20, "chosen_batch": caught.batch_sizes(),
+             "out_of_memory_at": caught.out_of_memory(), "records": len(differences),
+             "max_rel_diff_vs_uncapped": max(differences) if differences else float("nan"),
+             "bitwise_equal": all(d == 0.0 for d in differences)}  # fmt: skip
+    return Result("depth_oom_back_off_gpu", "nvf depth fp32 under a memory cap", "(no baseline: figures only)",
+                  seconds, seconds, 1, goal="back-off triggers and the maps match", extra=extra)  # fmt: skip

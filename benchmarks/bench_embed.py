@@ -10,6 +10,10 @@ keep the folder small: embedding images never runs it.
   on-disk cache off so every run computes every embedding;
 - baseline: for each image path `model.encode_image(preprocess(Image.open(path)).unsqueeze(0))`,
   normalised, under `torch.no_grad()` — the same loaded model object.
+
+On CUDA one more result per architecture (ViT-B/32 and ViT-L/14, random weights) on 256 distinct
+images of 256 px: nvf fp32 vs open_clip per image, with nvf's images/s and chosen batch size in fp32
+and fp16, and at 13-image batches (one capture's views).
 """
 
 from __future__ import annotations
@@ -18,25 +22,28 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Result, Side, compare, synth_image_folders
+from benchmarks.harness import LogCatcher, Result, Side, compare, distinct_image_folders, synth_image_folders
 
 N_IMAGES = 64
 RESOLUTION = 128
+GPU_ARCHITECTURES = ("ViT-B-32-quickgelu", "ViT-L-14")  # the paper's, and the larger CLIP many users pick
+N_GPU, GPU_PX = 256, 256
 
 
-def build_vit_b32_folder(folder: Path) -> Path:
-    """ViT-B-32-quickgelu's vision config (random weights, seed 0) + a 1-layer text tower, as an open_clip folder."""
+def build_vit_b32_folder(folder: Path, architecture: str = "ViT-B-32-quickgelu") -> Path:
+    """`architecture`'s vision config (random weights, seed 0) + a 1-layer text tower, as an open_clip folder."""
     import open_clip
     from safetensors.torch import save_file
 
     from stages.core import models
 
     folder.mkdir(parents=True, exist_ok=True)
-    model_cfg = open_clip.get_model_config("ViT-B-32-quickgelu")
+    model_cfg = open_clip.get_model_config(architecture)
     model_cfg["text_cfg"] = {"context_length": 77, "vocab_size": 49408, "width": 8, "heads": 1, "layers": 1}
     torch.manual_seed(0)
     model = open_clip.CLIP(**model_cfg)
@@ -83,6 +90,55 @@ def run() -> list[Result]:
         result = compare("embed_vs_open_clip_per_image", Side("nvf embed", nvf_embed),
                          Side("open_clip per image", open_clip_per_image), repeats=3,
                          goal="ratio <= 0.333 (>= 3x faster)", extra=extra)  # fmt: skip
-        return [result]
+        results = [result]
+        if device.type == "cuda":
+            results += [_on_gpu(tmp, device, architecture) for architecture in GPU_ARCHITECTURES]
+        return results
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _on_gpu(tmp: Path, device: torch.device, architecture: str) -> Result:
+    """nvf embed vs open_clip per image for `architecture` on the GPU, with images/s per precision."""
+    from PIL import Image
+
+    from stages import embed
+    from stages.core import models
+
+    model_dir = build_vit_b32_folder(tmp / architecture, architecture)
+    data = tmp / f"data-{architecture}"
+    paths = distinct_image_folders(data, N_GPU, GPU_PX)
+    runs = iter(range(10**6))
+
+    def nvf_embed(precision: str = "fp32", batch_size: int | None = None) -> None:
+        cfg = embed.Config(model=str(model_dir), layout="folder", cache=False, precision=precision, batch_size=batch_size)
+        embed.run(data, tmp / f"work-{architecture}-{next(runs)}", cfg, device=str(device))
+        torch.cuda.synchronize()
+
+    figures: dict[str, float | list[int]] = {}
+    for label, precision, batch_size in (("fp32", "fp32", None), ("fp16", "fp16", None), ("fp16_batch13", "fp16", 13)):
+        nvf_embed(precision, batch_size)  # warm-up: load, autotuning
+        torch.cuda.reset_peak_memory_stats()
+        with LogCatcher() as caught:
+            start = time.perf_counter()
+            nvf_embed(precision, batch_size)
+            seconds = time.perf_counter() - start
+        figures[f"{label}_images_per_s"] = N_GPU / seconds
+        figures[f"{label}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if batch_size is None:
+            figures[f"{label}_batch"] = caught.batch_sizes()
+    ref = models.ModelRef("clip", str(model_dir))
+    embedder = embed.loaded_embedder(ref, embed.model_fingerprint(ref), device, "fp32")  # what nvf_embed() uses
+    model, preprocess = embedder.model, embedder.preprocess
+
+    def open_clip_per_image() -> None:
+        with torch.no_grad():
+            for path in paths:
+                features = model.encode_image(preprocess(Image.open(path)).unsqueeze(0).to(device))
+                (features / features.norm(dim=-1, keepdim=True)).cpu()
+
+    extra = {"device": torch.cuda.get_device_name(device), "images": N_GPU, "image_px": GPU_PX,
+             "model": f"{architecture} vision tower, random weights", **figures}  # fmt: skip
+    return compare(f"embed_{architecture}_gpu", Side("nvf embed fp32", nvf_embed),
+                   Side("open_clip per image fp32", open_clip_per_image), repeats=2,
+                   goal="ratio <= 0.333 (>= 3x faster)", extra=extra)  # fmt: skip

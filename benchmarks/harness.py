@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
+import re
 import resource
 import statistics
 import time
@@ -90,6 +92,60 @@ def format_results(results: list[Result]) -> str:
 def write_json(path: Path, results: list[Result]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
+
+
+class LogCatcher(logging.Handler):
+    """The `nvf` logger's messages while installed (`with LogCatcher() as caught: ...`), for figures a
+    stage logs but does not return (the batch size it chose, out-of-memory back-offs)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> LogCatcher:
+        logger = logging.getLogger("nvf")
+        self._level = logger.level
+        logger.addHandler(self)
+        logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger("nvf")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
+
+    def batch_sizes(self) -> list[int]:
+        """Batch sizes chosen from free memory (`batching.auto_batch_size`), in order."""
+        found = (re.match(r"batch size (\d+) on ", m) for m in self.messages)
+        return [int(m.group(1)) for m in found if m]
+
+    def out_of_memory(self) -> list[int]:
+        """The batch sizes that ran out of memory (`batching.iter_batched` halved them), in order."""
+        found = (re.match(r"out of memory at batch size (\d+)", m) for m in self.messages)
+        return [int(m.group(1)) for m in found if m]
+
+
+def distinct_image_folders(root: Path, n_images: int, resolution: int) -> list[Path]:
+    """``n_images`` distinct images from one rendered 13-view capture, 13 to a folder: copy k of a
+    view adds a seeded ±2 grey-level dither, so every file (and every cache key) differs while the
+    content stays a head. Rendering that many captures at 512 px would cost more than the benchmark."""
+    import numpy as np
+
+    from stages import synth
+    from stages.core import io
+
+    render = synth.render_capture(1, 1, 1, 0, synth.Config(resolution=resolution, elevated=False, surface_points=200))
+    rng = np.random.default_rng(0)
+    paths: list[Path] = []
+    for k in range(n_images):
+        view = k % len(render.names)
+        dither = rng.integers(-2, 3, size=render.images_nhw3[view].shape, dtype=np.int16)
+        image = np.clip(render.images_nhw3[view].astype(np.int16) + dither, 0, 255).astype(np.uint8)
+        paths.append(io.write_image(root / f"copy{k // len(render.names):03d}" / render.names[view], image))
+    return paths
 
 
 def synth_image_folders(root: Path, n_images: int, resolution: int) -> list[Path]:

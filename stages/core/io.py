@@ -505,19 +505,34 @@ def write_ply(
     colors_n3: np.ndarray | None = None,
     normals_n3: np.ndarray | None = None,
 ) -> Path:
-    """Write a binary PLY atomically. Colours are uint8 0..255 or float 0..1."""
-    o3d = import_open3d()
+    """Write a binary little-endian PLY atomically: x, y, z (and nx, ny, nz) as doubles, red, green,
+    blue as uchar, the layout Open3D writes. Colours are uint8 0..255 or float 0..1 (rounded to
+    0..255, halves up). numpy writes it, so machines without Open3D (a bare GPU box) can write clouds too."""
     points_n3 = np.asarray(points_n3, dtype=np.float64).reshape(-1, 3)
-    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points_n3))
-    if colors_n3 is not None:
-        colors_n3 = np.asarray(colors_n3)
-        colors_n3 = colors_n3 / 255.0 if colors_n3.dtype == np.uint8 else colors_n3
-        cloud.colors = o3d.utility.Vector3dVector(np.asarray(colors_n3, dtype=np.float64).reshape(-1, 3))
+    fields: list[tuple[str, str, np.ndarray]] = [("x", "<f8", points_n3[:, 0]), ("y", "<f8", points_n3[:, 1]),
+                                                 ("z", "<f8", points_n3[:, 2])]  # fmt: skip
     if normals_n3 is not None:
-        cloud.normals = o3d.utility.Vector3dVector(np.asarray(normals_n3, dtype=np.float64).reshape(-1, 3))
+        normals_n3 = np.asarray(normals_n3, dtype=np.float64).reshape(-1, 3)
+        fields += [(name, "<f8", normals_n3[:, k]) for k, name in enumerate(("nx", "ny", "nz"))]
+    if colors_n3 is not None:
+        colors_n3 = np.asarray(colors_n3).reshape(-1, 3)
+        if colors_n3.dtype != np.uint8:
+            unit = np.clip(np.asarray(colors_n3, dtype=np.float64), 0.0, 1.0)
+            colors_n3 = np.floor(unit * 255.0 + 0.5).astype(np.uint8)  # halves up, as Open3D rounds
+        fields += [(name, "u1", colors_n3[:, k]) for k, name in enumerate(("red", "green", "blue"))]
+    for name, _, column in fields:
+        if len(column) != len(points_n3):
+            raise ValueError(f"write_ply: {name} has {len(column)} rows for {len(points_n3)} points")
+    rows = np.empty(len(points_n3), dtype=[(name, dtype) for name, dtype, _ in fields])
+    for name, _, column in fields:
+        rows[name] = column
+    kinds = {"<f8": "double", "u1": "uchar"}
+    header = ["ply", "format binary_little_endian 1.0", "comment written by nvf", f"element vertex {len(rows)}",
+              *(f"property {kinds[dtype]} {name}" for name, dtype, _ in fields), "end_header"]  # fmt: skip
     with atomic_path(path) as tmp:
-        if not o3d.io.write_point_cloud(str(tmp), cloud, write_ascii=False):
-            raise OSError(f"Open3D could not write {path}")
+        with open(tmp, "wb") as handle:
+            handle.write(("\n".join(header) + "\n").encode("ascii"))
+            handle.write(rows.tobytes())
     return Path(path)
 
 

@@ -224,6 +224,33 @@ def test_ply_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.ply"]
 
 
+def test_ply_is_written_without_open3d_as_open3d_writes_it(tmp_path, monkeypatch):
+    """numpy writes the PLY (a GPU box without Open3D can run synth and cloud's writer): same header
+    properties and the same bytes after the header as Open3D's own writer, float colours included."""
+    import open3d as o3d
+
+    rng = np.random.default_rng(2)
+    points, normals = rng.normal(size=(50, 3)), rng.normal(size=(50, 3))
+    colors = rng.uniform(size=(50, 3))
+    colors[:3] = [[0.0, 1.0, 0.5], [0.499 / 255, 254.5 / 255, 1.0], [0.2, 0.4, 0.6]]
+    reference = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points))
+    reference.normals, reference.colors = o3d.utility.Vector3dVector(normals), o3d.utility.Vector3dVector(colors)
+    o3d.io.write_point_cloud(str(tmp_path / "open3d.ply"), reference, write_ascii=False)
+    monkeypatch.setitem(__import__("sys").modules, "open3d", None)  # `import open3d` fails while writing
+    ours = io.write_ply(tmp_path / "nvf.ply", points, colors, normals).read_bytes()
+    monkeypatch.undo()
+    theirs = (tmp_path / "open3d.ply").read_bytes()
+    split = b"end_header\n"
+
+    def properties(data: bytes) -> list[bytes]:
+        return [line for line in data.split(split)[0].splitlines() if line.startswith((b"element", b"property"))]
+
+    assert properties(ours) == properties(theirs)
+    assert ours.split(split, 1)[1] == theirs.split(split, 1)[1]
+    with pytest.raises(ValueError, match="normals|nx"):
+        io.write_ply(tmp_path / "bad.ply", points, None, normals[:10])
+
+
 def test_ply_missing_is_input_error(tmp_path):
     with pytest.raises(InputError, match="point cloud not found"):
         io.read_ply(tmp_path / "none.ply")
