@@ -159,7 +159,6 @@ def _dpt_large_on_gpu(tmp: Path, device: torch.device, pipeline) -> list[Result]
     vs_pipeline = compare("depth_dpt_large_gpu", Side("nvf depth fp32", lambda: nvf_depth("fp32")),
                           Side("pipeline per image fp32", pipeline_per_image), repeats=2,
                           goal="ratio <= 0.333 (>= 3x faster)", extra=extra)  # fmt: skip
-    del pipe
     return [vs_pipeline, _out_of_memory_back_off(tmp, device, nvf_depth, io)]
 
 

@@ -111,7 +111,9 @@ def _on_gpu(tmp: Path, device: torch.device, architecture: str) -> Result:
     runs = iter(range(10**6))
 
     def nvf_embed(precision: str = "fp32", batch_size: int | None = None) -> None:
-        cfg = embed.Config(model=str(model_dir), layout="folder", cache=False, precision=precision, batch_size=batch_size)
+        cfg = embed.Config(
+            model=str(model_dir), layout="folder", cache=False, precision=precision, batch_size=batch_size
+        )
         embed.run(data, tmp / f"work-{architecture}-{next(runs)}", cfg, device=str(device))
         torch.cuda.synchronize()
 

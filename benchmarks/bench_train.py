@@ -225,7 +225,9 @@ def _utilisation(bench: _Bench, step_s: float) -> dict:
     return figures
 
 
-def _largest_batch(tmp: Path, device: torch.device, start: int = 8, limit: int = 512, precision: str = "bf16") -> Result:
+def _largest_batch(
+    tmp: Path, device: torch.device, start: int = 8, limit: int = 512, precision: str = "bf16"
+) -> Result:
     """The largest power-of-two batch (from `start`, at most `limit`) whose nvf step runs, and its it/s."""
     unet = _unet(True).to(device)
     fits, size, out_of_memory_at = 0, start, None

@@ -58,7 +58,9 @@ def test_depth_gpu_branch_backs_off_and_reports_every_figure(fake_cuda, monkeypa
         assert vs_pipeline.extra[f"{precision}_images_per_s"] > 0 and vs_pipeline.extra[f"{precision}_batch"]
     # 14 images in two folders (13 + 1) under a 5-image cap: halved until a batch fits
     out_of_memory_at = back_off.extra["out_of_memory_at"]
-    assert len(out_of_memory_at) >= 2 and min(out_of_memory_at) > 5 and out_of_memory_at[1] <= out_of_memory_at[0] // 2 + 1
+    assert (
+        len(out_of_memory_at) >= 2 and min(out_of_memory_at) > 5 and out_of_memory_at[1] <= out_of_memory_at[0] // 2 + 1
+    )
     assert back_off.extra["records"] == 2 and back_off.extra["max_rel_diff_vs_uncapped"] < 1e-5
     assert fake_cuda.fractions[-1] == 1.0  # the cap is lifted afterwards
 
@@ -94,15 +96,17 @@ def test_train_gpu_branch_measures_utilisation_and_the_largest_batch(fake_cuda, 
     def init(self, *args, **kwargs):
         step(self, *args, **kwargs)
         if self.batch_size >= 8:  # the stand-in card holds 4
+
             def out_of_memory():
                 raise torch.cuda.OutOfMemoryError("stand-in")
+
             self.nvf_step = out_of_memory
 
     monkeypatch.setattr(bench_train._Bench, "__init__", init)
     bench = bench_train._Bench(tmp_path, CPU, True, "fp32", 2, persons=2)  # bf16 on a CPU is emulated: slow
     result = bench_train._step_vs_bare(bench, repeats=1)
     assert result.extra["batch"] == 2 and result.extra["precision"] == "fp32"
-    assert result.extra["fwd_bwd_tflop_per_step"] > 0 and 0 < result.extra["mfu"]
+    assert result.extra["fwd_bwd_tflop_per_step"] > 0 and result.extra["mfu"] > 0
     largest = bench_train._largest_batch(tmp_path, CPU, start=2, limit=16, precision="fp32")
     assert largest.extra["batch"] == 4 and largest.extra["out_of_memory_at"] == 8
     assert largest.extra["samples_per_s"] > 0

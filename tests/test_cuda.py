@@ -17,6 +17,21 @@ from stages.train import checkpoint
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def exact_fp32() -> None:
+    """fp32 on the GPU without TF32 (cuDNN convolutions default to it; `nvf train` turns it on for
+    matmuls too), so CUDA and the CPU differ by summation order only."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+@pytest.fixture(autouse=True)
+def _restore_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    exact_fp32()
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("cuda-data")
@@ -31,7 +46,7 @@ def _maps(work, kind: str, key: str) -> dict[str, np.ndarray]:
 def test_depth_on_cuda_matches_the_cpu_in_every_precision(data, tmp_path):
     on_cpu = _maps(depth.run(data, tmp_path / "cpu", depth.Config(preset="tiny", cache=False), device="cpu")[0].parents[1],
                    "depth", "depth")  # fmt: skip
-    for precision, tolerance in (("fp32", 1e-4), ("bf16", 3e-2), ("fp16", 5e-3)):
+    for precision, tolerance in (("fp32", 1e-4), ("bf16", 6e-2), ("fp16", 1e-2)):
         cfg = depth.Config(preset="tiny", cache=False, precision=precision)
         work = tmp_path / precision
         depth.run(data, work, cfg, device="cuda")
@@ -50,7 +65,7 @@ def test_embed_on_cuda_matches_the_cpu(data, tmp_path):
     assert on_gpu.keys() == on_cpu.keys() and len(on_gpu) == 2
     for capture, reference in on_cpu.items():
         cosine = (on_gpu[capture] * reference).sum(axis=1)  # unit rows
-        assert cosine.min() > 1 - 1e-5, capture
+        assert cosine.min() > 1 - 1e-6, capture
 
 
 def test_fusion_on_cuda_gives_the_cpu_points(data):
@@ -77,7 +92,7 @@ def test_out_of_memory_halves_the_batch_for_real_and_keeps_every_result():
     def fn(batch):
         tried.append(len(batch))
         buffer = torch.ones(len(batch) * gib, dtype=torch.uint8, device=device)  # 1 GiB an item
-        return [int(buffer[: gib].sum().item()) + item for item in batch]
+        return [int(buffer[:gib].sum().item()) + item for item in batch]
 
     try:
         results = batching.run_batched(fn, list(range(12)), batch_size=12)
@@ -102,6 +117,7 @@ def test_train_then_sample_on_cuda(tmp_path):
         assert checkpoint.load_checkpoint(run, "cpu").step == 2
     cfg = sample.Config(steps=2, azimuths=(-30.0, 0.0, 30.0), clip_model=models.resolve_model("clip", "tiny").id,
                         precision="fp32")  # fmt: skip
+    exact_fp32()  # train turned TF32 on
     views = {}
     for device in ("cpu", "cuda"):
         out = tmp_path / f"views-{device}"
@@ -109,7 +125,7 @@ def test_train_then_sample_on_cuda(tmp_path):
         views[device] = np.stack([io.read_image(p) for p in sorted((out / "views").glob("*.png"))]).astype(int)
     assert views["cuda"].shape == views["cpu"].shape and len(views["cuda"]) == 3
     difference = np.abs(views["cuda"] - views["cpu"])
-    assert difference.mean() < 0.5 and difference.max() <= 8  # TF32 convolutions on the GPU: rounding only
+    assert difference.mean() < 0.1 and difference.max() <= 3  # summation order only: a grey level here and there
     fp16 = tmp_path / "views-fp16"
     sample.run(runs["fp32"], photo, fp16, dataclasses.replace(cfg, precision="fp16"), device="cuda")
     assert len(list((fp16 / "views").glob("*.png"))) == 3
