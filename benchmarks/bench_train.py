@@ -116,7 +116,10 @@ class _Bench:
         z = np.random.default_rng(0).normal(size=(len(src), 524)).astype(np.float32)
         table = data.PairTable(np.arange(len(src)), src, tgt, subj, az[src], az[tgt], z)
         sampler = data.PersonAwareSampler(table, batch_size, steps_per_person=8)
-        self.unet = unet if unet is not None else _unet(full).to(device)
+        if unet is None:
+            with torch.device(device):  # random init of 860 M parameters is slow on a CPU
+                unet = _unet(full)
+        self.unet = unet
         self.unet.train()
         width = int(self.unet.config.cross_attention_dim)
         projection = model.ConditioningProjection("paper", 524, width, 512, 12).to(device)
@@ -229,7 +232,8 @@ def _largest_batch(
     tmp: Path, device: torch.device, start: int = 8, limit: int = 512, precision: str = "bf16"
 ) -> Result:
     """The largest power-of-two batch (from `start`, at most `limit`) whose nvf step runs, and its it/s."""
-    unet = _unet(True).to(device)
+    with torch.device(device):
+        unet = _unet(True)
     fits, size, out_of_memory_at = 0, start, None
 
     def attempt(batch_size: int) -> _Bench:
