@@ -112,7 +112,8 @@ def build_dpt_large(folder: Path) -> Path:
                        neck_hidden_sizes=[256, 512, 1024, 1024], fusion_hidden_size=256, is_hybrid=False)  # fmt: skip
     torch.manual_seed(0)
     DPTForDepthEstimation(config).save_pretrained(folder)
-    DPTImageProcessor(size={"height": 384, "width": 384}, keep_aspect_ratio=True, ensure_multiple_of=32,
+    # Intel/dpt-large's preprocessor_config.json: a plain 384x384 resize (its ViT takes square inputs only)
+    DPTImageProcessor(size={"height": 384, "width": 384}, keep_aspect_ratio=False, ensure_multiple_of=1,
                       image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)  # fmt: skip
     return folder
 
