@@ -153,4 +153,44 @@ def _full_size_on_gpu(device: torch.device) -> Result:
                "sample_views_batch": caught.batch_sizes(), "sample_views_peak_gib": peak_gib},
     )  # fmt: skip
     result.extra["denoise_views_per_s"] = GPU_VIEWS / result.candidate_s
+    result.extra.update(_where_the_time_goes(model, source, z_cond, device))
     return result
+
+
+def _where_the_time_goes(model: SimpleNamespace, source: torch.Tensor, z_cond: torch.Tensor,
+                         device: torch.device) -> dict[str, float]:  # fmt: skip
+    """One guided UNet evaluation (one DDIM step's model call), batched and two-pass, under
+    torch.profiler: wall ms per step vs the GPU's summed kernel ms per step. Kernel time close to
+    wall time means the GPU is busy (batching can only save the kernels' own fixed costs); a large
+    gap means launch overhead, which the batched call pays once instead of twice."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from stages import sample
+
+    x = torch.randn(len(z_cond), 4, LATENT, LATENT, device=device)
+    t = torch.tensor(500, device=device)
+    source_b = source.expand(len(z_cond), -1, -1, -1)
+    with torch.no_grad():
+        context_c = model.projection(z_cond)
+        context_u = model.projection(model.null_z_cond(z_cond))
+    figures = {}
+    for label, two_pass in (("batched", False), ("two_pass", True)):
+
+        def step(two_pass: bool = two_pass) -> None:
+            with torch.no_grad():
+                sample.guided_noise(model, x, t, source_b, context_c, context_u, 5.0, two_pass=two_pass)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        steps = 5
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        kernels_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
+        figures[f"{label}_step_wall_ms"] = wall / steps * 1e3
+        figures[f"{label}_step_gpu_kernel_ms"] = kernels_us / steps / 1e3
+    return figures

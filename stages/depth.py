@@ -177,6 +177,14 @@ class DepthPredictor:
         return int(torch.cuda.max_memory_allocated(self.device) - base)
 
 
+def int32_batch_limit(config: Any, input_hw: tuple[int, int]) -> int:
+    """Largest batch whose widest decoder map [B, C, h, w] (C = the neck width `fusion_hidden_size`,
+    at the model input's h, w) holds under 2**31 elements. CUDA kernels that index with int32 refuse
+    more whatever the free memory (`upsample_bilinear2d_nhwc` did, for DPT-Large at batch 128)."""
+    channels = int(getattr(config, "fusion_hidden_size", 256) or 256)
+    return max(1, (2**31 - 1) // (channels * input_hw[0] * input_hw[1]))
+
+
 _LOADED: dict[tuple, DepthPredictor] = {}
 
 
@@ -444,7 +452,8 @@ def _predict_all(
             while stop < len(views) and (views[stop].image_hw, views[stop].out_hw) == group_hw:
                 stop += 1
             image_hw, out_hw = group_hw
-            max_batch = _CPU_MAX_BATCH if device.type == "cpu" else 256
+            max_batch = min(_CPU_MAX_BATCH if device.type == "cpu" else 256,
+                            int32_batch_limit(predictor.model.config, predictor.input_hw(image_hw)))  # fmt: skip
             batch_size = batching.resolve_batch_size(
                 cfg.batch_size,
                 device,

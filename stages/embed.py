@@ -92,7 +92,7 @@ class ClipEmbedder:
         self.ref = ref
         self.device = device
         self.model, self.preprocess, self.dim = models.load_clip_model(ref, device, precision)
-        self.input_dtype = next(p.dtype for p in self.model.visual.parameters() if p.is_floating_point())
+        self.input_dtype = _input_dtype(self.model.visual)
         size = getattr(self.model.visual, "image_size", 224)
         self.image_hw: tuple[int, int] = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
 
@@ -143,6 +143,16 @@ class ClipEmbedder:
         self.embed(torch.zeros((n, 3, *self.image_hw), device=self.device))
         torch.cuda.synchronize(self.device)
         return int(torch.cuda.max_memory_allocated(self.device) - base)
+
+
+def _input_dtype(visual: torch.nn.Module) -> torch.dtype:
+    """The dtype images must have: that of the tower's first convolution or linear layer. open_clip's
+    fp16/bf16 casts those layers and keeps embeddings and norms in fp32, so the first parameter
+    (class_embedding) would say fp32 and the patch convolution would refuse the batch."""
+    for module in visual.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            return module.weight.dtype
+    return next(p.dtype for p in visual.parameters() if p.is_floating_point())
 
 
 def _pair(value: Any) -> tuple[int, int]:

@@ -84,6 +84,7 @@ def test_sample_gpu_branch_compares_batched_with_two_pass(fake_cuda, monkeypatch
     assert result.extra["views"] == 2 and result.extra["sample_views_batch"]
     assert result.extra["max_abs_diff"] < 0.05  # fp16 rounding of one branch vs two
     assert result.extra["sample_views_per_s"] > 0 and result.extra["denoise_views_per_s"] > 0
+    assert result.extra["batched_step_wall_ms"] > 0 and result.extra["two_pass_step_wall_ms"] > 0
 
 
 def test_train_gpu_branch_measures_utilisation_and_the_largest_batch(fake_cuda, monkeypatch, tmp_path):

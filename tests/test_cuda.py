@@ -46,7 +46,8 @@ def _maps(work, kind: str, key: str) -> dict[str, np.ndarray]:
 def test_depth_on_cuda_matches_the_cpu_in_every_precision(data, tmp_path):
     on_cpu = _maps(depth.run(data, tmp_path / "cpu", depth.Config(preset="tiny", cache=False), device="cpu")[0].parents[1],
                    "depth", "depth")  # fmt: skip
-    for precision, tolerance in (("fp32", 1e-4), ("bf16", 6e-2), ("fp16", 1e-2)):
+    # the tiny random model predicts ~1e-8: below fp16's smallest subnormal (6e-8), so fp16 may give 0
+    for precision, tolerance, floor in (("fp32", 1e-4, 0.0), ("bf16", 6e-2, 0.0), ("fp16", 1e-2, 1.2e-7)):
         cfg = depth.Config(preset="tiny", cache=False, precision=precision)
         work = tmp_path / precision
         depth.run(data, work, cfg, device="cuda")
@@ -54,7 +55,7 @@ def test_depth_on_cuda_matches_the_cpu_in_every_precision(data, tmp_path):
         assert on_gpu.keys() == on_cpu.keys() and len(on_gpu) == 2
         for capture, reference in on_cpu.items():
             scale = np.abs(reference).max()
-            assert np.abs(on_gpu[capture] - reference).max() <= tolerance * scale, (precision, capture)
+            assert np.abs(on_gpu[capture] - reference).max() <= tolerance * scale + floor, (precision, capture)
 
 
 def test_embed_on_cuda_matches_the_cpu(data, tmp_path):
@@ -92,14 +93,14 @@ def test_out_of_memory_halves_the_batch_for_real_and_keeps_every_result():
     def fn(batch):
         tried.append(len(batch))
         buffer = torch.ones(len(batch) * gib, dtype=torch.uint8, device=device)  # 1 GiB an item
-        return [int(buffer[:gib].sum().item()) + item for item in batch]
+        return [int(buffer[-1].item()) + item for item in batch]
 
     try:
         results = batching.run_batched(fn, list(range(12)), batch_size=12)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
-    assert results == [gib + item for item in range(12)]
+    assert results == [1 + item for item in range(12)]
     assert tried[:3] == [12, 6, 3] and max(tried[2:]) <= 3  # 12 and 6 GiB do not fit under 5 GiB
 
 

@@ -148,3 +148,24 @@ def test_bad_inputs(tmp_path, tiny_ref):
     (data / "cap0" / "v1.png").write_bytes(b"not a png")
     with pytest.raises(InputError, match="v1.png"):
         depth.run(data, tmp_path / "w", depth.Config(model=tiny_ref.id, cache=False), device="cpu")
+
+
+def test_batches_stay_under_int32_indexing(tmp_path, monkeypatch):
+    """CUDA's upsample refused DPT-Large's [128, 128, 384, 384] decoder map (over 2**31 elements) with
+    138 GiB free: the batch is capped by the model's widest map, whatever the memory says."""
+    from types import SimpleNamespace
+
+    dpt_large = SimpleNamespace(fusion_hidden_size=256)
+    assert depth.int32_batch_limit(dpt_large, (384, 384)) == 56
+    assert 56 * 256 * 384 * 384 < 2**31 <= 57 * 256 * 384 * 384
+    assert depth.int32_batch_limit(SimpleNamespace(), (4096, 4096)) == 1  # never 0
+    monkeypatch.setattr(depth, "int32_batch_limit", lambda config, input_hw: 2)
+    sizes = []
+    predict = depth.DepthPredictor.predict
+    monkeypatch.setattr(depth.DepthPredictor, "predict",
+                        lambda self, images, out_hw: sizes.append(len(images)) or predict(self, images, out_hw))  # fmt: skip
+    data = tmp_path / "data"
+    for view in range(5):
+        io.write_image(data / "cap" / f"v{view}.png", np.full((24, 24, 3), 40 * view, np.uint8))
+    depth.run(data, tmp_path / "work", depth.Config(preset="tiny", layout="folder", cache=False), device="cpu")
+    assert sizes == [2, 2, 1]

@@ -135,3 +135,16 @@ def test_a_rerun_reads_no_unchanged_image_and_an_edited_one_reruns_its_capture(t
     Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(data / "cap1" / "v2.png")
     assert embed.run(data, tmp_path / "work", cfg, device="cpu") == [first[1]] and reads == ["v2.png"]
     assert np.abs(io.load_record(first[1])["embedding"][2]).sum() > 0
+
+
+def test_bf16_embeds_on_a_cpu_close_to_fp32(tmp_path, tiny_ref):
+    """open_clip's low precision casts convolutions and linears only (class embedding and norms stay
+    fp32): images must take the patch convolution's dtype, not the first parameter's. fp16 on CUDA
+    crashed on that ("Input type (FloatTensor) and weight type (HalfTensor)"); bf16 takes the same
+    path on a CPU."""
+    full = embed.ClipEmbedder(tiny_ref, torch.device("cpu"), "fp32")
+    pixels = torch.from_numpy(np.random.default_rng(3).uniform(-1, 1, (2, 3, *full.image_hw)).astype(np.float32))
+    half = embed.ClipEmbedder(tiny_ref, torch.device("cpu"), "bf16")
+    assert half.input_dtype == torch.bfloat16 and half.model.visual.class_embedding.dtype == torch.float32
+    cosine = (half.embed(pixels) * full.embed(pixels)).sum(dim=1)
+    assert cosine.min() > 0.99
