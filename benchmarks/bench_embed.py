@@ -11,7 +11,7 @@ keep the folder small: embedding images never runs it.
 - baseline: for each image path `model.encode_image(preprocess(Image.open(path)).unsqueeze(0))`,
   normalised, under `torch.no_grad()` — the same loaded model object.
 
-On CUDA one more result per architecture (ViT-B/32 and ViT-L/14, random weights) on 256 distinct
+On CUDA one more result per architecture (ViT-B/32 and ViT-L/14, random weights) on 128 distinct
 images of 256 px: nvf fp32 vs open_clip per image, with nvf's images/s and chosen batch size in fp32
 and fp16, and at 13-image batches (one capture's views).
 """
@@ -32,7 +32,7 @@ from benchmarks.harness import LogCatcher, Result, Side, compare, distinct_image
 N_IMAGES = 64
 RESOLUTION = 128
 GPU_ARCHITECTURES = ("ViT-B-32-quickgelu", "ViT-L-14")  # the paper's, and the larger CLIP many users pick
-N_GPU, GPU_PX = 256, 256
+N_GPU, GPU_PX = 128, 256
 
 
 def build_vit_b32_folder(folder: Path, architecture: str = "ViT-B-32-quickgelu") -> Path:

@@ -183,8 +183,9 @@ def _where_the_time_goes(model: SimpleNamespace, source: torch.Tensor, z_cond: t
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-        steps = 5
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        steps = 5 if device.type == "cuda" else 1
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
             start = time.perf_counter()
             for _ in range(steps):
                 step()

@@ -18,6 +18,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+MEASURED: list[Result] = []
+"""Every Result made in this process, in order: what `python -m benchmarks` saves when a time limit
+(SIGTERM) stops a benchmark before it returns (benchmarks/gpu.sh runs each under one)."""
+
 
 @dataclass(frozen=True)
 class Side:
@@ -37,6 +41,9 @@ class Result:
     repeats: int
     goal: str = ""
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        MEASURED.append(self)
 
     @property
     def ratio(self) -> float:

@@ -37,11 +37,15 @@ def fake_cuda(monkeypatch):
 
 
 def test_depth_gpu_branch_backs_off_and_reports_every_figure(fake_cuda, monkeypatch, tmp_path):
-    from stages import depth
+    import shutil
 
-    monkeypatch.setattr(bench_depth, "build_dpt_large", bench_depth.build_small_dpt)
+    from stages import depth
+    from stages.core import models
+
+    tiny = models.resolve_model("depth", "tiny").id  # the tests' DPT: fast on a CPU
+    monkeypatch.setattr(bench_depth, "build_dpt_large", lambda folder: shutil.copytree(tiny, folder))
     monkeypatch.setattr(bench_depth, "N_LARGE", 14)
-    monkeypatch.setattr(bench_depth, "LARGE_PX", 48)
+    monkeypatch.setattr(bench_depth, "LARGE_PX", 32)
     predict = depth.DepthPredictor.predict
 
     def capped_predict(self, images, out_hw):
@@ -77,12 +81,15 @@ def test_embed_gpu_branch_reports_images_per_second(fake_cuda, monkeypatch, tmp_
 def test_sample_gpu_branch_compares_batched_with_two_pass(fake_cuda, monkeypatch):
     small = bench_sample.build_model
     monkeypatch.setattr(bench_sample, "build_model", lambda full=False, device="cpu": small(False, device))
+    monkeypatch.setattr(torch.nn.Module, "half", lambda self: self)  # fp16 kernels are the GPU's; a CPU emulates
+    compare = bench_sample.compare
+    monkeypatch.setattr(bench_sample, "compare", lambda *a, **k: compare(*a, **{**k, "repeats": 1, "warmup": 0}))
     monkeypatch.setattr(bench_sample, "GPU_VIEWS", 2)
     monkeypatch.setattr(bench_sample, "GPU_STEPS", 2)
     monkeypatch.setattr(bench_sample, "LATENT", 8)
     result = bench_sample._full_size_on_gpu(CPU)
     assert result.extra["views"] == 2 and result.extra["sample_views_batch"]
-    assert result.extra["max_abs_diff"] < 0.05  # fp16 rounding of one branch vs two
+    assert result.extra["max_abs_diff"] < 1e-3  # fp32 here: summation order only
     assert result.extra["sample_views_per_s"] > 0 and result.extra["denoise_views_per_s"] > 0
     assert result.extra["batched_step_wall_ms"] > 0 and result.extra["two_pass_step_wall_ms"] > 0
 

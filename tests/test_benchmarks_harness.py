@@ -14,3 +14,42 @@ def test_compare_reports_the_faster_side_and_the_ratio():
     assert 0.1 < result.ratio < 0.6
     text = format_results([result])
     assert text.startswith("sleep: short") and "ratio" in text and "(goal <= 0.5x)" in text
+
+
+def test_a_time_limit_keeps_the_results_measured_so_far(tmp_path):
+    """`timeout` stops a benchmark with SIGTERM: `python -m benchmarks --json` still writes what it
+    measured before, marked partial, and exits 124 (benchmarks/gpu.sh lost a whole GPU benchmark
+    to its time limit before this)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    marker, out = tmp_path / "measured", tmp_path / "bench.json"
+    script = f"""
+import sys, time, types
+from pathlib import Path
+import benchmarks.__main__ as entry
+from benchmarks.harness import Result
+fake = types.ModuleType("fake_bench")
+def run():
+    Result("first", "a", "b", 1.0, 2.0, 1)
+    Path({str(marker)!r}).touch()
+    time.sleep(60)
+fake.run = run
+sys.modules["fake_bench"] = fake
+entry.available = lambda: {{"fake": "fake_bench"}}
+sys.argv = ["benchmarks", "fake", "--json", {str(out)!r}]
+entry.main()
+"""
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    deadline = time.time() + 60
+    while not marker.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 124
+    (saved,) = json.loads(out.read_text())
+    assert saved["name"] == "first" and saved["ratio"] == 0.5 and "stopped" in saved["extra"]["partial"]
