@@ -1109,6 +1109,7 @@ def run(inputs: Inputs, out: Path, cfg: Config = Config(), *, device: str = "aut
                 return []
         except (OSError, json.JSONDecodeError):
             pass
+    io.check_replaceable(out, "--out folder")  # before the work: a report replaces only a report
     device = _resolve_device(device)
     figures, skipped = Figures(), []
     doc: dict[str, Any] = {"nvf_stage": STAGE, "nvf_version": _version(), "inputs_hash": fingerprint,

@@ -707,8 +707,8 @@ def run(
     if metrics_path.exists():
         metrics_path.unlink()  # the completion mark goes first, so a failed rerun never looks complete
     run_dir = out / cfg.method
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+    io.remove_owned_dir(run_dir)  # nerfstudio's previous run, in the folder nvf made for it; nothing else
+    io.claim_dir(run_dir)
     split = write_dataset(out / "dataset", views, cfg)
     config = build_trainer_config(cfg, out / "dataset", out, device_type, split["depth_unit"])
     log.info("reconstruct: %s: %s for %d iterations on %s (%d train, %d held-out views)", views.name, cfg.method,

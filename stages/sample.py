@@ -451,14 +451,8 @@ def _inputs_hash(model: Any, image: Path, mask: Path | None, cfg: Config, angles
 
 
 def _owned(out: Path) -> bool:
-    """`out` holds nothing, or only what a previous `nvf sample` wrote."""
-    if not out.exists():
-        return True
-    if not out.is_dir():
-        return False
-    entries = {p.name for p in out.iterdir()}
-    return not entries or (entries <= {"views", "transforms.json", "contact_sheet.png", "sample.json"}
-                           and "sample.json" in entries)  # fmt: skip
+    """`out` holds nothing, or only what nvf wrote (a previous `nvf sample`, by `io.OWNED_MARK`)."""
+    return not io.foreign_files(out)
 
 
 def output_paths(out: Path, n_frames: int) -> list[Path]:

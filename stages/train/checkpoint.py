@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,9 +140,7 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     final = checkpoint_dir(run, step)
-    if final.exists():
-        shutil.rmtree(final)
-    with io.atomic_dir(final) as tmp:
+    with io.atomic_dir(final) as tmp:  # a re-save swaps the folders: the old one stays until the new is whole
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         save_projection(tmp / "projection.safetensors", projection)
         if ema is not None:
@@ -171,7 +168,7 @@ def save_checkpoint(
         save_file(tensors, str(tmp / "trainer_state.safetensors"), metadata=meta)
     if keep > 0:
         for old in list_checkpoints(run)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            io.remove_owned_dir(old)
     return final
 
 
