@@ -835,8 +835,9 @@ def fuse_capture(work: Path, capture: str, cfg: Config, *, index: dataset.Datase
     from stages import __version__
 
     report["nvf_version"] = __version__
-    io.write_ply(cloud_path, fused.kept.points_n3, fused.kept.colors_n3, fused.normals_n3)
-    io.write_json(metrics_path, _finite_or_none(report))  # written last: marks the capture complete
+    with io.record_set(metrics_path):  # the metrics mark the cloud complete: removed first, written last
+        io.write_ply(cloud_path, fused.kept.points_n3, fused.kept.colors_n3, fused.normals_n3)
+        io.write_json(metrics_path, _finite_or_none(report))
     log.info("cloud: %s: %d -> %d points, wrote %s", capture, len(fused.raw), len(fused.kept), cloud_path)
     return [cloud_path, metrics_path]
 

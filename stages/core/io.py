@@ -167,6 +167,23 @@ def atomic_dir(path: str | os.PathLike, *, mark: bool = True) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def record_set(mark: str | os.PathLike) -> Iterator[Path]:
+    """Write files that belong together, one convention everywhere (cloud.ply + cloud_metrics.json;
+    sparse + transforms.json + colmap/ + poses.safetensors; a reconstruction + recon_metrics.json).
+
+    ``mark`` is the set's completion mark, the one file reruns and readers trust: it is removed
+    first, then the body writes the other members (each atomically) and the mark last. A kill at
+    any point leaves the whole new set, or members without a mark (a rerun redoes them), never a
+    mark beside a member written by another run. The body must write the mark.
+    """
+    mark = Path(mark)
+    mark.unlink(missing_ok=True)
+    yield mark
+    if not mark.is_file():
+        raise RuntimeError(f"{mark}: a record set was written without its completion mark")
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically; returns its path."""
     with atomic_path(path) as tmp:
