@@ -687,8 +687,7 @@ def image_paths(
         transforms = worktree.capture_dir(work, capture) / "transforms.json"
         if not transforms.is_file():
             return None
-        frames = io.read_json(transforms).get("frames", [])
-        by_name = {Path(f["file_path"]).name: transforms.parent / f["file_path"] for f in frames if "file_path" in f}
+        by_name = {p.name: p for p in io.transforms_image_paths(transforms)}
     missing = [name for name in names if name not in by_name]
     if missing:
         raise InputError(f"capture {capture}: no image for {len(missing)} view(s) (e.g. {missing[0]}) in the dataset; "

@@ -656,13 +656,7 @@ def _images_by_name(folder: Path) -> dict[str, Path]:
 
 
 def _read_rgba(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        if image.mode in ("RGBA", "LA") or "transparency" in image.info:
-            rgba = np.asarray(image.convert("RGBA"))
-            return rgba[..., :3], rgba[..., 3] > 127
-    return io.read_image(path), None
+    return io.read_image_alpha(path)
 
 
 def _resize(image_hw3: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -1107,7 +1101,7 @@ def run(inputs: Inputs, out: Path, cfg: Config = Config(), *, device: str = "aut
             if json.loads(metrics_path.read_text()).get("inputs_hash") == fingerprint:
                 log.info("evaluate: %s is up to date, skipped (pass --overwrite to redo)", out)
                 return []
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError, AttributeError):  # not a report of nvf's: the check below decides
             pass
     io.check_replaceable(out, "--out folder")  # before the work: a report replaces only a report
     device = _resolve_device(device)

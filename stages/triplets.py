@@ -476,12 +476,11 @@ def _capture_rows(
     spec: PairSpec,
 ) -> tuple[_CaptureRows, dict[str, str]]:  # fmt: skip
     poses = io.load_record(records["poses"], kind="poses", capture=capture.id)
-    embed_meta = io.read_record_metadata(records["embed"])
-    if embed_meta.get("nvf_kind") != "embed" or embed_meta.get("capture") != capture.id:
-        raise RecordError(f"{records['embed']}: not the embed record of capture {capture.id}; rerun nvf embed")
+    embed = io.load_record(records["embed"], kind="embed", capture=capture.id)  # checked whole: training reads it
+    embed_meta = {**embed.extra, "nvf_kind": embed.kind, "capture": embed.capture}
     names = capture.names
     pose_rows = _row_map(poses.names, names, poses.path)
-    embed_rows = _row_map(io.read_record_names(records["embed"]), names, records["embed"])
+    embed_rows = _row_map(embed.names, names, records["embed"])
     if "depth" in records:
         depth_rows = _row_map(io.read_record_names(records["depth"]), names, records["depth"])
     else:

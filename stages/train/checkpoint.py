@@ -281,7 +281,9 @@ def load_checkpoint(
     run = run_of(checkpoint)
     if not (run / MODEL_JSON).is_file():
         raise RecordError(f"{run}: {MODEL_JSON} missing; not an nvf train run folder")
-    info = json.loads((run / MODEL_JSON).read_text())
+    info = io.read_json(run / MODEL_JSON)
+    if not isinstance(info, dict):
+        raise RecordError(f"{run / MODEL_JSON}: not an nvf model description (a JSON object); retrain or restore it")
     unet = UNet2DConditionModel.from_pretrained(checkpoint / "unet", torch_dtype=dtype)
     projection = load_projection(checkpoint / "projection.safetensors")
     if use_ema:
