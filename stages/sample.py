@@ -226,7 +226,7 @@ def pose_codes(conditioning: str, R_f33: np.ndarray, T_f3: np.ndarray, scale: fl
         return code12.astype(np.float32)
     if conditioning == "zero123":
         t4 = geometry.zero123_pose_code(R[:1], T[:1], R[1:], T[1:], up=(0.0, -1.0, 0.0), center=(0.0, 0.0, 0.0))
-        return np.concatenate([t4, code12], axis=-1).astype(np.float32)
+        return geometry.pose_part({"zero123_code": t4, "pose_code": code12}, "both").astype(np.float32)
     raise ModelError(f"the run's conditioning '{conditioning}' is unknown to this nvf: update nvf")
 
 

@@ -757,13 +757,11 @@ class TripletSet:
         return out if out is not None else np.zeros((0, 0), np.float32)
 
     def pose_conditioning(self, pairs: np.ndarray | None = None) -> np.ndarray:
-        """The pose part of z_cond [P, 12 | 4 | 16] for `conditioning` paper | zero123 | both."""
+        """The pose part of z_cond [P, 12 | 4 | 16] for `conditioning` paper | zero123 | both, in the
+        order of `geometry.POSE_LAYOUTS` (both: [4 ‖ 12])."""
         select = slice(None) if pairs is None else np.asarray(pairs)
-        if self.conditioning == "paper":
-            return self.record["pose_code"][select]
-        if self.conditioning == "zero123":
-            return self.record["zero123_code"][select]
-        return np.concatenate([self.record["pose_code"][select], self.record["zero123_code"][select]], axis=-1)
+        names = geometry.POSE_LAYOUTS[self.conditioning]
+        return geometry.pose_part({name: self.record[name][select] for name in names}, self.conditioning)
 
     def z_cond(self, pairs: np.ndarray | None = None, embeddings: np.ndarray | None = None) -> np.ndarray:
         """z_cond = [CLIP(source) ‖ pose code] [P, D + k] float32 (524 for ViT-B/32 and the paper's code)."""

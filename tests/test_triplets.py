@@ -212,14 +212,15 @@ def test_index_rows_codes_order_and_csv(synth_tree, tmp_path):
                                             scale * poses["T"][loaded["pose_row"][s]])  # fmt: skip
     np.testing.assert_allclose(R_t, poses["R"][loaded["pose_row"][t]], atol=1e-6)
     np.testing.assert_allclose(T_t, scale * poses["T"][loaded["pose_row"][t]], atol=1e-6)
-    # z_cond = [CLIP(source) ‖ pose]: 512 + 12 + 4 with both codes
+    # z_cond = [CLIP(source) ‖ 4 ‖ 12] with both codes (geometry.POSE_LAYOUTS)
     z = loaded.z_cond(loaded.pairs("train"))
     assert z.shape == (len(loaded.pairs("train")), EMBED_DIM + 16)
     embeddings = loaded.embeddings()
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-6)
     train = loaded.pairs("train")
     np.testing.assert_array_equal(z[:, :EMBED_DIM], embeddings[loaded["pair_source"][train]])
-    np.testing.assert_array_equal(z[:, EMBED_DIM : EMBED_DIM + 12], loaded["pose_code"][train])
+    np.testing.assert_array_equal(z[:, EMBED_DIM : EMBED_DIM + 4], loaded["zero123_code"][train])
+    np.testing.assert_array_equal(z[:, EMBED_DIM + 4 :], loaded["pose_code"][train])
     # the CSV views
     with open(out.with_suffix(".csv"), newline="") as handle:
         pair_rows = list(csv.DictReader(handle))
