@@ -66,8 +66,9 @@ _GPU_MAX_BATCH = 256
 class Config:
     """How depth maps are predicted and stored."""
 
-    preset: str = "paper"
-    """Model preset: `paper` (Intel/dpt-large) or `tiny` (random weights, tests and smoke runs)."""
+    model_preset: str = "paper"
+    """Which models (`stages.core.models.PRESETS`): `paper` (Intel/dpt-large) or `tiny` (random weights, tests).
+    Not the stage preset: `--preset` names one of `PRESETS` below, a whole Config."""
     model: str | None = None
     """A hub id, local folder or alternative name (`depth-anything-v2-small`) instead of the preset's."""
     layout: dataset.Layout = "auto"
@@ -93,7 +94,7 @@ class Config:
 
 PRESETS: dict[str, Config] = {
     "paper": Config(),
-    "tiny": Config(preset="tiny"),
+    "tiny": Config(model_preset="tiny"),
     "fast": Config(model="depth-anything-v2-small", precision="fp16", store_dtype="float16"),
 }
 
@@ -297,7 +298,7 @@ def run(
         raise InputError(f"--max-res must be a positive number of pixels, got {cfg.max_res}")
     torch_device = batching.choose_device(device)
     precision = effective_precision(cfg.precision, torch_device)
-    ref = models.resolve_model("depth", cfg.preset, cfg.model)
+    ref = models.resolve_model("depth", cfg.model_preset, cfg.model)
     index = dataset.scan(data, cfg.layout)
     selected = worktree.select_captures(index.captures, shard=shard, capture_ids=capture_ids)
     if not selected:

@@ -62,8 +62,9 @@ _GPU_MAX_BATCH = 512
 class Config:
     """Which CLIP model embeds the images, and how."""
 
-    preset: str = "paper"
-    """Model preset: `paper` (ViT-B/32, OpenAI weights, QuickGELU) or `tiny` (random weights, tests)."""
+    model_preset: str = "paper"
+    """Which models (`stages.core.models.PRESETS`): `paper` (ViT-B/32, OpenAI weights, QuickGELU) or `tiny`
+    (random weights, tests). Not the stage preset: `--preset` names one of `PRESETS` below, a whole Config."""
     model: str | None = None
     """Instead of the preset's: open_clip `NAME@TAG` (e.g. ViT-L-14@laion2b_s32b_b82k), `hf-hub:org/repo`,
     or a local open_clip folder (`open_clip_config.json` + weights)."""
@@ -82,7 +83,7 @@ class Config:
 
 PRESETS: dict[str, Config] = {
     "paper": Config(),
-    "tiny": Config(preset="tiny"),
+    "tiny": Config(model_preset="tiny"),
     "fast": Config(precision="fp16"),
 }
 
@@ -226,7 +227,7 @@ def run(
         raise InputError(f"--workers must be at least 1, got {cfg.workers}")
     torch_device = batching.choose_device(device)
     precision = effective_precision(cfg.precision, torch_device)
-    ref = models.resolve_model("clip", cfg.preset, cfg.model)
+    ref = models.resolve_model("clip", cfg.model_preset, cfg.model)
     data, out = Path(data), Path(out)
     index = dataset.scan(data, cfg.layout)
     selected = worktree.select_captures(index.captures, shard=shard, capture_ids=capture_ids)

@@ -40,7 +40,7 @@ def _open_clip_one_by_one(ref: models.ModelRef, path: Path, normalize: bool = Tr
 def test_tiny_open_clip_folder_embeds_like_open_clip(tmp_path, tiny_ref):
     assert (Path(tiny_ref.id) / "open_clip_config.json").is_file()  # a saved folder, loaded by path
     data = _dataset(tmp_path / "data")
-    paths = embed.run(data, tmp_path / "work", embed.Config(preset="tiny", batch_size=2), device="cpu",
+    paths = embed.run(data, tmp_path / "work", embed.Config(model_preset="tiny", batch_size=2), device="cpu",
                       cache_folder=tmp_path / "cache")  # fmt: skip
     assert [p.parent.name for p in paths] == ["cap0", "cap1"]
     record = io.load_record(paths[0], kind="embed", capture="cap0")
