@@ -81,7 +81,9 @@ def test_manifest_records_what_ran_and_reruns_only_what_changed(data, tmp_path, 
     assert {first["stages"][s]["status"] for s in ("train", "sample", "reconstruct", "evaluate")} == {"not-configured"}
     depth_entry = first["stages"]["depth"]
     assert (
-        depth_entry["files_written"] == 4 and depth_entry["captures"] == 4 and depth_entry["config"]["model_preset"] == "tiny"
+        depth_entry["files_written"] == 4
+        and depth_entry["captures"] == 4
+        and depth_entry["config"]["model_preset"] == "tiny"
     )
     on_disk = sum((out / c / "depth.safetensors").stat().st_size for c in first["captures"])
     assert depth_entry["bytes_written"] == depth_entry["bytes_total"] == on_disk
