@@ -516,7 +516,8 @@ def _load_depth(path: Path) -> tuple[io.Record, str]:
     meta = io.read_record_metadata(path)
     kind = meta.get("nvf_kind", "")
     if kind not in ("depth", "aligned"):
-        raise InputError(f"{path}: holds a '{kind}' record; evaluate depth needs a depth or aligned record")
+        raise InputError(f"{path}: holds a '{kind}' record; evaluate depth needs a depth or aligned record: "
+                         "pass one (nvf depth and nvf align write them)")  # fmt: skip
     record = io.load_record(path, kind=kind)
     return record, ("depth" if kind == "aligned" else record.extra.get("depth_kind", "depth"))
 

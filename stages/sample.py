@@ -499,7 +499,7 @@ def run(model_path: Path, image: Path, out: Path, cfg: Config = Config(), *, mas
     out, image = Path(out), Path(image)
     for path, what in ((image, "photo"), (mask, "--mask")):
         if path is not None and not Path(path).is_file():
-            raise InputError(f"{path}: {what} not found")
+            raise InputError(f"{path}: {what} not found; pass the path of an image file")
     angles = input_angles(cfg, image)
     plan = plan_views(cfg, *angles)
     if not _owned(out):

@@ -385,6 +385,10 @@ def _run_spoiled(world, case):
     return argv, image.name
 
 
+FIXES = ("rerun", "run ", "run `", "pass ", "delete", "replace", "rewrite", "build it", "train first", "add it")
+"""What a message tells the user to do: every case's line says one of these."""
+
+
 def tree_digest(root: Path, skip: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file() and skip not in p.parents}  # fmt: skip
@@ -406,6 +410,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, tmp_path, comma
     assert "Traceback" not in result.stderr + result.stdout
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert named in lines[0], f"{named!r} not named: {lines[0]}"
+    assert any(fix in lines[0] for fix in FIXES), f"no fix in: {lines[0]}"
     assert tree_digest(case, case / "out") == before
     out = case / "out"
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) if out.exists() else []

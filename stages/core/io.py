@@ -406,13 +406,14 @@ def load_record(
         raise RecordError(f"{path}: not an nvf record (no nvf metadata); was it written by nvf?")
     found_kind = metadata["nvf_kind"]
     if kind is not None and found_kind != kind:
-        raise RecordError(f"{path}: holds a '{found_kind}' record where a '{kind}' record was expected")
+        raise RecordError(f"{path}: holds a '{found_kind}' record where a '{kind}' record was expected; "
+                          f"rerun the stage that writes {kind} records (or restore the file)")  # fmt: skip
     if stage is not None and metadata.get("nvf_stage") != stage:
         raise RecordError(f"{path}: written by stage '{metadata.get('nvf_stage')}', expected '{stage}'")
     if capture is not None and metadata.get("capture") != capture:
         raise RecordError(
             f"{path}: belongs to capture '{metadata.get('capture')}', not '{capture}'; records of different captures "
-            "cannot be combined"
+            "cannot be combined: rerun the stage that writes it for this capture"
         )
     try:
         names = json.loads(metadata.get("names", "[]"))
@@ -510,7 +511,8 @@ def _validate_shapes(
                 ok = ok and dim == want
         if not ok:
             want_text = "[" + ", ".join(_dim_text(w, symbols) for w in expected) + "]"
-            raise RecordError(f"{path}: tensor '{key}' has shape {list(shape)}, expected {want_text}")
+            raise RecordError(f"{path}: tensor '{key}' has shape {list(shape)}, expected {want_text}; the record is "
+                              "damaged: delete it and rerun the stage that writes it")  # fmt: skip
 
 
 FINITE: dict[str, tuple[str, ...]] = {
