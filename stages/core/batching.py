@@ -311,6 +311,7 @@ def run_planned_batches(
 
     logger = logger or log
     ceiling: list[int] = []  # the batch size an out-of-memory settled on, if any
+    warned: set[tuple[int, int]] = set()
 
     def guarded(items: Sequence[T]) -> Sequence[R]:
         try:
@@ -325,7 +326,8 @@ def run_planned_batches(
             size = min(size, max(1, limit(batch)))
         if ceiling:
             size = min(size, ceiling[-1])
-        if size < len(batch):
+        if size < len(batch) and (len(batch), size) not in warned:  # once per kind of split, not per capture
+            warned.add((len(batch), size))
             logger.warning("a batch of %d items runs in slices of %d to fit memory: its results agree with the "
                            "whole batch's to float tolerance, not bit for bit", len(batch), size)  # fmt: skip
         for items, results in iter_batched(guarded, batch, batch_size=size, logger=logger):
