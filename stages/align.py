@@ -406,8 +406,9 @@ def align_views(
 ) -> Aligned:
     """Fit each view's (s, b) to its (prediction, reference z) samples and convert to z-depth.
 
-    `fixed` gives rows whose (s, b) are already known (the reference view). The residual RMS is
-    taken in z-depth over the inlier samples.
+    `fixed` gives rows whose (s, b) are already known (the reference view); their residual RMS and
+    inliers are measured like any other row's, over their own samples (none: NaN and 0). The
+    residual RMS is taken in z-depth over the inlier samples.
     """
     x_nm, z_nm, valid = _pad(list(samples))
     target = to_fit_space(z_nm, space)
@@ -423,8 +424,6 @@ def align_views(
         squared = np.where(inliers & np.isfinite(z_fit), (z_fit - z_nm) ** 2, np.nan)
         rms = np.sqrt(np.nanmean(squared, axis=1)) if squared.shape[1] else np.full(len(scale), np.nan)
     counts = inliers.sum(axis=1)
-    for row in fixed or {}:
-        rms[row], counts[row] = 0.0, int(valid_nhw[row].sum())
     return Aligned(depth.astype(np.float32), scale, shift, np.where(ok, rms, np.nan), counts, nonpositive)
 
 
@@ -530,12 +529,12 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
             raise InputError(f"--reference-view {cfg.reference_view}: not a view of capture {capture} "
                              f"(views: {', '.join(views.names[:5])}{', ...' * (len(views.names) > 5)})")  # fmt: skip
         row = views.names.index(cfg.reference_view)
-        fixed[row] = _reference_view_fit(
-            views, row, space, cfg, sparse_path if sparse_path in inputs else None, capture
-        )
+        s, b, own = _reference_view_fit(views, row, space, cfg, sparse_path if sparse_path in inputs else None, capture)
+        fixed[row] = (s, b)
         z_ref, _ = apply_fit(views.depth_nhw[row : row + 1], views.valid_nhw[row : row + 1],
-                             np.array([fixed[row][0]]), np.array([fixed[row][1]]), space)  # fmt: skip
+                             np.array([s]), np.array([b]), space)  # fmt: skip
         samples = view_samples(views, row, z_ref[0], cfg)
+        samples[row] = own  # its figures come from its own fit: the sparse points, or none
     else:
         reference = io.load_record(inputs[-1], kind="depth")
         if reference.capture and reference.capture != capture:
@@ -645,8 +644,11 @@ def _load_views(record: io.Record, poses_path: Path | None, capture: str) -> _Vi
 
 def _reference_view_fit(
     views: _Views, row: int, space: FitSpace, cfg: Config, sparse_path: Path | None, capture: str
-) -> tuple[float, float]:
-    """(s, b) of the reference view: fitted to the sparse points when there are any, else identity."""
+) -> tuple[float, float, tuple[np.ndarray, np.ndarray]]:
+    """(s, b, samples) of the reference view: fitted to the sparse points when there are any (the
+    samples it was fitted on, so its residual and inliers are reported), else identity with no
+    samples (residual NaN, 0 inliers: nothing measured it)."""
+    none = (np.zeros(0), np.zeros(0))
     if sparse_path is not None:
         one = _Views([views.names[row]], views.depth_nhw[row : row + 1], views.valid_nhw[row : row + 1],
                      views.K_map[row : row + 1], views.R[row : row + 1], views.T[row : row + 1])  # fmt: skip
@@ -654,7 +656,7 @@ def _reference_view_fit(
         x_nm, z_nm, valid = _pad(samples)
         fit = fit_scale_shift(x_nm, to_fit_space(z_nm, space), valid & (z_nm > 0), cfg)
         if fit.ok[0]:
-            return float(fit.scale[0]), float(fit.shift[0])
+            return float(fit.scale[0]), float(fit.shift[0]), samples[0]
         log.warning("align: %s: the reference view %s could not be fitted to the sparse points; using it as it is",
                     capture, views.names[row])  # fmt: skip
-    return 1.0, 0.0
+    return 1.0, 0.0, none

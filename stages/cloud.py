@@ -687,8 +687,7 @@ def image_paths(
         transforms = worktree.capture_dir(work, capture) / "transforms.json"
         if not transforms.is_file():
             return None
-        frames = io.read_json(transforms).get("frames", [])
-        by_name = {Path(f["file_path"]).name: transforms.parent / f["file_path"] for f in frames if "file_path" in f}
+        by_name = {p.name: p for p in io.transforms_image_paths(transforms)}
     missing = [name for name in names if name not in by_name]
     if missing:
         raise InputError(f"capture {capture}: no image for {len(missing)} view(s) (e.g. {missing[0]}) in the dataset; "
@@ -835,8 +834,9 @@ def fuse_capture(work: Path, capture: str, cfg: Config, *, index: dataset.Datase
     from stages import __version__
 
     report["nvf_version"] = __version__
-    io.write_ply(cloud_path, fused.kept.points_n3, fused.kept.colors_n3, fused.normals_n3)
-    io.write_json(metrics_path, _finite_or_none(report))  # written last: marks the capture complete
+    with io.record_set(metrics_path):  # the metrics mark the cloud complete: removed first, written last
+        io.write_ply(cloud_path, fused.kept.points_n3, fused.kept.colors_n3, fused.normals_n3)
+        io.write_json(metrics_path, _finite_or_none(report))
     log.info("cloud: %s: %d -> %d points, wrote %s", capture, len(fused.raw), len(fused.kept), cloud_path)
     return [cloud_path, metrics_path]
 

@@ -1,13 +1,23 @@
 """Stage `depth`: batched monocular depth for every view of every capture (paper §IV-5, Eq. 3-4).
 
 Any transformers depth model (`AutoModelForDepthEstimation` + its image processor) runs over the
-images of a dataset in batches of equal-size images. The batch size follows free memory and halves
-on out-of-memory (`stages.core.batching`); images are decoded by worker threads while the model runs
-on the previous batch; preprocessing (the model's own processor on a uint8 batch tensor), the
-forward pass and the resampling of the prediction to the image size (or to `max_res`) are batched
-on the device. Results are cached on disk, keyed by the image bytes + the model + the settings, so
-a rerun, a repeated image or a capture shared by two work trees costs nothing; an in-memory LRU
-serves repeated access within a run.
+images of a dataset in batches of equal-size images; images are decoded by worker threads while the
+model runs on the previous batch; preprocessing (the model's own processor on a uint8 batch tensor),
+the forward pass and the resampling of the prediction to the image size (or to `max_res`) are
+batched on the device.
+
+What a record depends on: a capture's batches are its own views only, cut by
+`batching.capture_batches` from the capture and the config alone (`--batch-size` views, or with
+the auto batch size the whole capture up to 32 views on a CPU, 256 on a GPU). So a capture's record
+is the same bits in a single run, in any shard, and whatever else the run holds, even on CPUs whose
+kernels give other last bits for another batch make-up. A different `--batch-size`, or a batch that
+free memory or an out-of-memory error splits (a warning says so), gives maps equal to float
+tolerance, not bit for bit.
+
+Results are cached on disk, keyed by the image bytes + the model + the settings + the batch the
+map was computed in (the other images' bytes and its place there), so a rerun or a capture shared
+by two work trees costs nothing and a cached map is always the bits a fresh run would give; maps of
+a split batch are not cached. An in-memory LRU serves repeated access within a run.
 
 Output per capture: ``WORK/<capture>/depth.safetensors`` (kind ``depth``) with
 ``depth`` [N, H, W] (float32 or float16) and ``image_hw`` [N, 2] (each view's image size, so a map
@@ -49,14 +59,16 @@ StoreDtype = Literal["float32", "float16"]
 
 _RELATIVE_MODEL_TYPES = {"dpt"}  # relative inverse depth; depth_anything depends on its config
 _CPU_MAX_BATCH = 32  # beyond this a CPU gains nothing from bigger batches, only memory use
+_GPU_MAX_BATCH = 256
 
 
 @dataclass(frozen=True)
 class Config:
     """How depth maps are predicted and stored."""
 
-    preset: str = "paper"
-    """Model preset: `paper` (Intel/dpt-large) or `tiny` (random weights, tests and smoke runs)."""
+    model_preset: str = "paper"
+    """Which models (`stages.core.models.PRESETS`): `paper` (Intel/dpt-large) or `tiny` (random weights, tests).
+    Not the stage preset: `--preset` names one of `PRESETS` below, a whole Config."""
     model: str | None = None
     """A hub id, local folder or alternative name (`depth-anything-v2-small`) instead of the preset's."""
     layout: dataset.Layout = "auto"
@@ -64,7 +76,8 @@ class Config:
     precision: batching.Precision = "fp32"
     """Weights and activations: fp32, fp16 (CUDA only; CPU falls back to fp32) or bf16."""
     batch_size: int | None = None
-    """Images per forward pass; None sizes batches to free memory (halved on out-of-memory)."""
+    """Images per forward pass, cut per capture; None: the whole capture (up to 32 on a CPU, 256 on a
+    GPU), split only where free memory cannot hold it (halved on out-of-memory)."""
     max_res: int | None = None
     """Store maps with their longer side at most this many pixels; None keeps the image size."""
     interpolation: Interpolation = "bicubic"
@@ -81,7 +94,7 @@ class Config:
 
 PRESETS: dict[str, Config] = {
     "paper": Config(),
-    "tiny": Config(preset="tiny"),
+    "tiny": Config(model_preset="tiny"),
     "fast": Config(model="depth-anything-v2-small", precision="fp16", store_dtype="float16"),
 }
 
@@ -252,6 +265,7 @@ class _View:
 class _CapturePlan:
     capture: dataset.Capture
     views: list[_View]
+    batches: list[list[int]]  # the capture's planned batches, as row indices (`_capture_batches`)
     inputs_hash: str
     out_path: Path
     missing: set[str]
@@ -292,7 +306,7 @@ def run(
         raise InputError(f"--max-res must be a positive number of pixels, got {cfg.max_res}")
     torch_device = batching.choose_device(device)
     precision = effective_precision(cfg.precision, torch_device)
-    ref = models.resolve_model("depth", cfg.preset, cfg.model)
+    ref = models.resolve_model("depth", cfg.model_preset, cfg.model)
     index = dataset.scan(data, cfg.layout)
     selected = worktree.select_captures(index.captures, shard=shard, capture_ids=capture_ids)
     if not selected:
@@ -307,19 +321,20 @@ def run(
         "depth_kind": cfg.depth_kind,
         **{name: getattr(cfg, name) for name in _OUTPUT_FIELDS},
     }
-    plans = _plan(Path(data), Path(out), selected, settings, cfg, overwrite, cache)
+    max_batch = _CPU_MAX_BATCH if torch_device.type == "cpu" else _GPU_MAX_BATCH
+    plans = _plan(Path(data), Path(out), selected, settings, cfg, overwrite, cache, max_batch)
     log.info("depth: %d of %d capture(s) to write", len(plans), len(selected))
     if not plans:
         return []
     writer = _RecordWriter(plans, cache, settings, cfg, progress)
-    todo = _unique_views(plans)
+    todo = _unique_batches(plans)
     try:
         if todo:
             predictor = loaded_predictor(ref, settings["model_fingerprint"], torch_device, precision, cfg)
             writer.meta.update(depth_kind=predictor.depth_kind, model=ref.id, precision=precision)
             writer.flush_ready()
-            for view, depth_hw in _predict_all(predictor, todo, cfg, torch_device):
-                writer.add(view.key, depth_hw)
+            for view, depth_hw, whole in _predict_all(predictor, todo, cfg, torch_device):
+                writer.add(view.key, depth_hw, cacheable=whole)
         else:
             writer.meta.update(depth_kind=_config_depth_kind(ref, cfg), model=ref.id, precision=precision)
             writer.flush_ready()
@@ -328,7 +343,7 @@ def run(
         writer.close()
     log.info(
         "depth: wrote %d capture(s); %d image(s) computed; cache hits %d memory, %d disk",
-        len(paths), len(todo), cache.hits["memory"], cache.hits["disk"],
+        len(paths), sum(map(len, todo)), cache.hits["memory"], cache.hits["disk"],
     )  # fmt: skip
     return paths
 
@@ -352,10 +367,13 @@ class _RecordWriter:
     def _submit(self, plan: _CapturePlan, maps: list[np.ndarray]) -> None:
         self._written.append(self._pool.submit(_write_record, plan, maps, self.settings, self.cfg, dict(self.meta)))
 
-    def add(self, key: str, depth_hw: np.ndarray) -> None:
-        self.cache.put(key, depth_hw, to_disk=False)
-        if self.cfg.cache:
-            self._pool.submit(self.cache.write_disk, key, depth_hw)
+    def add(self, key: str, depth_hw: np.ndarray, *, cacheable: bool = True) -> None:
+        """A computed map; `cacheable` False (a split batch: not the planned batch's bits) keeps it
+        out of the caches, so it reaches only this run's record."""
+        if cacheable:
+            self.cache.put(key, depth_hw, to_disk=False)
+            if self.cfg.cache:
+                self._pool.submit(self.cache.write_disk, key, depth_hw)
         self._assembler.add(key, depth_hw)
 
     def results(self) -> list[Path]:
@@ -388,9 +406,10 @@ def _plan(
     cfg: Config,
     overwrite: bool,
     cache: ArrayCache,
+    max_batch: int,
 ) -> list[_CapturePlan]:
-    """Hash every image (in threads), skip the captures whose record is up to date, and list for
-    each other capture the maps the cache lacks."""
+    """Hash every image (in threads), skip the captures whose record is up to date, cut each other
+    capture into its batches and list the maps the cache lacks."""
     workers = min(8, max(1, cfg.workers))
     per_capture = image_digests(data, out, captures, workers=workers)
     plans: list[_CapturePlan] = []
@@ -409,13 +428,29 @@ def _plan(
                 "depth: capture %s mixes image sizes %s; its maps are all stored at %dx%d (image_hw keeps each size)",
                 capture.id, sorted(set(c_sizes)), capture_hw[1], capture_hw[0],
             )  # fmt: skip
-        views = [
-            _View(path, hw, capture_hw, io.hash_inputs(settings, digest, hw, capture_hw))
-            for path, digest, hw in zip(c_paths, c_hashes, c_sizes, strict=False)
-        ]
+        batches = _capture_batches(c_sizes, cfg.batch_size, max_batch)
+        keys: list[str] = [""] * len(c_paths)
+        for batch in batches:  # a map's key names its whole batch: the same key, the same bits
+            context = [(c_hashes[row], c_sizes[row]) for row in batch]
+            for position, row in enumerate(batch):
+                keys[row] = io.hash_inputs(settings, context, capture_hw, position)
+        views = [_View(path, hw, capture_hw, key) for path, hw, key in zip(c_paths, c_sizes, keys, strict=True)]
         missing = {v.key for v in views if not cache.contains(v.key)}
-        plans.append(_CapturePlan(capture, views, inputs_hash, out_path, missing))
+        plans.append(_CapturePlan(capture, views, batches, inputs_hash, out_path, missing))
     return plans
+
+
+def _capture_batches(sizes: list[tuple[int, int]], batch_size: int | None, max_batch: int) -> list[list[int]]:
+    """A capture's batches as row indices: its views grouped by image size (first-seen order), each
+    group cut by `batching.capture_batches`. Depends on the capture and the config alone."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for row, hw in enumerate(sizes):
+        groups.setdefault(hw, []).append(row)
+    return [
+        [rows[i] for i in piece]
+        for rows in groups.values()
+        for piece in batching.capture_batches(len(rows), batch_size, max_batch)
+    ]
 
 
 def _image_hw(path: Path) -> tuple[int, int]:
@@ -423,63 +458,63 @@ def _image_hw(path: Path) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def _unique_views(plans: Iterable[_CapturePlan]) -> list[_View]:
-    """Views to compute, each key once, grouped by (image size, stored size) in first-seen order."""
-    groups: dict[tuple[tuple[int, int], tuple[int, int]], dict[str, _View]] = {}
+def _unique_batches(plans: Iterable[_CapturePlan]) -> list[list[_View]]:
+    """The planned batches that hold a map the cache lacks, each once (a batch's keys name it)."""
+    batches: dict[tuple[str, ...], list[_View]] = {}
     for plan in plans:
-        for view in plan.views:
-            if view.key in plan.missing:
-                groups.setdefault((view.image_hw, view.out_hw), {}).setdefault(view.key, view)
-    return [view for group in groups.values() for view in group.values()]
+        for rows in plan.batches:
+            views = [plan.views[row] for row in rows]
+            if any(view.key in plan.missing for view in views):
+                batches.setdefault(tuple(view.key for view in views), views)
+    return list(batches.values())
 
 
 def _predict_all(
-    predictor: DepthPredictor, views: list[_View], cfg: Config, device: torch.device
-) -> Iterator[tuple[_View, np.ndarray]]:
-    """Yield (view, depth [h, w] numpy in the stored dtype) for every view, batched per size group.
+    predictor: DepthPredictor, batches: list[list[_View]], cfg: Config, device: torch.device
+) -> Iterator[tuple[_View, np.ndarray, bool]]:
+    """Yield (view, depth [h, w] numpy in the stored dtype, whole) for every view of the planned
+    batches, each batch run whole unless memory forbids (`batching.run_planned_batches`; `whole`
+    is False for the views of a split batch).
 
-    Decoding runs ahead in threads. The batch size is resolved once per size group from free memory
-    (or `cfg.batch_size`); after an out-of-memory halving, later groups start at the reduced size.
+    Decoding runs ahead in threads. With the auto batch size, free memory caps a batch (the fit is
+    estimated once per image size); an out-of-memory halving carries over to later batches.
     """
     store_dtype = torch.float16 if cfg.store_dtype == "float16" else torch.float32
+    views = [view for batch in batches for view in batch]
     prefetcher = Prefetcher([v.path for v in views], io.read_image, cfg.workers)
-    ceiling: list[int] = []  # the batch size an out-of-memory settled on, if any
+    fits: dict[tuple[tuple[int, int], tuple[int, int]], int] = {}
+    max_batch = _CPU_MAX_BATCH if device.type == "cpu" else _GPU_MAX_BATCH
+
+    def fit(positions: Sequence[int]) -> int:  # what int32 indexing and (auto batch size) free memory hold
+        view = views[positions[0]]
+        size_key = (view.image_hw, view.out_hw)
+        if size_key not in fits:
+            cap = min(max_batch, int32_batch_limit(predictor.model.config, predictor.input_hw(view.image_hw)))
+            if cfg.batch_size is None:
+                per_item = predictor.bytes_per_item(view.image_hw, view.out_hw)
+                cap = batching.auto_batch_size(device, per_item, max_batch=cap)
+            fits[size_key] = cap
+        return fits[size_key]
+
+    def forward(positions: Sequence[int]) -> torch.Tensor:
+        out_hw = views[positions[0]].out_hw
+        images = prefetcher.get(positions, lookahead=len(positions))  # [H, W, 3] each
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [B, 3, H, W] uint8
+        if device.type == "cuda":
+            batch = batch.pin_memory()
+        depth = predictor.predict(batch, out_hw)  # [B, h, w] float32 on the device
+        return depth.to(store_dtype).cpu()
+
+    planned: list[range] = []
+    start = 0
+    for batch in batches:
+        planned.append(range(start, start + len(batch)))
+        start += len(batch)
     try:
-        start = 0
-        while start < len(views):
-            group_hw = (views[start].image_hw, views[start].out_hw)
-            stop = start
-            while stop < len(views) and (views[stop].image_hw, views[stop].out_hw) == group_hw:
-                stop += 1
-            image_hw, out_hw = group_hw
-            max_batch = min(_CPU_MAX_BATCH if device.type == "cpu" else 256,
-                            int32_batch_limit(predictor.model.config, predictor.input_hw(image_hw)))  # fmt: skip
-            batch_size = batching.resolve_batch_size(
-                cfg.batch_size,
-                device,
-                predictor.bytes_per_item(image_hw, out_hw) if cfg.batch_size is None else None,
-                max_batch=max_batch,
-            )
-            if ceiling:
-                batch_size = min(batch_size, ceiling[-1])
-            prefetcher.prefetch(start + 2 * batch_size)
-
-            def forward(positions: Sequence[int], out_hw: tuple[int, int] = out_hw) -> torch.Tensor:
-                images = prefetcher.get(positions, lookahead=len(positions))  # [H, W, 3] each
-                batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [B, 3, H, W] uint8
-                if device.type == "cuda":
-                    batch = batch.pin_memory()
-                try:
-                    depth = predictor.predict(batch, out_hw)  # [B, h, w] float32 on the device
-                except torch.cuda.OutOfMemoryError:
-                    ceiling.append(max(1, len(positions) // 2))
-                    raise
-                return depth.to(store_dtype).cpu()
-
-            for positions, depth_bhw in batching.iter_batched(forward, range(start, stop), batch_size=batch_size):
-                for position, depth_hw in zip(positions, depth_bhw.numpy(), strict=False):
-                    yield views[position], depth_hw
-            start = stop
+        prefetcher.prefetch(2 * max((len(b) for b in batches), default=1))
+        for positions, depth_bhw, whole in batching.run_planned_batches(forward, planned, limit=fit):
+            for position, depth_hw in zip(positions, depth_bhw.numpy(), strict=True):
+                yield views[position], depth_hw, whole
     finally:
         prefetcher.close()
 

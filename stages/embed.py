@@ -7,10 +7,20 @@ Every image goes through the model's own open_clip preprocessing (resize, centre
 so a row equals `model.encode_image(preprocess(image))` normalised, as open_clip's README computes it.
 
 Speed: images are decoded and preprocessed by worker threads while the model runs on the previous
-batch; the batch size follows free memory (`stages.core.batching`) and halves on out-of-memory.
+batch.
+
+What a record depends on: a capture's batches are its own views only, cut by
+`batching.capture_batches` from the capture and the config alone (`--batch-size` views, or with the
+auto batch size the whole capture up to 32 views on a CPU, 512 on a GPU). So a capture's record is
+the same bits in a single run, in any shard and whatever else the run holds, even on CPUs whose
+kernels give other last bits for another batch make-up. A different `--batch-size`, or a batch
+that free memory or an out-of-memory error splits (a warning says so), gives embeddings equal to
+float tolerance, not bit for bit.
+
 Results are cached on disk, keyed by the image bytes + the model (id, weight tag, fingerprint of a
-local folder's files) + the precision, so a rerun, a repeated image, or a capture shared by two
-work trees costs nothing; an image that occurs twice in one run is embedded once.
+local folder's files) + the precision + the batch the image ran in (the other images' bytes and its
+place there), so a rerun or a capture shared by two work trees costs nothing, and a cached row is
+always the bits a fresh run would give; rows of a split batch are not cached.
 
 Output per capture: ``WORK/<capture>/embed.safetensors`` (kind ``embed``) with ``embedding``
 [N, D] float32, L2-normalised (unit rows; D = 512 for ViT-B/32), rows in the capture's view order
@@ -25,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,8 +62,9 @@ _GPU_MAX_BATCH = 512
 class Config:
     """Which CLIP model embeds the images, and how."""
 
-    preset: str = "paper"
-    """Model preset: `paper` (ViT-B/32, OpenAI weights, QuickGELU) or `tiny` (random weights, tests)."""
+    model_preset: str = "paper"
+    """Which models (`stages.core.models.PRESETS`): `paper` (ViT-B/32, OpenAI weights, QuickGELU) or `tiny`
+    (random weights, tests). Not the stage preset: `--preset` names one of `PRESETS` below, a whole Config."""
     model: str | None = None
     """Instead of the preset's: open_clip `NAME@TAG` (e.g. ViT-L-14@laion2b_s32b_b82k), `hf-hub:org/repo`,
     or a local open_clip folder (`open_clip_config.json` + weights)."""
@@ -62,7 +73,8 @@ class Config:
     precision: batching.Precision = "fp32"
     """Weights and activations: fp32, fp16 (CUDA only; a CPU falls back to fp32) or bf16."""
     batch_size: int | None = None
-    """Images per forward pass; None sizes batches to free memory (halved on out-of-memory)."""
+    """Images per forward pass, cut per capture; None: the whole capture (up to 32 on a CPU, 512 on a
+    GPU), split only where free memory cannot hold it (halved on out-of-memory)."""
     cache: bool = True
     """Reuse and fill the on-disk embedding cache (`<nvf cache>/embed-cache`)."""
     workers: int = 4
@@ -71,7 +83,7 @@ class Config:
 
 PRESETS: dict[str, Config] = {
     "paper": Config(),
-    "tiny": Config(preset="tiny"),
+    "tiny": Config(model_preset="tiny"),
     "fast": Config(precision="fp16"),
 }
 
@@ -198,6 +210,7 @@ def default_cache_folder() -> Path:
 class _CapturePlan:
     capture: dataset.Capture
     keys: list[str]  # cache key per view, in row order
+    batches: list[range]  # the capture's planned batches, as row ranges (`batching.capture_batches`)
     inputs_hash: str
     out_path: Path
     missing: set[str]
@@ -224,7 +237,7 @@ def run(
         raise InputError(f"--workers must be at least 1, got {cfg.workers}")
     torch_device = batching.choose_device(device)
     precision = effective_precision(cfg.precision, torch_device)
-    ref = models.resolve_model("clip", cfg.preset, cfg.model)
+    ref = models.resolve_model("clip", cfg.model_preset, cfg.model)
     data, out = Path(data), Path(out)
     index = dataset.scan(data, cfg.layout)
     selected = worktree.select_captures(index.captures, shard=shard, capture_ids=capture_ids)
@@ -240,7 +253,8 @@ def run(
         "rows": "unit embedding + norm",  # what the cache holds per image: [D + 1]
     }
     cache = ArrayCache((cache_folder or default_cache_folder()) if cfg.cache else None)
-    plans, paths_by_key = _plan(data, out, selected, settings, cfg, overwrite)
+    max_batch = _CPU_MAX_BATCH if torch_device.type == "cpu" else _GPU_MAX_BATCH
+    plans, paths_by_key = _plan(data, out, selected, settings, cfg, overwrite, max_batch)
     log.info("embed: %d of %d capture(s) to write", len(plans), len(selected))
     if not plans:
         return []
@@ -251,7 +265,12 @@ def run(
             vectors[key] = cached
     for plan in plans:
         plan.missing -= vectors.keys()
-    todo = list(dict.fromkeys(key for plan in plans for key in plan.keys if key in plan.missing))
+    todo: dict[tuple[str, ...], list[str]] = {}  # the planned batches that hold a missing row, each once
+    for plan in plans:
+        for rows in plan.batches:
+            keys = [plan.keys[row] for row in rows]
+            if plan.missing.intersection(keys):
+                todo.setdefault(tuple(keys), keys)
     written: list[Path] = []
 
     def finish(plan: _CapturePlan, rows: list[np.ndarray]) -> None:
@@ -262,18 +281,26 @@ def run(
     assembler.flush_ready()
     if todo:
         embedder = loaded_embedder(ref, settings["model_fingerprint"], torch_device, precision)
-        for key, vector in _embed_all(embedder, [paths_by_key[k] for k in todo], todo, cfg, torch_device):
-            cache.put(key, vector)
+        for key, vector, whole in _embed_all(embedder, list(todo.values()), paths_by_key, cfg, torch_device):
+            if whole:  # a split batch's rows are not the planned batch's bits: this record only
+                cache.put(key, vector)
             assembler.add(key, vector)
     log.info("embed: wrote %d capture(s); %d image(s) embedded, %d from the cache",
-             len(written), len(todo), cache.hits["disk"])  # fmt: skip
+             len(written), sum(map(len, todo.values())), cache.hits["disk"])  # fmt: skip
     return written
 
 
 def _plan(
-    data: Path, out: Path, captures: Sequence[dataset.Capture], settings: dict[str, Any], cfg: Config, overwrite: bool
+    data: Path,
+    out: Path,
+    captures: Sequence[dataset.Capture],
+    settings: dict[str, Any],
+    cfg: Config,
+    overwrite: bool,
+    max_batch: int,
 ) -> tuple[list[_CapturePlan], dict[str, Path]]:
-    """Hash every image (in threads), skip captures whose record is up to date, key the other views."""
+    """Hash every image (in threads), skip captures whose record is up to date, cut the others into
+    their batches and key each view by its batch."""
     per_capture = image_digests(data, out, captures, workers=min(8, cfg.workers))
     plans: list[_CapturePlan] = []
     paths_by_key: dict[str, Path] = {}
@@ -284,27 +311,38 @@ def _plan(
         if not overwrite and worktree.is_up_to_date(out_path, inputs_hash):
             log.debug("embed: %s is up to date, skipped", capture.id)
             continue
-        keys = [io.hash_inputs(settings, digest) for digest in c_digests]
+        batches = batching.capture_batches(len(c_paths), cfg.batch_size, max_batch)
+        keys: list[str] = []
+        for rows in batches:  # a row's key names its whole batch: the same key, the same bits
+            context = [c_digests[row] for row in rows]
+            keys += [io.hash_inputs(settings, context, position) for position in range(len(rows))]
         paths_by_key.update(zip(keys, c_paths, strict=True))
-        plans.append(_CapturePlan(capture, keys, inputs_hash, out_path, set(keys)))
+        plans.append(_CapturePlan(capture, keys, batches, inputs_hash, out_path, set(keys)))
     return plans, paths_by_key
 
 
-def _embed_all(embedder: ClipEmbedder, paths: list[Path], keys: list[str], cfg: Config, device: torch.device) -> Any:
-    """Yield (key, [unit vector ‖ norm] [D + 1] float32) for every path, in order, batched with decoding ahead."""
-    batch_size = batching.resolve_batch_size(
-        cfg.batch_size,
-        device,
-        embedder.bytes_per_item() if cfg.batch_size is None else None,
-        max_batch=_CPU_MAX_BATCH if device.type == "cpu" else _GPU_MAX_BATCH,
-    )
+def _embed_all(
+    embedder: ClipEmbedder, batches: list[list[str]], paths_by_key: dict[str, Path], cfg: Config, device: torch.device
+) -> Iterator[tuple[str, np.ndarray, bool]]:
+    """Yield (key, [unit vector ‖ norm] [D + 1] float32, whole) for every row of the planned
+    batches (keys), each batch run whole unless memory forbids (`batching.run_planned_batches`;
+    `whole` is False for the rows of a split batch). Decoding runs ahead in threads."""
     from PIL import Image
+
+    keys = [key for batch in batches for key in batch]
+    max_batch = _CPU_MAX_BATCH if device.type == "cpu" else _GPU_MAX_BATCH
+    fits: list[int] = []
+
+    def fit(_positions: Sequence[int]) -> int:  # auto batch size: what free memory holds
+        if not fits:
+            fits.append(batching.auto_batch_size(device, embedder.bytes_per_item(), max_batch=max_batch))
+        return fits[0]
 
     def load(path: Path) -> torch.Tensor:  # [3, S, S] float32: open_clip's transform of the decoded image
         return embedder.preprocess(Image.fromarray(io.read_image(path)))
 
-    decoder = Prefetcher(paths, load, cfg.workers)
-    decoder.prefetch(2 * batch_size)
+    decoder = Prefetcher([paths_by_key[key] for key in keys], load, cfg.workers)
+    decoder.prefetch(2 * max((len(b) for b in batches), default=1))
 
     def forward(positions: Sequence[int]) -> torch.Tensor:
         pixels = torch.stack(decoder.get(positions, lookahead=len(positions)))  # [B, 3, S, S] float32
@@ -312,10 +350,16 @@ def _embed_all(embedder: ClipEmbedder, paths: list[Path], keys: list[str], cfg: 
             pixels = pixels.pin_memory()
         return embedder.embed_with_norm(pixels)  # [B, D + 1]
 
+    planned: list[range] = []
+    for batch in batches:
+        start = planned[-1].stop if planned else 0
+        planned.append(range(start, start + len(batch)))
     try:
-        for positions, vectors_bd in batching.iter_batched(forward, range(len(paths)), batch_size=batch_size):
+        for positions, vectors_bd, whole in batching.run_planned_batches(
+            forward, planned, limit=fit if cfg.batch_size is None else None
+        ):
             for position, vector in zip(positions, vectors_bd.numpy(), strict=True):
-                yield keys[position], vector
+                yield keys[position], vector, whole
     finally:
         decoder.close()
 

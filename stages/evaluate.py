@@ -22,7 +22,9 @@ by capture id (folder names) and by image name:
   Mean nearest-neighbour *spacing* is a Table V diagnostic, never called Chamfer here.
 - **views** (generated images vs ground-truth images): paired by name, or by pose (nearest
   reference camera after a similarity alignment, cost = rotation error in degrees + centre error
-  as an angle, degrees of the reference radius). PSNR, SSIM, LPIPS (`stages.core.image_metrics`),
+  as an angle, degrees of the reference radius). The input photo of an `nvf sample` folder
+  (views/000.png, ``generated: false`` in its sample.json) is not scored: the section lists it under
+  ``inputs_excluded``. PSNR, SSIM, LPIPS (`stages.core.image_metrics`),
   CLIP identity (I2O: input photo -> view, O2O: between views, to-GT: view -> its ground truth),
   ArcFace when available, FID when enough images; buckets all / frontal (|azimuth| <= 90°) / back.
 
@@ -514,7 +516,8 @@ def _load_depth(path: Path) -> tuple[io.Record, str]:
     meta = io.read_record_metadata(path)
     kind = meta.get("nvf_kind", "")
     if kind not in ("depth", "aligned"):
-        raise InputError(f"{path}: holds a '{kind}' record; evaluate depth needs a depth or aligned record")
+        raise InputError(f"{path}: holds a '{kind}' record; evaluate depth needs a depth or aligned record: "
+                         "pass one (nvf depth and nvf align write them)")  # fmt: skip
     record = io.load_record(path, kind=kind)
     return record, ("depth" if kind == "aligned" else record.extra.get("depth_kind", "depth"))
 
@@ -656,13 +659,7 @@ def _images_by_name(folder: Path) -> dict[str, Path]:
 
 
 def _read_rgba(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        if image.mode in ("RGBA", "LA") or "transparency" in image.info:
-            rgba = np.asarray(image.convert("RGBA"))
-            return rgba[..., :3], rgba[..., 3] > 127
-    return io.read_image(path), None
+    return io.read_image_alpha(path)
 
 
 def _resize(image_hw3: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -760,6 +757,8 @@ def _views_section(inputs: Inputs, cfg: Config, figures: Figures, device: str, s
     else:
         pairs = [(name, name, 0.0) for name in sorted(gen_images) if name in ref_images]
     pairs = [(g, r, c) for g, r, c in pairs if r in ref_images]
+    inputs_excluded = _input_frames(inputs.views)  # an nvf sample folder's input photo is no generated view
+    pairs = [(g, r, c) for g, r, c in pairs if g not in inputs_excluded]
     if not pairs:
         raise InputError(f"no generated view in {inputs.views} pairs with a ground-truth image in {inputs.views_ref} "
                          f"(pairing by {cfg.pairing})")  # fmt: skip
@@ -860,7 +859,22 @@ def _views_section(inputs: Inputs, cfg: Config, figures: Figures, device: str, s
                     note="reference = ground-truth views")  # fmt: skip
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["azimuth_deg"] is None, rows[i]["azimuth_deg"] or 0.0))
     sheet = [(rows[i]["name"], rows[i]["reference"], gen_list[i], ref_list[i]) for i in order]  # ring order
-    return {"protocol": protocol, "per_view": rows, "identity": identity}, sheet
+    section = {"protocol": protocol, "per_view": rows, "identity": identity,
+               "inputs_excluded": sorted(inputs_excluded & gen_images.keys())}  # fmt: skip
+    return section, sheet
+
+
+def _input_frames(views: Path) -> set[str]:
+    """Names of the frames of an `nvf sample` folder that are its input photo (sample.json's frames
+    with ``generated: false``): pairing them with ground truth would score the photo against itself."""
+    path = Path(views) / "sample.json"
+    if not path.is_file():
+        return set()
+    doc = io.read_json(path)
+    frames = doc.get("frames") if isinstance(doc, dict) else None
+    if not isinstance(frames, list) or not all(isinstance(f, dict) and isinstance(f.get("file"), str) for f in frames):
+        raise InputError(f"{path}: no frames list (file, generated); is this folder from nvf sample?")
+    return {Path(f["file"]).name for f in frames if f.get("generated") is False}
 
 
 def _optional_poses(path: Path | None) -> PoseSet | None:
@@ -1107,8 +1121,9 @@ def run(inputs: Inputs, out: Path, cfg: Config = Config(), *, device: str = "aut
             if json.loads(metrics_path.read_text()).get("inputs_hash") == fingerprint:
                 log.info("evaluate: %s is up to date, skipped (pass --overwrite to redo)", out)
                 return []
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError, AttributeError):  # not a report of nvf's: the check below decides
             pass
+    io.check_replaceable(out, "--out folder")  # before the work: a report replaces only a report
     device = _resolve_device(device)
     figures, skipped = Figures(), []
     doc: dict[str, Any] = {"nvf_stage": STAGE, "nvf_version": _version(), "inputs_hash": fingerprint,

@@ -247,7 +247,7 @@ def _place_dir(source: Path, target: Path, mode: Mode) -> None:
             if exc.errno != errno.EXDEV:
                 raise
             mode = "copy"  # another file system: copy below, then drop the source
-    with io.atomic_dir(target) as tmp:
+    with io.atomic_dir(target, mark=False) as tmp:  # a capture folder as the shard holds it, no more
         tmp.rmdir()
         shutil.copytree(source, tmp, copy_function=_copier(mode, source, target))
     if mode == "move":

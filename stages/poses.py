@@ -1069,7 +1069,14 @@ def _absolute_image_paths(root: Path, capture: dataset.Capture, names: Sequence[
 
 def write_capture(out: Path, root: Path, capture: dataset.Capture, poses: CapturePoses, cfg: Config,
                   inputs_hash: str) -> list[Path]:  # fmt: skip
-    """Write sparse, the exports, then poses (the completion mark); returns the paths written."""
+    """Write sparse, the exports, then poses (the completion mark, removed first: `io.record_set`);
+    returns the paths written."""
+    with io.record_set(worktree.record_path(out, capture.id, "poses")):
+        return _write_capture_set(out, root, capture, poses, cfg, inputs_hash)
+
+
+def _write_capture_set(out: Path, root: Path, capture: dataset.Capture, poses: CapturePoses, cfg: Config,
+                       inputs_hash: str) -> list[Path]:  # fmt: skip
     folder = worktree.capture_dir(out, capture.id)
     meta = {"stage": STAGE, "capture": capture.id, "names": poses.names, "config": cfg, "inputs_hash": inputs_hash}
     written = [io.save_record(worktree.record_path(out, capture.id, "sparse"), {

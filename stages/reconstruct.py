@@ -221,8 +221,7 @@ def _capture_image_paths(folder: Path, capture: str, names: list[str], data: Pat
     elif (recorded := worktree.recorded_image_paths(folder / worktree.RECORD_FILES["poses"])) is not None:
         found, where = recorded, "the poses record's image list"
     elif (folder / "transforms.json").is_file():
-        doc = io.read_json(folder / "transforms.json")
-        found = {Path(f["file_path"]).name: (folder / f["file_path"]) for f in doc.get("frames", [])}
+        found = {p.name: p for p in io.transforms_image_paths(folder / "transforms.json")}
         where = str(folder / "transforms.json")
     else:
         raise InputError(f"{folder}: the poses record does not say where the images are; pass --data DATA (the "
@@ -244,8 +243,7 @@ def _rows_by_name(array: np.ndarray, have: Sequence[str], want: Sequence[str], p
 
 def _transforms_views(folder: Path) -> ViewSet:
     cameras = io.read_transforms(folder / "transforms.json")
-    doc = io.read_json(folder / "transforms.json")
-    paths = [folder / frame["file_path"] for frame in doc["frames"]]
+    paths = io.transforms_image_paths(folder / "transforms.json")
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise InputError(f"{folder / 'transforms.json'}: {len(missing)} of {len(paths)} frames have no image "
@@ -695,9 +693,9 @@ def run(
     """
     validate(cfg)
     device_type = _device_type(device, cfg.method)
-    check_offline_assets()
-    views = load_views(Path(source), data=data, method=cfg.method)
+    views = load_views(Path(source), data=data, method=cfg.method)  # the input first: its errors are the user's
     split_views(len(views.cameras.names), cfg.eval_every)  # too few views: fail before writing
+    check_offline_assets()
     out = Path(out)
     digest = inputs_hash(views, cfg)
     metrics_path = out / METRICS_FILE
@@ -707,8 +705,8 @@ def run(
     if metrics_path.exists():
         metrics_path.unlink()  # the completion mark goes first, so a failed rerun never looks complete
     run_dir = out / cfg.method
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+    io.remove_owned_dir(run_dir)  # nerfstudio's previous run, in the folder nvf made for it; nothing else
+    io.claim_dir(run_dir)
     split = write_dataset(out / "dataset", views, cfg)
     config = build_trainer_config(cfg, out / "dataset", out, device_type, split["depth_unit"])
     log.info("reconstruct: %s: %s for %d iterations on %s (%d train, %d held-out views)", views.name, cfg.method,
@@ -773,7 +771,7 @@ def _up_to_date(out: Path, metrics_path: Path, digest: str, cfg: Config) -> bool
         return False
     try:
         return json.loads(metrics_path.read_text()).get("inputs") == digest
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, AttributeError):
         return False
 
 

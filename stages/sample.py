@@ -226,7 +226,7 @@ def pose_codes(conditioning: str, R_f33: np.ndarray, T_f3: np.ndarray, scale: fl
         return code12.astype(np.float32)
     if conditioning == "zero123":
         t4 = geometry.zero123_pose_code(R[:1], T[:1], R[1:], T[1:], up=(0.0, -1.0, 0.0), center=(0.0, 0.0, 0.0))
-        return np.concatenate([t4, code12], axis=-1).astype(np.float32)
+        return geometry.pose_part({"zero123_code": t4, "pose_code": code12}, "both").astype(np.float32)
     raise ModelError(f"the run's conditioning '{conditioning}' is unknown to this nvf: update nvf")
 
 
@@ -451,14 +451,8 @@ def _inputs_hash(model: Any, image: Path, mask: Path | None, cfg: Config, angles
 
 
 def _owned(out: Path) -> bool:
-    """`out` holds nothing, or only what a previous `nvf sample` wrote."""
-    if not out.exists():
-        return True
-    if not out.is_dir():
-        return False
-    entries = {p.name for p in out.iterdir()}
-    return not entries or (entries <= {"views", "transforms.json", "contact_sheet.png", "sample.json"}
-                           and "sample.json" in entries)  # fmt: skip
+    """`out` holds nothing, or only what nvf wrote (a previous `nvf sample`, by `io.OWNED_MARK`)."""
+    return not io.foreign_files(out)
 
 
 def output_paths(out: Path, n_frames: int) -> list[Path]:
@@ -505,7 +499,7 @@ def run(model_path: Path, image: Path, out: Path, cfg: Config = Config(), *, mas
     out, image = Path(out), Path(image)
     for path, what in ((image, "photo"), (mask, "--mask")):
         if path is not None and not Path(path).is_file():
-            raise InputError(f"{path}: {what} not found")
+            raise InputError(f"{path}: {what} not found; pass the path of an image file")
     angles = input_angles(cfg, image)
     plan = plan_views(cfg, *angles)
     if not _owned(out):

@@ -802,6 +802,8 @@ def run(
     """
     validate(cfg)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file: synth writes a dataset folder; pass a new or empty folder")
     overwrite = overwrite or cfg.overwrite
     todo = captures(cfg)
     written: list[Path] = []

@@ -10,8 +10,9 @@ Conditioning (paper §IV-4): R_rel = R_t R_s^T, T_rel = T_t - R_rel T_s, code = 
 (12 numbers, row-major; `geometry.pose_code12`), poses world-to-camera OpenCV. The relative pose does
 not change under a rotation or translation of the world, only under its scale, so translations are
 normalised per capture: every T is multiplied by ``pose_scale`` = 1 / (mean distance of the camera
-centres from their centroid), i.e. the world is scaled so that mean camera radius about the centroid
-is 1. An SfM capture (arbitrary scale) and a rig capture of another subject then mean the same by
+centres from their centroid), i.e. the world is scaled so that the mean distance of the camera
+centres from their centroid is 1 (their distance to the subject is another figure: about 1.30 on
+Multi-PIE's 15 cameras, `sample.MULTIPIE_POSE_RADIUS`). An SfM capture (arbitrary scale) and a rig capture of another subject then mean the same by
 "one unit". Optionally Zero-1-to-3's 4 numbers (Δpolar, sin Δazimuth, cos Δazimuth, Δradius) are
 stored too, with the capture's up axis and look-at centre estimated from the poses (see
 `capture_frame`). What train consumes is z_cond = [CLIP(source) ‖ pose code] (512 + 12 = 524 numbers
@@ -298,7 +299,8 @@ def pair_zero123_codes(
     R_n33: np.ndarray, T_n3: np.ndarray, scale: float, frame: CaptureFrame, source_p: np.ndarray, target_p: np.ndarray
 ) -> np.ndarray:
     """Zero-1-to-3 codes [P, 4] of pairs of rows, about the capture's up axis and look-at centre, in
-    the scaled world (so Δradius is in units of the mean camera radius)."""
+    the scaled world (so Δradius is in units of the mean distance of the camera centres from their
+    centroid)."""
     R, T = np.asarray(R_n33, np.float64), np.asarray(T_n3, np.float64) * scale
     code = geometry.zero123_pose_code(
         R[source_p], T[source_p], R[target_p], T[target_p], up=frame.up, center=frame.center * scale
@@ -476,12 +478,11 @@ def _capture_rows(
     spec: PairSpec,
 ) -> tuple[_CaptureRows, dict[str, str]]:  # fmt: skip
     poses = io.load_record(records["poses"], kind="poses", capture=capture.id)
-    embed_meta = io.read_record_metadata(records["embed"])
-    if embed_meta.get("nvf_kind") != "embed" or embed_meta.get("capture") != capture.id:
-        raise RecordError(f"{records['embed']}: not the embed record of capture {capture.id}; rerun nvf embed")
+    embed = io.load_record(records["embed"], kind="embed", capture=capture.id)  # checked whole: training reads it
+    embed_meta = {**embed.extra, "nvf_kind": embed.kind, "capture": embed.capture}
     names = capture.names
     pose_rows = _row_map(poses.names, names, poses.path)
-    embed_rows = _row_map(io.read_record_names(records["embed"]), names, records["embed"])
+    embed_rows = _row_map(embed.names, names, records["embed"])
     if "depth" in records:
         depth_rows = _row_map(io.read_record_names(records["depth"]), names, records["depth"])
     else:
@@ -758,13 +759,11 @@ class TripletSet:
         return out if out is not None else np.zeros((0, 0), np.float32)
 
     def pose_conditioning(self, pairs: np.ndarray | None = None) -> np.ndarray:
-        """The pose part of z_cond [P, 12 | 4 | 16] for `conditioning` paper | zero123 | both."""
+        """The pose part of z_cond [P, 12 | 4 | 16] for `conditioning` paper | zero123 | both, in the
+        order of `geometry.POSE_LAYOUTS` (both: [4 ‖ 12])."""
         select = slice(None) if pairs is None else np.asarray(pairs)
-        if self.conditioning == "paper":
-            return self.record["pose_code"][select]
-        if self.conditioning == "zero123":
-            return self.record["zero123_code"][select]
-        return np.concatenate([self.record["pose_code"][select], self.record["zero123_code"][select]], axis=-1)
+        names = geometry.POSE_LAYOUTS[self.conditioning]
+        return geometry.pose_part({name: self.record[name][select] for name in names}, self.conditioning)
 
     def z_cond(self, pairs: np.ndarray | None = None, embeddings: np.ndarray | None = None) -> np.ndarray:
         """z_cond = [CLIP(source) ‖ pose code] [P, D + k] float32 (524 for ViT-B/32 and the paper's code)."""

@@ -217,6 +217,29 @@ def test_align_to_a_reference_view(tmp_path, render):
     seen = np.isfinite(out["scale"])  # views that share surface with the frontal one
     assert seen.sum() >= 7 and seen[6]
     np.testing.assert_allclose(out["scale"][seen], scale[seen], rtol=0.03)
+    # nothing measured the reference view (no sparse points): no residual, no inliers, not 0 and all pixels
+    assert np.isnan(out["residual_rms"][6]) and out["inliers"][6] == 0
+    assert (out["residual_rms"][seen & (np.arange(len(z)) != 6)] > 0).all()
+
+
+def test_the_reference_view_reports_its_own_fit_to_the_sparse_points(tmp_path, render):
+    """With sparse points the reference view is fitted to them: its residual and inliers are that
+    fit's, the same figures the default (sparse) alignment reports for the view."""
+    rng = np.random.default_rng(6)
+    z = render.depth_nhw.astype(np.float64)
+    scale, shift = rng.uniform(0.5, 2.0, len(z)), rng.uniform(0.0, 0.2, len(z))
+    work = _work(tmp_path, render, _disparity(z, scale, shift))
+    _sparse_record(worktree.record_path(work, CAPTURE, "sparse"), render)
+    cfg = align.Config(reference="view", reference_view=render.names[6], robust="tukey")
+    [path] = align.run(work, cfg)
+    by_view = io.load_record(path, kind="aligned")
+    [path] = align.run(work, align.Config(robust="tukey"), overwrite=True)
+    by_sparse = io.load_record(path, kind="aligned")
+    assert 0 < by_view["inliers"][6] < (z[6] > 0).sum()  # the sparse points it sees, not every pixel
+    assert by_view["inliers"][6] == by_sparse["inliers"][6]
+    assert by_view["residual_rms"][6] > 0
+    np.testing.assert_allclose(by_view["residual_rms"][6], by_sparse["residual_rms"][6], rtol=1e-9)
+    np.testing.assert_allclose(by_view["scale"][6], by_sparse["scale"][6], rtol=1e-9)
 
 
 def test_depth_record_stored_smaller_than_the_images(tmp_path, render):

@@ -77,7 +77,7 @@ def test_simulated_oom_halves_the_batch_and_changes_nothing(tmp_path, tiny_ref, 
 
 def test_cache_makes_reruns_and_repeated_images_free(tmp_path, tiny_ref, monkeypatch):
     data = _dataset(tmp_path / "data", captures=2, views=3)
-    # the same image bytes in both captures: computed once
+    # the same image bytes in both captures: each capture's batch runs whole, so it is computed in each
     (data / "cap1" / "v0.png").write_bytes((data / "cap0" / "v0.png").read_bytes())
     calls: list[int] = []
     original = depth.DepthPredictor.predict
@@ -88,7 +88,9 @@ def test_cache_makes_reruns_and_repeated_images_free(tmp_path, tiny_ref, monkeyp
     )
     cfg, cache = depth.Config(model=tiny_ref.id), tmp_path / "cache"
     first = depth.run(data, tmp_path / "w1", cfg, device="cpu", cache_folder=cache)
-    assert sum(calls) == 5 and len(first) == 2
+    assert calls == [3, 3] and len(first) == 2  # one batch per capture
+    repeated = [io.load_record(path)["depth"][0] for path in first]
+    np.testing.assert_allclose(repeated[1], repeated[0], rtol=1e-6, atol=1e-6 * np.abs(repeated[0]).max())
     assert depth.run(data, tmp_path / "w1", cfg, device="cpu", cache_folder=cache) == []  # up to date
     calls.clear()
     second = depth.run(data, tmp_path / "w2", cfg, device="cpu", cache_folder=cache)  # a new work tree
@@ -98,7 +100,44 @@ def test_cache_makes_reruns_and_repeated_images_free(tmp_path, tiny_ref, monkeyp
     assert io.load_record(second[1]).extra["depth_kind"] == "disparity"  # known without loading weights
     # a changed setting is a different key
     depth.run(data, tmp_path / "w3", depth.Config(model=tiny_ref.id, max_res=20), device="cpu", cache_folder=cache)
-    assert sum(calls) == 5
+    assert sum(calls) == 6
+
+
+def test_a_captures_record_depends_on_its_own_batches_only(tmp_path, tiny_ref, monkeypatch, caplog):
+    """Batches never mix captures: a capture run alone or beside others is the same bits; another
+    --batch-size, or a batch split to fit memory, agrees to float tolerance and is never cached."""
+    data = _dataset(tmp_path / "data", captures=3, views=5)
+    records: dict[str, dict[str, np.ndarray]] = {}
+    for name, batch_size, ids in [("auto", None, None), ("alone", None, ["cap2"]), ("b3", 3, None), ("b4", 4, None)]:
+        cfg = depth.Config(model=tiny_ref.id, batch_size=batch_size, cache=False)
+        paths = depth.run(data, tmp_path / name, cfg, capture_ids=ids, device="cpu")
+        records[name] = {p.parent.name: io.load_record(p)["depth"] for p in paths}
+    assert records["alone"]["cap2"].tobytes() == records["auto"]["cap2"].tobytes()
+    scale = max(np.abs(maps).max() for maps in records["auto"].values())
+    for name in ("b3", "b4"):
+        for capture, maps in records["auto"].items():
+            np.testing.assert_allclose(records[name][capture], maps, rtol=1e-5, atol=1e-6 * scale)
+    calls: list[int] = []
+    original = depth.DepthPredictor.predict
+    monkeypatch.setattr(depth.DepthPredictor, "predict",
+                        lambda self, images, out_hw: calls.append(len(images)) or original(self, images, out_hw))  # fmt: skip
+    cache = tmp_path / "cache"
+    depth.run(data, tmp_path / "c3", depth.Config(model=tiny_ref.id, batch_size=3), device="cpu", cache_folder=cache)
+    assert calls == [3, 2] * 3
+    calls.clear()  # the cache keys a map by its batch: batches of 4 cannot use those of 3
+    depth.run(data, tmp_path / "c4", depth.Config(model=tiny_ref.id, batch_size=4), device="cpu", cache_folder=cache)
+    assert calls == [4, 1] * 3
+    calls.clear()  # free memory for 2 images only: the auto batches of 5 run in slices, with a warning, uncached
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="nvf"):
+        patch.setattr(depth.batching, "auto_batch_size", lambda *args, **kwargs: 2)
+        split = depth.run(data, tmp_path / "split", depth.Config(model=tiny_ref.id), device="cpu", cache_folder=cache)
+    assert calls == [2, 2, 1] * 3 and "a batch of 5 items runs in slices of 2" in caplog.text
+    for path in split:
+        np.testing.assert_allclose(io.load_record(path)["depth"], records["auto"][path.parent.name], rtol=1e-5,
+                                   atol=1e-6 * scale)  # fmt: skip
+    calls.clear()
+    depth.run(data, tmp_path / "whole", depth.Config(model=tiny_ref.id), device="cpu", cache_folder=cache)
+    assert calls == [5] * 3  # the split maps were not cached
 
 
 def test_max_res_precision_and_store_dtype(tmp_path, tiny_ref, caplog):

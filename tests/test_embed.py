@@ -40,7 +40,7 @@ def _open_clip_one_by_one(ref: models.ModelRef, path: Path, normalize: bool = Tr
 def test_tiny_open_clip_folder_embeds_like_open_clip(tmp_path, tiny_ref):
     assert (Path(tiny_ref.id) / "open_clip_config.json").is_file()  # a saved folder, loaded by path
     data = _dataset(tmp_path / "data")
-    paths = embed.run(data, tmp_path / "work", embed.Config(preset="tiny", batch_size=2), device="cpu",
+    paths = embed.run(data, tmp_path / "work", embed.Config(model_preset="tiny", batch_size=2), device="cpu",
                       cache_folder=tmp_path / "cache")  # fmt: skip
     assert [p.parent.name for p in paths] == ["cap0", "cap1"]
     record = io.load_record(paths[0], kind="embed", capture="cap0")
@@ -56,10 +56,10 @@ def test_tiny_open_clip_folder_embeds_like_open_clip(tmp_path, tiny_ref):
         np.testing.assert_allclose(vectors[row], expected, atol=2e-6)
         raw = _open_clip_one_by_one(tiny_ref, data / "cap0" / f"v{row}.png", normalize=False)  # Zero123's input
         np.testing.assert_allclose(vectors[row] * record["norm"][row], raw, rtol=1e-5, atol=1e-6 * np.abs(raw).max())
-    # different images give different embeddings; the same bytes give the same one
+    # different images give different embeddings; the same bytes (in another capture's batch) the same one
     other = io.load_record(paths[1])["embedding"]
     assert np.abs(vectors[1] - vectors[2]).max() > 1e-3
-    np.testing.assert_array_equal(other[0], vectors[0])
+    np.testing.assert_allclose(other[0], vectors[0], rtol=1e-6, atol=1e-7)
 
 
 def test_deterministic_and_cached_reruns(tmp_path, tiny_ref, monkeypatch, caplog):
@@ -77,7 +77,8 @@ def test_deterministic_and_cached_reruns(tmp_path, tiny_ref, monkeypatch, caplog
     monkeypatch.setattr(embed.ClipEmbedder, "embed_with_norm", no_model)
     with caplog.at_level(logging.INFO, logger="nvf"):
         second = embed.run(data, tmp_path / "w2", cfg, device="cpu", cache_folder=tmp_path / "cache")
-    assert "0 image(s) embedded, 5 from the cache" in caplog.text  # 6 views, 5 distinct images
+    # 6 rows: cap1/v0 repeats cap0/v0's bytes but in another batch, so it is keyed (and cached) apart
+    assert "0 image(s) embedded, 6 from the cache" in caplog.text
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(io.load_record(a)["embedding"], io.load_record(b)["embedding"])
 
@@ -148,3 +149,41 @@ def test_bf16_embeds_on_a_cpu_close_to_fp32(tmp_path, tiny_ref):
     assert half.input_dtype == torch.bfloat16 and half.model.visual.class_embedding.dtype == torch.float32
     cosine = (half.embed(pixels) * full.embed(pixels)).sum(dim=1)
     assert cosine.min() > 0.99
+
+
+def test_a_captures_record_depends_on_its_own_batches_only(tmp_path, tiny_ref, monkeypatch, caplog):
+    """Batches never mix captures: a capture run alone or beside others is the same bits; another
+    --batch-size, or a batch split to fit memory, agrees to float tolerance and is never cached."""
+    data = _dataset(tmp_path / "data", captures=3, views=5)
+    records: dict[str, dict[str, np.ndarray]] = {}
+    for name, batch_size, ids in [("auto", None, None), ("alone", None, ["cap1"]), ("b3", 3, None), ("b4", 4, None)]:
+        cfg = embed.Config(model=tiny_ref.id, batch_size=batch_size, cache=False)
+        paths = embed.run(data, tmp_path / name, cfg, capture_ids=ids, device="cpu")
+        records[name] = {p.parent.name: io.load_record(p)["embedding"] for p in paths}
+    assert records["alone"]["cap1"].tobytes() == records["auto"]["cap1"].tobytes()
+    for name in ("b3", "b4"):
+        for capture, rows in records["auto"].items():
+            np.testing.assert_allclose(records[name][capture], rows, rtol=1e-5, atol=1e-6)
+    # the cache keys a row by its batch: batches of 3 fill it, a run in batches of 4 cannot use it
+    cache = tmp_path / "cache"
+    embed.run(data, tmp_path / "c3", embed.Config(model=tiny_ref.id, batch_size=3), device="cpu", cache_folder=cache)
+    with caplog.at_level(logging.INFO, logger="nvf"):
+        embed.run(
+            data, tmp_path / "c4", embed.Config(model=tiny_ref.id, batch_size=4), device="cpu", cache_folder=cache
+        )
+    assert "15 image(s) embedded, 0 from the cache" in caplog.text
+    # free memory for 2 images only: the auto batches of 5 run in slices, with a warning, uncached
+    monkeypatch.setattr(batching, "auto_batch_size", lambda *args, **kwargs: 2)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nvf"):
+        split = embed.run(data, tmp_path / "split", embed.Config(model=tiny_ref.id), device="cpu", cache_folder=cache)
+    assert "a batch of 5 items runs in slices of 2" in caplog.text
+    for path in split:
+        np.testing.assert_allclose(
+            io.load_record(path)["embedding"], records["auto"][path.parent.name], rtol=1e-5, atol=1e-6
+        )
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nvf"):
+        embed.run(data, tmp_path / "whole", embed.Config(model=tiny_ref.id), device="cpu", cache_folder=cache)
+    assert "15 image(s) embedded, 0 from the cache" in caplog.text  # the split rows were not cached

@@ -217,3 +217,30 @@ def test_half_a_pair_is_an_input_error(tmp_path):
 
 def test_json_has_no_infinity():
     assert evaluate._finite_json({"a": [math.inf, 1.0, math.nan]}) == {"a": [None, 1.0, None]}
+
+
+def test_pairing_by_pose_leaves_the_input_photo_of_a_sample_folder_out(data, gt, tmp_path):
+    """An `nvf sample` folder holds the input photo as views/000.png: paired by pose it would meet its
+    own ground truth (PSNR +inf, SSIM 1) and lift the means. It is reported apart, not scored."""
+    ref = io.load_record(gt / "poses.safetensors")
+    images = {p.name: p for p in data.rglob("*.png")}
+    rows = [6, 2, 4, 8, 10]  # frame 0 = the input (frontal camera 051), then four targets
+    folder = tmp_path / "sampled"
+    for frame, row in enumerate(rows):
+        image = io.read_image(images[ref.names[row]])
+        io.write_image(folder / "views" / f"{frame:03d}.png", image if frame == 0 else np.roll(image, 3, axis=1))
+    names = [f"{frame:03d}.png" for frame in range(len(rows))]
+    cameras = io.CameraSet(names, ref["R"][rows], ref["T"][rows], ref["K"][rows], ref["width"][rows],
+                           ref["height"][rows])  # fmt: skip
+    io.write_transforms(folder / "transforms.json", cameras, image_dir="views")
+    io.write_json(folder / "sample.json", {"frames": [{"file": f"views/{n}", "generated": i > 0}
+                                                      for i, n in enumerate(names)]})  # fmt: skip
+    cfg = evaluate.Config(identity="off", resolution=None, lpips="off", arcface="off", pairing="pose")
+    inputs = evaluate.Inputs(views=folder, views_ref=data, views_ref_poses=gt / "poses.safetensors")
+    evaluate.run(inputs, tmp_path / "report", cfg, device="cpu")
+    doc = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    scored = {r["name"]: r["reference"] for r in doc["views"]["per_view"]}
+    assert scored == {names[i]: ref.names[rows[i]] for i in range(1, len(rows))}  # 000.png is not scored
+    assert doc["views"]["inputs_excluded"] == ["000.png"]
+    psnr = next(f for f in doc["figures"] if f["metric"] == "psnr" and f["bucket"] == "all")
+    assert psnr["n"] == 4 and psnr["value"] < 40 and not psnr.get("note")  # no +inf from the input photo

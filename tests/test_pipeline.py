@@ -37,7 +37,7 @@ def test_config_file_sets_stage_fields_and_rejects_unknown_ones(tmp_path):
     import stages.depth
 
     depth_cfg = pipeline.stage_config(pipeline.step("depth"), stages.depth, cfg)
-    assert (depth_cfg.preset, depth_cfg.max_res) == ("tiny", 32)  # the pipeline preset picks the stage's
+    assert (depth_cfg.model_preset, depth_cfg.max_res) == ("tiny", 32)  # the pipeline preset picks the stage's
     cloud_cfg = pipeline.stage_config(pipeline.step("cloud"), stages.cloud, cfg)
     assert cloud_cfg.depth_range == (0.5, 9.0) and cloud_cfg.uniformity is False  # raw preset + a field
     assert pipeline.enabled(pipeline.step("train"), cfg) and not pipeline.enabled(pipeline.step("sample"), cfg)
@@ -81,7 +81,9 @@ def test_manifest_records_what_ran_and_reruns_only_what_changed(data, tmp_path, 
     assert {first["stages"][s]["status"] for s in ("train", "sample", "reconstruct", "evaluate")} == {"not-configured"}
     depth_entry = first["stages"]["depth"]
     assert (
-        depth_entry["files_written"] == 4 and depth_entry["captures"] == 4 and depth_entry["config"]["preset"] == "tiny"
+        depth_entry["files_written"] == 4
+        and depth_entry["captures"] == 4
+        and depth_entry["config"]["model_preset"] == "tiny"
     )
     on_disk = sum((out / c / "depth.safetensors").stat().st_size for c in first["captures"])
     assert depth_entry["bytes_written"] == depth_entry["bytes_total"] == on_disk

@@ -212,14 +212,15 @@ def test_index_rows_codes_order_and_csv(synth_tree, tmp_path):
                                             scale * poses["T"][loaded["pose_row"][s]])  # fmt: skip
     np.testing.assert_allclose(R_t, poses["R"][loaded["pose_row"][t]], atol=1e-6)
     np.testing.assert_allclose(T_t, scale * poses["T"][loaded["pose_row"][t]], atol=1e-6)
-    # z_cond = [CLIP(source) ‖ pose]: 512 + 12 + 4 with both codes
+    # z_cond = [CLIP(source) ‖ 4 ‖ 12] with both codes (geometry.POSE_LAYOUTS)
     z = loaded.z_cond(loaded.pairs("train"))
     assert z.shape == (len(loaded.pairs("train")), EMBED_DIM + 16)
     embeddings = loaded.embeddings()
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-6)
     train = loaded.pairs("train")
     np.testing.assert_array_equal(z[:, :EMBED_DIM], embeddings[loaded["pair_source"][train]])
-    np.testing.assert_array_equal(z[:, EMBED_DIM : EMBED_DIM + 12], loaded["pose_code"][train])
+    np.testing.assert_array_equal(z[:, EMBED_DIM : EMBED_DIM + 4], loaded["zero123_code"][train])
+    np.testing.assert_array_equal(z[:, EMBED_DIM + 4 :], loaded["pose_code"][train])
     # the CSV views
     with open(out.with_suffix(".csv"), newline="") as handle:
         pair_rows = list(csv.DictReader(handle))
@@ -272,3 +273,19 @@ def test_raw_clip_features_need_the_norms_of_a_current_embed_record(synth_tree, 
     np.testing.assert_allclose(np.linalg.norm(loaded.embeddings(), axis=1), 1.0, atol=1e-6)
     with pytest.raises(InputError, match="rerun nvf embed with --overwrite"):
         loaded.embeddings(raw=True)
+
+
+def test_pose_scale_makes_the_mean_distance_from_the_centroid_1_not_the_subject_distance(tmp_path):
+    """What the README says: after scaling, the camera centres lie on average 1 from their centroid;
+    their distance to the subject (at the origin in synth) is about 1.30 on Multi-PIE's 15 cameras."""
+    from stages import sample
+
+    data = tmp_path / "data"
+    synth.run(data, synth.Config(subjects=1, resolution=16, surface_points=100))
+    [folder] = list((data / "groundtruth").iterdir())
+    poses = io.load_record(folder / "poses.safetensors", kind="poses")
+    assert len(poses.names) == 15
+    scale = triplets.pose_scale(poses["R"], poses["T"])
+    centres = scale * geometry.camera_centers(poses["R"], poses["T"])
+    assert np.linalg.norm(centres - centres.mean(axis=0), axis=1).mean() == pytest.approx(1.0, rel=1e-9)
+    assert np.linalg.norm(centres, axis=1).mean() == pytest.approx(sample.MULTIPIE_POSE_RADIUS, abs=2e-3)

@@ -17,9 +17,10 @@ from nvfcli.options import (
     Json,
     Layout,
     Overwrite,
-    Precision,
+    PresetPrecision,
     Shard,
     Workers,
+    stage_preset,
 )
 from stages import embed as stage
 from stages.core import worktree
@@ -28,13 +29,15 @@ from stages.core import worktree
 def embed(
     data: DataDir,
     out: Annotated[Path, typer.Option("--out", "-o", help="Work folder: writes OUT/<capture>/embed.safetensors.")],
-    preset: Annotated[str, typer.Option(help="Model preset: paper (ViT-B/32 openai) or tiny (tests).")] = "paper",
+    preset: Annotated[
+        str, typer.Option(help="Stage preset: paper (ViT-B/32 openai), fast (fp16 on a GPU) or tiny (tests).")
+    ] = "paper",
     model: Annotated[
         Optional[str],
         typer.Option(help="open_clip NAME@TAG (e.g. ViT-L-14@laion2b_s32b_b82k), hf-hub:org/repo or a local folder."),
     ] = None,
     layout: Layout = "auto",
-    precision: Precision = "fp32",
+    precision: PresetPrecision = None,
     batch_size: BatchSize = None,
     cache: Cache = True,
     workers: Workers = 4,
@@ -49,8 +52,8 @@ def embed(
     Examples: `nvf embed data/multipie --out work`; `nvf embed data --out work --precision fp16 --shard 0/8`;
     `nvf embed data --out work --model ViT-L-14@laion2b_s32b_b82k`.
     """
-    cfg = stage.Config(preset=preset, model=model, layout=layout, precision=precision, batch_size=batch_size,
-                       cache=cache, workers=workers)  # fmt: skip
+    cfg = stage_preset(stage, preset, dict(model=model, layout=layout, precision=precision, batch_size=batch_size,
+                                           cache=cache, workers=workers))  # fmt: skip
     ids = worktree.read_capture_ids(captures) if captures else None
     with progress_bar("embed") as progress:
         written = stage.run(data, out, cfg, shard=worktree.Shard.parse(shard), capture_ids=ids, overwrite=overwrite,

@@ -174,6 +174,26 @@ def resolve_batch_size(
     return auto_batch_size(device, bytes_per_item, **auto_kwargs)
 
 
+def capture_batches(n: int, requested: int | None, max_batch: int) -> list[range]:
+    """How one capture's ``n`` items are cut into batches, from the capture and the config alone.
+
+    Consecutive slices of ``requested`` items (`--batch-size`), or, when it is None (auto), of
+    ``max_batch`` (so a capture of at most ``max_batch`` views is one batch). Neither free memory
+    nor the other captures of the run play a part: a capture gets the same batches in a single run,
+    in any shard and on any machine of one device type. That is what makes its records the same
+    bits there, even where a kernel's last bits depend on the batch (GEMM blocking follows the
+    number of rows, and a row's place in it). Memory limits are met later by splitting a batch
+    (`run_planned_batches`), which then gives results equal to float tolerance only.
+    """
+    if requested is not None and requested < 1:
+        raise InputError(
+            f"--batch-size must be at least 1, got {requested}: pass a positive "
+            "number, or leave it out to size batches per capture"
+        )
+    size = int(requested) if requested is not None else max_batch
+    return [range(start, min(n, start + size)) for start in range(0, n, size)]
+
+
 def _release_cuda_memory() -> None:
     """Drop garbage and hand PyTorch's cached CUDA blocks back after an OOM."""
     import torch
@@ -269,6 +289,49 @@ def iter_batched(
         logger.info("batch size settled at %d (asked for %d) after running out of memory", size, batch_size)
     else:
         logger.debug("batch size %d", size)
+
+
+def run_planned_batches(
+    fn: Callable[[Sequence[T]], Sequence[R]],
+    batches: Iterable[Sequence[T]],
+    *,
+    limit: Callable[[Sequence[T]], int] | None = None,
+    logger: logging.Logger | None = None,
+) -> Iterator[tuple[Sequence[T], Sequence[R], bool]]:
+    """Run ``fn`` on each planned batch (`capture_batches`) whole; yield ``(items, results, whole)``.
+
+    A batch runs as one call unless memory forbids: ``limit(batch)`` (the auto batch size's fit
+    to free memory; None: no limit) or an out-of-memory error (halved and retried as in
+    `iter_batched`; later batches start at the size that fitted) splits it into slices. ``whole``
+    says whether the results came from the batch as planned: only those are the bits the same
+    capture gives in any other run; a split batch's rows agree with them to float tolerance (the
+    stages do not cache them). A split is logged as a warning.
+    """
+    import torch
+
+    logger = logger or log
+    ceiling: list[int] = []  # the batch size an out-of-memory settled on, if any
+    warned: set[tuple[int, int]] = set()
+
+    def guarded(items: Sequence[T]) -> Sequence[R]:
+        try:
+            return fn(items)
+        except torch.cuda.OutOfMemoryError:
+            ceiling.append(max(1, len(items) // 2))
+            raise
+
+    for batch in batches:
+        size = len(batch)
+        if limit is not None:
+            size = min(size, max(1, limit(batch)))
+        if ceiling:
+            size = min(size, ceiling[-1])
+        if size < len(batch) and (len(batch), size) not in warned:  # once per kind of split, not per capture
+            warned.add((len(batch), size))
+            logger.warning("a batch of %d items runs in slices of %d to fit memory: its results agree with the "
+                           "whole batch's to float tolerance, not bit for bit", len(batch), size)  # fmt: skip
+        for items, results in iter_batched(guarded, batch, batch_size=size, logger=logger):
+            yield items, results, len(items) == len(batch)
 
 
 def run_batched(

@@ -185,7 +185,10 @@ class CaptureAssembler:
                 self._finish(plan)
 
     def add(self, key: str, array: np.ndarray) -> None:
-        """A computed array; finishes every capture it completes."""
+        """A computed array; finishes every capture it completes. A key no capture waits for any
+        more (computed before in this run, or not missing) is ignored: the first value stays."""
+        if key in self._fresh or key not in self._refs:
+            return
         self._fresh[key] = array
         for plan in self._waiting.pop(key, []):
             plan.missing.discard(key)

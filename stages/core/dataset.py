@@ -220,7 +220,8 @@ def scan(root: str | os.PathLike, layout: str = "auto", filters: Filters | None 
         raise InputError(f"{root}: no such folder; pass the folder that holds the images")
     images = _find_images(root)
     if not images:
-        raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in every subfolder)")
+        raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in every subfolder); "
+                         "pass the folder that holds the images")  # fmt: skip
     if layout == "auto":
         layout = "multipie" if any(parse_multipie_name(p.name) for p in images) else "folder"
     index = _scan_multipie(root, images) if layout == "multipie" else _scan_folders(root, images)

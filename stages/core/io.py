@@ -71,24 +71,117 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+OWNED_MARK = ".nvf-owned.json"
+"""The file in every folder nvf writes whole (`atomic_dir`, `claim_dir`): the files nvf put there.
+A folder is replaced or removed only when every file in it is listed (nvf deletes nothing it did
+not write); ``{"all": true}`` marks a folder nvf made for a tool that fills it (nerfstudio's run)."""
+
+
+def foreign_files(folder: str | os.PathLike) -> list[Path]:
+    """Files under ``folder`` that nvf did not write: every file when it has no `OWNED_MARK`, else
+    those its mark does not list. [] for a folder that does not exist, or that holds no file."""
+    folder = Path(folder)
+    if not folder.exists():
+        return []
+    if not folder.is_dir():
+        return [folder]
+    files = sorted(p for p in folder.rglob("*") if not p.is_dir() and p != folder / OWNED_MARK)
+    try:
+        mark = json.loads((folder / OWNED_MARK).read_text(encoding="utf-8"))
+        if mark.get("all") is True:
+            return []
+        listed = set(mark.get("files", []))
+    except (OSError, ValueError, AttributeError):  # no mark, or not nvf's: nothing in it is nvf's
+        listed = set()
+    return [p for p in files if p.relative_to(folder).as_posix() not in listed]
+
+
+def check_replaceable(folder: str | os.PathLike, what: str = "folder") -> None:
+    """Raise InputError (naming a file) when ``folder`` holds a file nvf did not write."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file, not a {what}: pass a new or empty folder")
+    foreign = foreign_files(folder)
+    if foreign:
+        raise InputError(
+            f"{folder} holds {len(foreign)} file(s) nvf did not write (e.g. {foreign[0].relative_to(folder)}): "
+            f"nvf replaces only its own outputs; pass a new or empty {what}"
+        )
+
+
+def remove_owned_dir(folder: str | os.PathLike) -> None:
+    """Remove a folder nvf wrote (`check_replaceable` first: a foreign file refuses, nothing is removed)."""
+    import shutil
+
+    folder = Path(folder)
+    check_replaceable(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+
+
+def claim_dir(folder: str | os.PathLike) -> Path:
+    """Make ``folder`` (new or empty, else refused) a folder nvf owns whole, for a tool to fill."""
+    folder = Path(folder)
+    check_replaceable(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / OWNED_MARK).write_text(json.dumps({"all": True}) + "\n", encoding="utf-8")
+    return folder
+
+
+def _mark_owned(folder: Path) -> None:
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+    (folder / OWNED_MARK).write_text(json.dumps({"files": files}, indent=0) + "\n", encoding="utf-8")
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp folder beside ``path``; on success it replaces ``path`` (which must not exist)."""
+def atomic_dir(path: str | os.PathLike, *, mark: bool = True) -> Iterator[Path]:
+    """Yield a temp folder beside ``path``; on success it takes the place of ``path``.
+
+    ``path`` may be absent, empty, or a folder nvf wrote (`OWNED_MARK` lists every file in it);
+    any other folder is refused with an InputError before the body runs (and again before the
+    swap), so nvf never deletes a file it did not write. With ``mark`` the new folder lists its
+    files in `OWNED_MARK`. The swap renames the old folder aside, the new one in, then removes the
+    old: a kill between the two renames leaves ``path`` absent (never half old, half new) and two
+    temp folders that `worktree.clean_stale_temp` removes.
+    """
+    import shutil
+
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        if mark:
+            _mark_owned(tmp)
         if path.exists():
-            import shutil
-
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            check_replaceable(path)
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            os.replace(path, old)  # onto the empty temp folder: rename(2) replaces an empty folder
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def record_set(mark: str | os.PathLike) -> Iterator[Path]:
+    """Write files that belong together, one convention everywhere (cloud.ply + cloud_metrics.json;
+    sparse + transforms.json + colmap/ + poses.safetensors; a reconstruction + recon_metrics.json).
+
+    ``mark`` is the set's completion mark, the one file reruns and readers trust: it is removed
+    first, then the body writes the other members (each atomically) and the mark last. A kill at
+    any point leaves the whole new set, or members without a mark (a rerun redoes them), never a
+    mark beside a member written by another run. The body must write the mark.
+    """
+    mark = Path(mark)
+    mark.unlink(missing_ok=True)
+    yield mark
+    if not mark.is_file():
+        raise RuntimeError(f"{mark}: a record set was written without its completion mark")
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -112,6 +205,10 @@ def read_json(path: str | os.PathLike) -> Any:
         raise InputError(f"{path}: no such file") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); rewrite or delete it") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a JSON text file (not UTF-8); rewrite or delete it") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: a folder where a JSON file was expected") from None
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -309,13 +406,14 @@ def load_record(
         raise RecordError(f"{path}: not an nvf record (no nvf metadata); was it written by nvf?")
     found_kind = metadata["nvf_kind"]
     if kind is not None and found_kind != kind:
-        raise RecordError(f"{path}: holds a '{found_kind}' record where a '{kind}' record was expected")
+        raise RecordError(f"{path}: holds a '{found_kind}' record where a '{kind}' record was expected; "
+                          f"rerun the stage that writes {kind} records (or restore the file)")  # fmt: skip
     if stage is not None and metadata.get("nvf_stage") != stage:
         raise RecordError(f"{path}: written by stage '{metadata.get('nvf_stage')}', expected '{stage}'")
     if capture is not None and metadata.get("capture") != capture:
         raise RecordError(
             f"{path}: belongs to capture '{metadata.get('capture')}', not '{capture}'; records of different captures "
-            "cannot be combined"
+            "cannot be combined: rerun the stage that writes it for this capture"
         )
     try:
         names = json.loads(metadata.get("names", "[]"))
@@ -328,6 +426,7 @@ def load_record(
             raise RecordError(f"{path}: the row names are missing; delete it and rerun the stage that writes it")
         names = _decode_names(blob, offsets)
     _validate_shapes(path, found_kind, tensors, len(names), schema)
+    _validate_finite(path, found_kind, tensors)
     reserved = {"nvf_format", "nvf_kind", "nvf_stage", "nvf_version", "capture", "names", "names_storage", "config",
                 "inputs"}  # fmt: skip
     return Record(
@@ -344,12 +443,25 @@ def load_record(
     )
 
 
+@contextlib.contextmanager
+def _record_errors(path: str | os.PathLike) -> Iterator[None]:
+    """A missing, unreadable or corrupt record is a RecordError naming the file (never a traceback)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except FileNotFoundError:
+        raise RecordError(f"{path}: record not found; run the stage that writes it first") from None
+    except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as exc:
+        raise RecordError(f"{path}: not a readable safetensors file ({exc}); delete it and rerun the stage") from None
+
+
 def read_record_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of a record without loading its tensors (cheap: used to decide what to skip).
-    Its row names: `read_record_names` (a long list is not in the metadata)."""
+    Its row names: `read_record_names` (a long list is not in the metadata). RecordError when unreadable."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="numpy") as handle:
+    with _record_errors(path), safe_open(str(path), framework="numpy") as handle:
         return dict(handle.metadata() or {})
 
 
@@ -357,7 +469,7 @@ def read_record_names(path: str | os.PathLike) -> list[str]:
     """A record's row names without loading its other tensors (see `NAMES_IN_HEADER_MAX`)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="numpy") as handle:
+    with _record_errors(path), safe_open(str(path), framework="numpy") as handle:
         metadata = dict(handle.metadata() or {})
         if metadata.get("names_storage") != "tensors":
             return json.loads(metadata.get("names", "[]"))
@@ -399,7 +511,31 @@ def _validate_shapes(
                 ok = ok and dim == want
         if not ok:
             want_text = "[" + ", ".join(_dim_text(w, symbols) for w in expected) + "]"
-            raise RecordError(f"{path}: tensor '{key}' has shape {list(shape)}, expected {want_text}")
+            raise RecordError(f"{path}: tensor '{key}' has shape {list(shape)}, expected {want_text}; the record is "
+                              "damaged: delete it and rerun the stage that writes it")  # fmt: skip
+
+
+FINITE: dict[str, tuple[str, ...]] = {
+    "poses": ("R", "T", "K"),
+    "depth": ("depth",),
+    "sparse": ("points", "track_uv"),
+    "embed": ("embedding", "norm"),
+    "triplets": ("pose_code",),
+}
+"""Tensors that hold no NaN or Inf in a sound record, by kind (others use NaN on purpose: a view's
+reprojection error when not from SfM, the scale of a view align could not fit)."""
+
+
+def _validate_finite(path: Path, kind: str, tensors: Mapping[str, np.ndarray]) -> None:
+    for key in FINITE.get(kind, ()):
+        values = tensors.get(key)
+        if values is None or not np.issubdtype(values.dtype, np.floating):
+            continue
+        bad = ~np.isfinite(values)
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise RecordError(f"{path}: tensor '{key}' holds {int(bad.sum())} NaN/Inf value(s) (first in row {row}); "
+                              "the record is damaged: delete it and rerun the stage that writes it")  # fmt: skip
 
 
 def _dim_text(want: int | str, symbols: Mapping[str, int]) -> str:
@@ -432,6 +568,24 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"{path}: image not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path}: corrupt or unreadable image ({exc}); replace or remove the file") from None
+
+
+def read_image_alpha(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """(RGB uint8 [H, W, 3], alpha > 127 [H, W] bool or None when the image has no alpha); no EXIF
+    rotation where there is alpha. A missing or undecodable file is an InputError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("RGBA", "LA") or "transparency" in image.info:
+                rgba = np.asarray(image.convert("RGBA"))
+                return rgba[..., :3], rgba[..., 3] > 127
+    except FileNotFoundError:
+        raise InputError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: corrupt or unreadable image ({exc}); replace or remove the file") from None
+    return read_image(path), None
 
 
 def read_gray(path: str | os.PathLike, reduce: int = 1) -> np.ndarray:
@@ -536,12 +690,46 @@ def write_ply(
     return Path(path)
 
 
+_PLY_SIZES = {"char": 1, "int8": 1, "uchar": 1, "uint8": 1, "short": 2, "int16": 2, "ushort": 2, "uint16": 2,
+              "int": 4, "int32": 4, "uint": 4, "uint32": 4, "float": 4, "float32": 4, "double": 8, "float64": 8}  # fmt: skip
+
+
+def _check_ply(path: Path) -> None:
+    """InputError unless ``path`` starts with a PLY header and holds every vertex it announces
+    (Open3D reads a truncated file silently, as fewer points)."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    end = head.find(b"end_header")
+    if not head.startswith(b"ply") or end < 0:
+        raise InputError(f"{path}: not a PLY file (no PLY header); pass a point cloud written as PLY")
+    lines = head[:end].decode("ascii", errors="replace").splitlines()
+    fmt = next((line.split()[1] for line in lines if line.startswith("format ")), "")
+    vertices, row_bytes, element = 0, 0, ""
+    for line in lines:
+        words = line.split()
+        if words[:1] == ["element"] and len(words) == 3:
+            element = words[1]
+            vertices = int(words[2]) if element == "vertex" and words[2].isdigit() else vertices
+        elif words[:1] == ["property"] and element == "vertex":
+            row_bytes = -1 if words[1] == "list" or row_bytes < 0 else row_bytes + _PLY_SIZES.get(words[1], 0)
+    data_bytes = path.stat().st_size - (end + len(b"end_header") + 1)
+    if fmt.startswith("binary") and row_bytes > 0 and data_bytes < vertices * row_bytes:
+        raise InputError(f"{path}: truncated PLY ({data_bytes} bytes of data for the {vertices} points its header "
+                         f"announces, {vertices * row_bytes} needed); rewrite the file")  # fmt: skip
+    if fmt == "ascii":
+        rows = head[end:].count(b"\n") if path.stat().st_size <= len(head) else vertices + 1
+        if rows - 1 < vertices:
+            raise InputError(f"{path}: truncated PLY ({rows - 1} of the {vertices} points its header announces); "
+                             "rewrite the file")  # fmt: skip
+
+
 def read_ply(path: str | os.PathLike) -> PointCloud:
-    """Read a PLY point cloud; a missing or empty file is an InputError."""
+    """Read a PLY point cloud; a missing, empty, truncated or non-PLY file is an InputError."""
     o3d = import_open3d()
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: point cloud not found")
+    _check_ply(path)
     cloud = o3d.io.read_point_cloud(str(path), format="ply")
     if len(cloud.points) == 0:
         raise InputError(f"{path}: no points could be read (empty or not a PLY file)")
@@ -665,22 +853,48 @@ def write_transforms(
     return write_json(path, doc)
 
 
-def read_transforms(path: str | os.PathLike) -> CameraSet:
-    """Read a nerfstudio transforms.json back into OpenCV world-to-camera cameras."""
+def _transforms_frames(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(document, frames) of a transforms.json; every frame an object with a `file_path` string."""
     doc = read_json(path)
-    if not isinstance(doc, dict) or not doc.get("frames"):
-        raise InputError(f"{path}: no frames in transforms.json")
+    frames = doc.get("frames") if isinstance(doc, dict) else None
+    if not isinstance(frames, list) or not frames:
+        raise InputError(f"{path}: no frames in transforms.json; write it with nvf poses --export transforms")
+    for i, frame in enumerate(frames):
+        if not isinstance(frame, dict) or not isinstance(frame.get("file_path"), str) or not frame["file_path"]:
+            raise InputError(f"{path}: frame {i} has no file_path (the image it shows); add it or rewrite the file")
+    return doc, frames
+
+
+def transforms_image_paths(path: str | os.PathLike) -> list[Path]:
+    """The image of each frame of a transforms.json, relative paths resolved against its folder."""
+    _doc, frames = _transforms_frames(path)
+    return [Path(path).parent / frame["file_path"] for frame in frames]
+
+
+def read_transforms(path: str | os.PathLike) -> CameraSet:
+    """Read a nerfstudio transforms.json back into OpenCV world-to-camera cameras (InputError naming
+    the file and frame for a missing key, a non-number, a matrix that is not 4x4 or not finite)."""
+    doc, frames = _transforms_frames(path)
     names, c2w, Ks, widths, heights, distortion = [], [], [], [], [], []
-    for frame in doc["frames"]:
+    for frame in frames:
         source = {**doc, **frame}
         try:
-            Ks.append([[source["fl_x"], 0, source["cx"]], [0, source["fl_y"], source["cy"]], [0, 0, 1]])
+            K = [[float(source["fl_x"]), 0, float(source["cx"])], [0, float(source["fl_y"]), float(source["cy"])],
+                 [0, 0, 1]]  # fmt: skip
             distortion.append([float(source.get(key, 0.0)) for key in ("k1", "k2", "p1", "p2")])
             widths.append(int(source["w"]))
             heights.append(int(source["h"]))
-            c2w.append(frame["transform_matrix"])
+            matrix = np.asarray(frame["transform_matrix"], dtype=np.float64)
         except KeyError as exc:
-            raise InputError(f"{path}: frame {frame.get('file_path')} lacks {exc}") from None
+            raise InputError(f"{path}: frame {frame['file_path']} lacks {exc}; add it or rewrite the file") from None
+        except (TypeError, ValueError):
+            raise InputError(f"{path}: frame {frame['file_path']} holds a value that is not a number (intrinsics, "
+                             "size or transform_matrix); rewrite the file") from None  # fmt: skip
+        if matrix.shape not in ((4, 4), (3, 4)) or not np.isfinite(matrix).all() or not np.isfinite(K).all():
+            raise InputError(f"{path}: frame {frame['file_path']}: transform_matrix must be a finite 4x4 (or 3x4) "
+                             f"matrix, got shape {list(matrix.shape)}; rewrite the file")  # fmt: skip
+        Ks.append(K)
+        c2w.append(np.vstack([matrix[:3], [0.0, 0.0, 0.0, 1.0]]))
         names.append(Path(frame["file_path"]).name)
     R, T = geometry.opengl_c2w_to_opencv_w2c(np.asarray(c2w, dtype=np.float64))
     distortion_n4 = np.asarray(distortion, dtype=np.float64)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -286,7 +285,7 @@ def _train(
     if dist.is_main:
         if overwrite and resume is None and out.exists():
             for old in ckpt.list_checkpoints(out):
-                shutil.rmtree(old)
+                io.remove_owned_dir(old)
             (out / monitor.METRICS_FILE).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         _write_run_files(out, cfg, parts, triplets, clip_dim, parts.projection.spec["pose_dim"], parts.projection.spec)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,9 +140,7 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     final = checkpoint_dir(run, step)
-    if final.exists():
-        shutil.rmtree(final)
-    with io.atomic_dir(final) as tmp:
+    with io.atomic_dir(final) as tmp:  # a re-save swaps the folders: the old one stays until the new is whole
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         save_projection(tmp / "projection.safetensors", projection)
         if ema is not None:
@@ -171,7 +168,7 @@ def save_checkpoint(
         save_file(tensors, str(tmp / "trainer_state.safetensors"), metadata=meta)
     if keep > 0:
         for old in list_checkpoints(run)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            io.remove_owned_dir(old)
     return final
 
 
@@ -284,7 +281,9 @@ def load_checkpoint(
     run = run_of(checkpoint)
     if not (run / MODEL_JSON).is_file():
         raise RecordError(f"{run}: {MODEL_JSON} missing; not an nvf train run folder")
-    info = json.loads((run / MODEL_JSON).read_text())
+    info = io.read_json(run / MODEL_JSON)
+    if not isinstance(info, dict):
+        raise RecordError(f"{run / MODEL_JSON}: not an nvf model description (a JSON object); retrain or restore it")
     unet = UNet2DConditionModel.from_pretrained(checkpoint / "unet", torch_dtype=dtype)
     projection = load_projection(checkpoint / "projection.safetensors")
     if use_ema:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from nvfcli.app import app
@@ -81,3 +84,27 @@ def test_align_without_poses_is_one_clear_line(tmp_path):
     assert result.exit_code == 2
     assert "poses.safetensors: not found" in result.stderr and "nvf poses" in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 2  # one message (rich may wrap it)
+
+
+@pytest.mark.parametrize("command", ["depth", "embed"])
+def test_preset_names_the_stage_preset_and_options_override_it(tmp_path, monkeypatch, command):
+    """`--preset` has one meaning: a stage preset (a whole Config of `PRESETS`); `--model` and the
+    other options replace its fields. `nvf depth --preset fast` used to fail ("unknown preset")."""
+    module = importlib.import_module(f"stages.{command}")
+    seen = []
+    monkeypatch.setattr(module, "run", lambda data, out, cfg, **kwargs: seen.append(cfg) or [])
+    base = [command, str(tmp_path), "--out", str(tmp_path / "w")]
+    assert runner.invoke(app, [*base, "--preset", "fast"]).exit_code == 0
+    assert seen[-1] == module.PRESETS["fast"] and seen[-1].precision == "fp16"
+    assert runner.invoke(app, [*base, "--preset", "fast", "--precision", "bf16", "--batch-size", "3"]).exit_code == 0
+    assert seen[-1] == dataclasses.replace(module.PRESETS["fast"], precision="bf16", batch_size=3)
+    assert runner.invoke(app, [*base, "--preset", "tiny"]).exit_code == 0
+    assert seen[-1] == module.PRESETS["tiny"] and seen[-1].model_preset == "tiny"
+    result = runner.invoke(app, [*base, "--preset", "quick"])
+    assert result.exit_code == 2 and "unknown --preset 'quick': choose one of paper, tiny, fast" in result.stderr
+    assert len(seen) == 3
+    if command == "depth":
+        assert (
+            module.PRESETS["fast"].model == "depth-anything-v2-small"
+            and module.PRESETS["fast"].store_dtype == "float16"
+        )

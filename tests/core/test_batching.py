@@ -250,3 +250,36 @@ def test_ordered_thread_map_calls_on_abort_only_when_stopped_early():
     assert next(results) == 10
     results.close()  # the consumer stops (an error of its own, Ctrl-C)
     assert aborted == [1]
+
+
+def test_capture_batches_depend_on_the_capture_and_the_config_only():
+    assert batching.capture_batches(7, 3, max_batch=32) == [range(0, 3), range(3, 6), range(6, 7)]
+    assert batching.capture_batches(7, None, max_batch=32) == [range(0, 7)]  # auto: the whole capture
+    assert batching.capture_batches(40, None, max_batch=32) == [range(0, 32), range(32, 40)]
+    with pytest.raises(InputError, match="--batch-size must be at least 1"):
+        batching.capture_batches(4, 0, max_batch=32)
+
+
+def test_planned_batches_run_whole_unless_memory_splits_them(caplog):
+    import torch
+
+    calls: list[list[int]] = []
+
+    def fn(items):
+        calls.append(list(items))
+        if len(items) > 2 and items[0] >= 5:  # the second batch does not fit: out of memory
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return [10 * i for i in items]
+
+    with caplog.at_level(logging.WARNING, logger="nvf"):
+        out = list(batching.run_planned_batches(fn, [range(0, 5), range(5, 10), range(10, 12)]))
+    assert [(list(items), whole) for items, _, whole in out] == [
+        ([0, 1, 2, 3, 4], True), ([5, 6], False), ([7, 8], False), ([9], False), ([10, 11], True)]  # fmt: skip
+    assert [list(r) for _, r, _ in out][1] == [50, 60]
+    assert calls[1:3] == [[5, 6, 7, 8, 9], [5, 6]]  # 5 ran out of memory, halved to 2; later batches start at 2
+    assert "out of memory at batch size 5; retrying at 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nvf"):  # free memory for 3: the batch of 5 is split, with a warning
+        split = list(batching.run_planned_batches(lambda items: list(items), [range(0, 5)], limit=lambda batch: 3))
+    assert [(list(items), whole) for items, _, whole in split] == [([0, 1, 2], False), ([3, 4], False)]
+    assert "a batch of 5 items runs in slices of 3" in caplog.text

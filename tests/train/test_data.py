@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -123,3 +125,32 @@ def test_latent_cache_runs_the_vae_once_per_image_and_survives_restarts(tmp_path
     assert torch.equal(fresh.get(paths), moments[[0, 1, 3]]) and fresh.encoded == 0  # from disk
     other_res = data.LatentCache(vae, "fp", 4, torch.device("cpu"), tmp_path / "cache")
     assert other_res.get(paths[:1]).shape == (1, 8, 2, 2) and other_res.encoded == 1  # resolution in the key
+
+
+def test_one_pose_code_order_for_both_codes_in_triplets_train_and_sample(tmp_path):
+    """--pose-code both: z_cond = [CLIP ‖ 4 ‖ 12] (geometry.POSE_LAYOUTS) as the index gives it
+    (TripletSet.z_cond), as train conditions on it (pair_table) and as sample builds it (pose_codes)."""
+    from stages import sample, synth
+    from stages.core import geometry
+    from stages.triplets import load_triplets
+    from tests.train.fixtures import build_triplets
+
+    triplets = load_triplets(build_triplets(tmp_path, pose_code="both"))
+    embeddings = triplets.embeddings()
+    table = data.pair_table(triplets, "train", "zero123", embeddings)
+    d = embeddings.shape[1]
+    np.testing.assert_array_equal(table.z_cond, triplets.z_cond(table.pairs, embeddings))
+    np.testing.assert_array_equal(table.z_cond[:, d : d + 4], triplets["zero123_code"][table.pairs])
+    np.testing.assert_array_equal(table.z_cond[:, d + 4 :], triplets["pose_code"][table.pairs])
+    # sample's codes for the same two cameras, in the same order
+    p = int(table.pairs[3])
+    s, t = int(triplets["pair_source"][p]), int(triplets["pair_target"][p])
+    c = int(triplets["capture_index"][s])
+    capture = triplets.captures[c]["id"]
+    poses = io.load_record(synth.groundtruth_dir(tmp_path / "data", capture) / "poses.safetensors", kind="poses")
+    rows = [poses.names.index(Path(triplets.record.names[i]).name) for i in (s, t)]
+    code = sample.pose_codes("zero123", poses["R"][rows], poses["T"][rows], float(triplets["pose_scale"][c]))
+    assert code.shape == (1, 16) and list(geometry.POSE_LAYOUTS["both"]) == ["zero123_code", "pose_code"]
+    np.testing.assert_allclose(code[0, 4:], triplets["pose_code"][p], atol=1e-5)
+    np.testing.assert_allclose(code[0, :4], triplets["zero123_code"][p], atol=1e-3)
+    assert np.abs(code[0, :4] - triplets["pose_code"][p][:4]).max() > 1e-2  # the two codes are told apart

@@ -49,10 +49,8 @@ def test_two_gloo_processes_agree_with_one(tmp_path):
         diffs += [(ddp[k] - one[k]).abs().flatten() for k in one]
     diff = torch.cat(diffs)
     # gradients differ only by float summation order, but Adam divides by sqrt(v): on the few weights
-    # whose gradient is ~0 that order noise becomes a visible step, bounded by Adam's step size (lr)
-    # per step and direction. Its size depends on the CPU's kernels (1.7e-4 seen with numpy 2), so
-    # the bound is Adam's, and the bulk of the weights must agree to float rounding.
-    lr = tiny_config().learning_rate
-    assert float(diff.max()) <= 2 * lr * STEPS, float(diff.max())
+    # whose gradient is ~0 that order noise becomes a visible step, bounded by lr per step (how large
+    # depends on the CPU's kernels: 1.7e-4 on a 2-core AMD EPYC with MKL), so the bound is lr x steps
+    assert float(diff.max()) < single.learning_rate * STEPS, float(diff.max())
     assert float((diff > 1e-6).float().mean()) < 1e-3
-    assert float(diff.mean()) < 1e-7  # a real disagreement moves most weights by ~lr = 1e-3
+    assert float(diff.mean()) < 1e-7  # float32 rounding: an ulp of a weight near 0.5 is 6e-8 (1.7e-8 measured)
