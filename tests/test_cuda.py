@@ -44,11 +44,11 @@ def _maps(work, kind: str, key: str) -> dict[str, np.ndarray]:
 
 
 def test_depth_on_cuda_matches_the_cpu_in_every_precision(data, tmp_path):
-    on_cpu = _maps(depth.run(data, tmp_path / "cpu", depth.Config(preset="tiny", cache=False), device="cpu")[0].parents[1],
+    on_cpu = _maps(depth.run(data, tmp_path / "cpu", depth.Config(model_preset="tiny", cache=False), device="cpu")[0].parents[1],
                    "depth", "depth")  # fmt: skip
     # the tiny random model predicts ~1e-8: below fp16's smallest subnormal (6e-8), so fp16 may give 0
     for precision, tolerance, floor in (("fp32", 1e-4, 0.0), ("bf16", 6e-2, 0.0), ("fp16", 1e-2, 1.2e-7)):
-        cfg = depth.Config(preset="tiny", cache=False, precision=precision)
+        cfg = depth.Config(model_preset="tiny", cache=False, precision=precision)
         work = tmp_path / precision
         depth.run(data, work, cfg, device="cuda")
         on_gpu = _maps(work, "depth", "depth")
@@ -59,7 +59,7 @@ def test_depth_on_cuda_matches_the_cpu_in_every_precision(data, tmp_path):
 
 
 def test_embed_on_cuda_matches_the_cpu(data, tmp_path):
-    cfg = embed.Config(preset="tiny", cache=False)
+    cfg = embed.Config(model_preset="tiny", cache=False)
     embed.run(data, tmp_path / "cpu", cfg, device="cpu")
     embed.run(data, tmp_path / "cuda", cfg, device="cuda")
     on_cpu, on_gpu = _maps(tmp_path / "cpu", "embed", "embedding"), _maps(tmp_path / "cuda", "embed", "embedding")

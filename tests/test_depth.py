@@ -206,5 +206,5 @@ def test_batches_stay_under_int32_indexing(tmp_path, monkeypatch):
     data = tmp_path / "data"
     for view in range(5):
         io.write_image(data / "cap" / f"v{view}.png", np.full((24, 24, 3), 40 * view, np.uint8))
-    depth.run(data, tmp_path / "work", depth.Config(preset="tiny", layout="folder", cache=False), device="cpu")
+    depth.run(data, tmp_path / "work", depth.Config(model_preset="tiny", layout="folder", cache=False), device="cpu")
     assert sizes == [2, 2, 1]
