@@ -35,7 +35,7 @@ from typing import Literal
 
 import numpy as np
 
-from stages.core import dataset, geometry, io, worktree
+from stages.core import dataset, depthmaps, geometry, io, worktree
 from stages.core.batching import ProgressFn
 from stages.core.errors import InputError, StageFailure
 
@@ -43,7 +43,7 @@ log = logging.getLogger("nvf")
 
 STAGE = "align"
 Reference = Literal["sparse", "view", "depth"]
-Robust = Literal["huber", "tukey", "ransac", "none"]
+Robust = Literal["lmeds", "huber", "tukey", "ransac", "none"]
 FitSpace = Literal["disparity", "depth"]
 
 _MAD_TO_SIGMA = 1.4826  # sigma of a normal distribution from its median absolute deviation
@@ -60,10 +60,28 @@ class Config:
     """Image name of the reference view (with reference = view)."""
     reference_depth: str | None = None
     """A depth record, or a folder holding <capture>/depth.safetensors (with reference = depth)."""
-    robust: Robust = "tukey"
-    """`huber` (IRLS, then least squares on the 3-sigma inliers): survives bad reference points;
-    `tukey` (biweight IRLS from a RANSAC start) and `ransac` also survive outliers in the
-    prediction itself (high-leverage samples that pull Huber's fit); `none`: plain least squares."""
+    robust: Robust = "lmeds"
+    """`lmeds` (default): least-median-of-squares seed, biweight IRLS at a data-driven scale, then an
+    errors-in-variables least squares on the inliers (see `fit_scale_shift`); `huber` (IRLS, then
+    least squares on the 3-sigma inliers): survives bad reference points; `tukey` (biweight IRLS
+    from a RANSAC start) and `ransac` also survive outliers in the prediction itself
+    (high-leverage samples that pull Huber's fit), but at a fixed threshold; `none`: least squares."""
+    prefilter: bool = True
+    """Take no sample on a depth edge or flying pixel (`stages.core.depthmaps`), and read the
+    prediction where it is not noise or salt: SfM points and a reference view read the 3 x 3
+    median map (a point is one noisy sample: the median divides the noise by 2.4 and ignores salt);
+    a `depth` reference reads the pixel itself (a dense reference has the pixel's own footprint,
+    where a median's curvature bias shows at low resolution) and skips the salt pixels found."""
+    edge_threshold: float = 0.05
+    """Relative depth range over 3 x 3 pixels above which a pixel is a depth edge (with `prefilter`)."""
+    errors_in_variables: bool = True
+    """Correct the slope for the prediction's own noise (estimated from the map; `lmeds` only)."""
+    weak_inliers: int = 20
+    """A fitted view with fewer inlier samples than this is flagged weak."""
+    weak_inlier_fraction: float = 0.5
+    """A fitted view whose inliers are fewer than this fraction of its samples is flagged weak."""
+    weak_residual: float = 0.02
+    """A fitted view whose residual RMS exceeds this fraction of its median reference z is flagged weak."""
     huber_k: float = 1.345
     """Huber threshold in robust sigmas (1.4826 x median absolute residual)."""
     iterations: int = 20
@@ -80,9 +98,15 @@ class Config:
     """Seed of the subsampling and of RANSAC."""
 
 
+QUALITY: dict[str, int] = {"failed": 0, "weak": 1, "good": 2}
+"""Per-view quality flag of the aligned record: `failed` (not fitted: an all-zero map), `weak` (fitted
+on fewer than `weak_inliers` inliers, an inlier fraction below `weak_inlier_fraction`, or a relative
+residual above `weak_residual`), `good`. Later stages filter on it (cloud's `min_quality`)."""
+
 PRESETS: dict[str, Config] = {
     "default": Config(),
     "huber": Config(robust="huber"),
+    "tukey": Config(robust="tukey", prefilter=False),
     "ransac": Config(robust="ransac"),
     "evaluate": Config(reference="depth"),
 }
@@ -143,11 +167,36 @@ def fit_scale_shift(
     y_nm: np.ndarray,
     valid_nm: np.ndarray,
     cfg: Config = Config(),
+    x_noise: np.ndarray | None = None,
 ) -> Fit:
     """Fit y ~ s x + b per row over the valid entries, robustly as `cfg.robust` says.
 
-    x_nm, y_nm [N, M] float64 (padding anywhere `valid_nm` is False). `none`: least squares, every
-    valid sample an inlier. `huber`: IRLS with weights min(1, k sigma / |r|), sigma re-estimated
+    x_nm, y_nm [N, M] float64 (padding anywhere `valid_nm` is False); `x_noise` [N]: the relative
+    noise sigma of each row's x (x_i has noise ~ x_noise x_i), for the errors-in-variables step.
+
+    `lmeds` (the default) is built for monocular predictions, where the gross errors sit in x, the
+    regressor: a salt pixel or a flying pixel is a leverage point, which pulls least squares and
+    Huber's M-estimator (both bound only the influence of the residual, not of x) and flattens the
+    scale toward 0. Three steps:
+
+    1. least median of squares (Rousseeuw): of `ransac_iterations` pair hypotheses, the one whose
+       median squared residual is least. It needs no threshold and breaks down only beyond 50 %
+       outliers, leverage points included (a leverage point cannot lower the median).
+    2. a data-driven scale: sigma = 1.4826 (1 + 5 / (m - 2)) sqrt(median r²) of that fit (the
+       LMedS scale), inliers |r| <= 2.5 sigma; then `iterations` of Tukey's biweight IRLS from the
+       least squares of those inliers, sigma re-estimated (MAD) each time: efficient under the
+       noise, and redescending, so no gross error keeps any weight.
+    3. errors in variables on the 3-sigma inliers: x is noisy too, which biases least squares
+       toward a flatter slope by var(noise) / var(x) (regression dilution). With the noise known
+       from the map (`stages.core.depthmaps`), the slope is the method-of-moments estimate
+       s = S_xy / (S_xx - sum sigma_x²) (Fuller, Measurement Error Models, 1987), the correction
+       capped at half of S_xx; b = mean(y) - s mean(x).
+
+    A symmetric fit (orthogonal or geometric-mean regression) would need the ratio of the two
+    noises, and the reference (SfM points, or given depth) is far less noisy than a prediction, so
+    correcting the attenuation of the plain fit is the better-posed choice.
+
+    `none`: least squares, every valid sample an inlier. `huber`: IRLS with weights min(1, k sigma / |r|), sigma re-estimated
     from the median absolute residual each step, then least squares on |r| <= 3 sigma. `ransac`:
     the pair hypothesis with the most samples within `ransac_threshold` x median|y|, refitted by
     least squares on its inliers (twice). A view with fewer than `min_samples` valid samples, or a
@@ -163,6 +212,21 @@ def fit_scale_shift(
     if cfg.robust == "none":
         scale, shift, ok = solve_normal_equations(x, y, valid.astype(np.float64))
         inliers = valid
+    elif cfg.robust == "lmeds":
+        scale, shift, inliers, ok = _lmeds(x, y, valid, floor, cfg)
+        for _ in range(cfg.iterations):
+            residual = _residual(x, y, scale, shift)
+            sigma = _robust_sigma(residual, valid, floor)[:, None]
+            with np.errstate(over="ignore", invalid="ignore"):
+                weights = valid * np.clip(1.0 - (residual / (_TUKEY_C * sigma)) ** 2, 0.0, None) ** 2
+            scale, shift, ok = solve_normal_equations(x, y, weights)
+        residual = _residual(x, y, scale, shift)
+        inliers = valid & (np.abs(residual) <= 3.0 * _robust_sigma(residual, valid, floor)[:, None])
+        weights = inliers.astype(np.float64)
+        if cfg.errors_in_variables and x_noise is not None:
+            scale, shift, ok = solve_errors_in_variables(x, y, weights, np.asarray(x_noise, np.float64))
+        else:
+            scale, shift, ok = solve_normal_equations(x, y, weights)
     elif cfg.robust in ("huber", "tukey"):
         if cfg.robust == "huber":  # convex: plain least squares is as good a start as any
             scale, shift, ok = solve_normal_equations(x, y, valid.astype(np.float64))
@@ -183,7 +247,7 @@ def fit_scale_shift(
     elif cfg.robust == "ransac":
         scale, shift, inliers, ok = _ransac(x, y, valid, y_level, cfg)
     else:
-        raise InputError(f"unknown robust mode {cfg.robust!r}: use huber, tukey, ransac or none")
+        raise InputError(f"unknown robust mode {cfg.robust!r}: use lmeds, huber, tukey, ransac or none")
     counts = valid.sum(axis=1)
     ok = ok & (counts >= max(2, cfg.min_samples)) & (scale > 0)
     inliers = inliers & ok[:, None]
@@ -193,6 +257,75 @@ def fit_scale_shift(
 def _residual(x: np.ndarray, y: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
     with np.errstate(all="ignore"):
         return np.nan_to_num(scale[:, None] * x + shift[:, None] - y, nan=np.inf)
+
+
+def solve_errors_in_variables(
+    x_nm: np.ndarray, y_nm: np.ndarray, w_nm: np.ndarray, x_noise: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted y ~ s x + b per row with x noisy (relative sigma `x_noise` [N]): (s, b, ok).
+
+    s = S_xy / (S_xx - sum w (x_noise x)²), the attenuation correction of the least-squares slope,
+    capped so the denominator stays >= S_xx / 2; rows not ok as in `solve_normal_equations`.
+    """
+    scale, shift, ok = solve_normal_equations(x_nm, y_nm, w_nm)
+    w = np.where(w_nm > 0, w_nm, 0.0)
+    x = np.where(w > 0, x_nm, 0.0)
+    y = np.where(w > 0, y_nm, 0.0)
+    sum_w = np.where(ok, w.sum(axis=1), 1.0)
+    x_mean, y_mean = (w * x).sum(axis=1) / sum_w, (w * y).sum(axis=1) / sum_w
+    dx = np.where(w > 0, x - x_mean[:, None], 0.0)
+    sxx = (w * dx * dx).sum(axis=1)
+    sxy = (w * dx * (y - y_mean[:, None])).sum(axis=1)
+    noise = (w * (np.nan_to_num(x_noise)[:, None] * x) ** 2).sum(axis=1)
+    corrected = np.where(ok, sxy / np.where(ok, np.maximum(sxx - noise, 0.5 * sxx), 1.0), np.nan)
+    return corrected, np.where(ok, y_mean - corrected * x_mean, np.nan), ok
+
+
+def _pair_hypotheses(
+    x: np.ndarray, y: np.ndarray, valid: np.ndarray, cfg: Config
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(scale_h [N, H], shift_h [N, H], usable [N, H], probe [N, E]): lines through random sample
+    pairs (positive slope) and up to 2000 random samples per row to score them on (seeded)."""
+    rng = np.random.default_rng(cfg.seed)
+    n_rows = len(x)
+    counts = valid.sum(axis=1)
+    order = np.argsort(~valid, axis=1, kind="stable")  # valid entries first, in order
+    rows = np.arange(n_rows)[:, None]
+
+    def draw(k: int) -> np.ndarray:  # [N, k] positions of valid samples, uniform per row
+        return order[rows, (rng.random((n_rows, k)) * np.maximum(counts, 1)[:, None]).astype(np.int64)]
+
+    first, second = draw(cfg.ransac_iterations), draw(cfg.ransac_iterations)  # [N, H]
+    dx = x[rows, first] - x[rows, second]
+    with np.errstate(all="ignore"):
+        scale_h = (y[rows, first] - y[rows, second]) / dx
+        shift_h = y[rows, first] - scale_h * x[rows, first]
+    usable = np.isfinite(scale_h) & (scale_h > 0) & (np.abs(dx) > 0)
+    return scale_h, shift_h, usable, draw(min(2000, max(1, int(counts.max(initial=1)))))
+
+
+def _lmeds(
+    x: np.ndarray, y: np.ndarray, valid: np.ndarray, floor: np.ndarray, cfg: Config
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(scale, shift, inliers, ok): least median of squares over pair hypotheses, its inliers
+    (|r| <= 2.5 x the LMedS scale) refitted by least squares."""
+    n_rows = len(x)
+    rows = np.arange(n_rows)[:, None]
+    scale_h, shift_h, usable, probe = _pair_hypotheses(x, y, valid, cfg)
+    with np.errstate(all="ignore"):
+        residual = np.abs(
+            scale_h[:, :, None] * x[rows, probe][:, None, :] + shift_h[:, :, None] - y[rows, probe][:, None, :]
+        )  # [N, H, E]
+    median = np.where(usable, np.median(residual, axis=2), np.inf)  # [N, H]
+    best = median.argmin(axis=1)
+    pick = np.arange(n_rows)
+    scale, shift = scale_h[pick, best], shift_h[pick, best]
+    m = np.maximum(valid.sum(axis=1), 3)
+    sigma = np.maximum(_MAD_TO_SIGMA * (1.0 + 5.0 / (m - 2)) * median[pick, best], floor)
+    ok = np.isfinite(median[pick, best])
+    inliers = valid & (np.abs(_residual(x, y, scale, shift)) <= 2.5 * sigma[:, None]) & ok[:, None]
+    scale, shift, ok = solve_normal_equations(x, y, inliers.astype(np.float64))
+    return scale, shift, inliers, ok
 
 
 def _ransac(
@@ -246,6 +379,15 @@ class _Views:
     K_map: np.ndarray | None  # [N, 3, 3] K scaled to the depth map, when poses are used
     R: np.ndarray | None
     T: np.ndarray | None
+    read_nhw: np.ndarray | None = None  # what samples read (the median map); None: depth_nhw
+    read_valid_nhw: np.ndarray | None = None  # where samples may be read; None: valid_nhw
+    noise: np.ndarray | None = None  # [N] relative noise sigma of what samples read
+
+    def reading(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """(map, valid) that samples of view `row` are read from."""
+        read = self.depth_nhw if self.read_nhw is None else self.read_nhw
+        valid = self.valid_nhw if self.read_valid_nhw is None else self.read_valid_nhw
+        return read[row], valid[row]
 
 
 def _pad(samples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -286,7 +428,7 @@ def _sample_points(views: _Views, row: int, points_n3: np.ndarray, *, zbuffer: b
     r0 = np.minimum(np.floor(fy).astype(np.int64), height - 2) if height > 1 else np.zeros(len(fy), np.int64)
     c1, r1 = np.minimum(c0 + 1, width - 1), np.minimum(r0 + 1, height - 1)
     wx, wy = fx - c0, fy - r0
-    depth, valid = views.depth_nhw[row], views.valid_nhw[row]
+    depth, valid = views.reading(row)
     good = valid[r0, c0] & valid[r0, c1] & valid[r1, c0] & valid[r1, c1]
     x = (depth[r0, c0] * (1 - wx) + depth[r0, c1] * wx) * (1 - wy) + (
         depth[r1, c0] * (1 - wx) + depth[r1, c1] * wx
@@ -356,9 +498,10 @@ def depth_samples(views: _Views, reference: io.Record, cfg: Config) -> list[tupl
     rng = np.random.default_rng(cfg.seed)
     samples = []
     for row in range(len(views.names)):
-        flat = np.flatnonzero(views.valid_nhw[row] & np.isfinite(ref[row]) & (ref[row] > 0))
+        read, valid = views.reading(row)
+        flat = np.flatnonzero(valid & np.isfinite(ref[row]) & (ref[row] > 0))
         flat = _subsample(flat, cfg.max_samples, rng)
-        samples.append((views.depth_nhw[row].reshape(-1)[flat], ref[row].reshape(-1)[flat]))
+        samples.append((read.reshape(-1)[flat], ref[row].reshape(-1)[flat]))
     return samples
 
 
@@ -377,6 +520,9 @@ class Aligned:
     residual_rms: np.ndarray
     inliers: np.ndarray
     nonpositive: np.ndarray
+    samples: np.ndarray  # [N] reference samples of each view
+    residual_rel: np.ndarray  # [N] residual_rms / the view's median reference z
+    quality: np.ndarray  # [N] int8, `QUALITY`
 
 
 def to_fit_space(z: np.ndarray, space: FitSpace) -> np.ndarray:
@@ -403,15 +549,17 @@ def align_views(
     space: FitSpace,
     cfg: Config = Config(),
     fixed: dict[int, tuple[float, float]] | None = None,
+    x_noise: np.ndarray | None = None,
 ) -> Aligned:
     """Fit each view's (s, b) to its (prediction, reference z) samples and convert to z-depth.
 
-    `fixed` gives rows whose (s, b) are already known (the reference view). The residual RMS is
-    taken in z-depth over the inlier samples.
+    `fixed` gives rows whose (s, b) are already known (the reference view); `x_noise` [N] the
+    relative noise of the samples' predictions (for `lmeds`' errors-in-variables step). The residual
+    RMS is taken in z-depth over the inlier samples; `quality` flags each view (`QUALITY`).
     """
     x_nm, z_nm, valid = _pad(list(samples))
     target = to_fit_space(z_nm, space)
-    fit = fit_scale_shift(x_nm, target, valid & (z_nm > 0), cfg)
+    fit = fit_scale_shift(x_nm, target, valid & (z_nm > 0), cfg, x_noise)
     scale, shift, inliers, ok = fit.scale.copy(), fit.shift.copy(), fit.inlier_nm, fit.ok.copy()
     for row, (s, b) in (fixed or {}).items():
         scale[row], shift[row], ok[row] = s, b, True
@@ -422,10 +570,22 @@ def align_views(
         z_fit = np.where(value > 0, 1.0 / value if space == "disparity" else value, np.nan)
         squared = np.where(inliers & np.isfinite(z_fit), (z_fit - z_nm) ** 2, np.nan)
         rms = np.sqrt(np.nanmean(squared, axis=1)) if squared.shape[1] else np.full(len(scale), np.nan)
+        z_level = np.nanmedian(np.where(valid & (z_nm > 0), z_nm, np.nan), axis=1) if z_nm.shape[1] else rms
     counts = inliers.sum(axis=1)
+    n_samples = (valid & (z_nm > 0)).sum(axis=1)
     for row in fixed or {}:
-        rms[row], counts[row] = 0.0, int(valid_nhw[row].sum())
-    return Aligned(depth.astype(np.float32), scale, shift, np.where(ok, rms, np.nan), counts, nonpositive)
+        rms[row], counts[row], n_samples[row], z_level[row] = 0.0, int(valid_nhw[row].sum()), counts[row], 1.0
+    rms = np.where(ok, rms, np.nan)
+    relative = rms / np.where(np.isfinite(z_level) & (z_level > 0), z_level, np.nan)
+    weak = (
+        (counts < cfg.weak_inliers)
+        | (counts < cfg.weak_inlier_fraction * np.maximum(n_samples, 1))
+        | ~(relative <= cfg.weak_residual)
+    )
+    fixed_rows = np.isin(np.arange(len(scale)), list(fixed or {}))
+    quality = np.where(~ok, QUALITY["failed"], np.where(weak & ~fixed_rows, QUALITY["weak"], QUALITY["good"]))
+    return Aligned(depth.astype(np.float32), scale, shift, rms, counts, nonpositive, n_samples,
+                   np.where(ok, relative, np.nan), quality.astype(np.int8))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,8 +642,10 @@ def _check_config(cfg: Config) -> None:
         raise InputError("reference 'view' needs --reference-view NAME (an image name of the capture)")
     if cfg.reference == "depth" and not cfg.reference_depth:
         raise InputError("reference 'depth' needs --reference-depth PATH (a depth record or a folder of them)")
-    if cfg.robust not in ("huber", "tukey", "ransac", "none"):
-        raise InputError(f"unknown --robust {cfg.robust!r}: use huber, tukey, ransac or none")
+    if cfg.robust not in ("lmeds", "huber", "tukey", "ransac", "none"):
+        raise InputError(f"unknown --robust {cfg.robust!r}: use lmeds, huber, tukey, ransac or none")
+    if not cfg.edge_threshold > 0:
+        raise InputError(f"--edge-threshold must be positive, got {cfg.edge_threshold}")
     if cfg.min_samples < 2 or cfg.max_samples < cfg.min_samples:
         raise InputError(f"need 2 <= min_samples <= max_samples, got {cfg.min_samples} and {cfg.max_samples}")
 
@@ -522,6 +684,15 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
     record = io.load_record(depth_path, kind="depth", capture=capture)
     space: FitSpace = "disparity" if record.extra.get("depth_kind") == "disparity" else "depth"
     views = _load_views(record, poses_path if poses_path in inputs else None, capture)
+    check = None
+    if cfg.prefilter:
+        check = depthmaps.inspect_maps(views.depth_nhw, views.valid_nhw, edge_threshold=cfg.edge_threshold)
+        if cfg.reference != "depth":
+            views.read_nhw, views.read_valid_nhw = check.median_vhw, views.valid_nhw & ~check.edge_vhw
+            views.noise = check.noise_v * depthmaps.MEDIAN_NOISE
+        else:
+            views.read_valid_nhw = check.clean(views.valid_nhw)
+            views.noise = check.noise_v * (2.0 / 3.0)
     fixed: dict[int, tuple[float, float]] = {}
     if cfg.reference == "sparse":
         samples = sparse_samples(views, io.load_record(sparse_path, kind="sparse", capture=capture), cfg)
@@ -542,7 +713,7 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
             raise InputError(f"{reference.path}: belongs to capture '{reference.capture}', not '{capture}'; "
                              "records of different captures cannot be combined")  # fmt: skip
         samples = depth_samples(views, reference, cfg)
-    result = align_views(views.depth_nhw, views.valid_nhw, samples, space, cfg, fixed)
+    result = align_views(views.depth_nhw, views.valid_nhw, samples, space, cfg, fixed, views.noise)
     failed = [name for name, s in zip(views.names, result.scale, strict=False) if not np.isfinite(s)]
     if len(failed) == len(views.names):
         counts = [len(x) for x, _ in samples]
@@ -563,6 +734,18 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
             "residual_rms": result.residual_rms.astype(np.float64),
             "inliers": result.inliers.astype(np.int64),
             "nonpositive": result.nonpositive.astype(np.int64),
+            "samples": result.samples.astype(np.int64),
+            "residual_rel": result.residual_rel.astype(np.float64),
+            "quality": result.quality.astype(np.int8),
+            **(
+                {
+                    "prediction_noise": check.noise_v.astype(np.float64),
+                    "outlier_pixels": check.outlier_vhw.sum(axis=(1, 2)).astype(np.int64),
+                    "edge_pixels": check.edge_vhw.sum(axis=(1, 2)).astype(np.int64),
+                }
+                if check is not None
+                else {}
+            ),
             "image_hw": _image_hw(record),
         },
         kind="aligned",
@@ -577,6 +760,10 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
             "reference": cfg.reference,
             "subject": record.extra.get("subject", capture),
             "failed_views": json.dumps(failed),
+            "quality_levels": json.dumps(QUALITY),
+            "weak_views": json.dumps(
+                [n for n, q in zip(views.names, result.quality, strict=True) if q == QUALITY["weak"]]
+            ),
         },  # fmt: skip
     )
     log.info("align: %s: %d view(s), median residual %.4g, wrote %s", capture, len(views.names),

@@ -936,25 +936,31 @@ class Corrupted:
     """A corrupted prediction [N, H, W] and what made it (rows as the input's views).
 
     ``depth_nhw`` is the prediction D; ``scale``/``shift`` [N] the true s_v, b_v (s D + b gives the
-    corrupted metric value back); ``bend_nhw`` the factor 1 + bend g_v; ``salt_nhw`` and
-    ``flying_nhw`` the pixels replaced by salt and by flying values.
+    corrupted metric value back); ``ideal_scale``/``ideal_shift`` [N] the best affine alignment
+    of the prediction: least squares of the true 1/z (z for ``depth``) on the prediction without
+    noise, salt and flying pixels, over the head's pixels (the true s_v, b_v when there is no
+    bend); ``bend_nhw`` the factor 1 + bend g_v; ``salt_nhw`` and ``flying_nhw`` the pixels
+    replaced by salt and by flying values.
     """
 
     depth_nhw: np.ndarray
     scale: np.ndarray
     shift: np.ndarray
+    ideal_scale: np.ndarray
+    ideal_shift: np.ndarray
     bend_nhw: np.ndarray
     salt_nhw: np.ndarray
     flying_nhw: np.ndarray
     kind: str
 
     def ideal_depth(self, *, unbend: bool = False) -> np.ndarray:
-        """z-depth [N, H, W] of the ideal alignment of this prediction: the true (s_v, b_v) applied to
-        it (0 where not positive); with `unbend`, the bend divided out as well (the smooth part of the
-        corruption undone, noise, salt and flying pixels kept)."""
-        value = self.scale[:, None, None] * self.depth_nhw + self.shift[:, None, None]
+        """z-depth [N, H, W] of the ideal alignment of this prediction: (ideal_scale, ideal_shift)
+        applied to it (0 where not positive). With `unbend`, the true (s_v, b_v) and the bend divided
+        out: the smooth part of the corruption undone, noise, salt and flying pixels kept."""
         if unbend:
-            value = value / self.bend_nhw
+            value = (self.scale[:, None, None] * self.depth_nhw + self.shift[:, None, None]) / self.bend_nhw
+        else:
+            value = self.ideal_scale[:, None, None] * self.depth_nhw + self.ideal_shift[:, None, None]
         with np.errstate(divide="ignore", invalid="ignore"):
             z = 1.0 / value if self.kind == "disparity" else value
         return np.where(np.isfinite(z) & (z > 0), z, 0.0)
@@ -982,7 +988,7 @@ def corrupt_depth(depth_nhw: np.ndarray, corruption: Corruption) -> Corrupted:
     inverse = corruption.kind == "disparity"
     out = np.zeros_like(z)
     bend_all, salt_all, flying_all = np.ones_like(z), np.zeros(z.shape, bool), np.zeros(z.shape, bool)
-    scales, shifts = np.zeros(n_views), np.zeros(n_views)
+    scales, shifts, ideal_scales, ideal_shifts = (np.zeros(n_views) for _ in range(4))
     for view in range(n_views):
         fg = z[view] > 0
         far = corruption.background_depth * (z[view][fg].max() if fg.any() else 1.0)
@@ -991,6 +997,7 @@ def corrupt_depth(depth_nhw: np.ndarray, corruption: Corruption) -> Corrupted:
         p_bg = 1.0 / far if inverse else far
         bend = 1.0 + corruption.bend * _bend_field(rng, (height, width), fg)
         p = p * np.where(fg, bend, 1.0)
+        smooth = p[fg]  # the bent prediction before noise, salt and flying pixels (metric, unscaled)
         if corruption.noise > 0:
             p = p * (1.0 + corruption.noise * rng.standard_normal(p.shape))
         flying = np.zeros_like(fg)
@@ -1009,8 +1016,13 @@ def corrupt_depth(depth_nhw: np.ndarray, corruption: Corruption) -> Corrupted:
         shift = float(rng.uniform(*corruption.shift_range) * (p_bg if inverse else low))
         out[view] = (p - shift) / scale
         scales[view], shifts[view] = scale, shift
+        ideal_scales[view], ideal_shifts[view] = scale, shift
+        if corruption.bend > 0 and fg.sum() >= 2:  # least squares of the truth on the bent prediction
+            x, y = (smooth - shift) / scale, (1.0 / z[view][fg] if inverse else z[view][fg])
+            slope = float(np.cov(x, y, bias=True)[0, 1] / np.var(x))
+            ideal_scales[view], ideal_shifts[view] = slope, float(y.mean() - slope * x.mean())
         bend_all[view], salt_all[view], flying_all[view] = np.where(fg, bend, 1.0), salt, flying
-    return Corrupted(out, scales, shifts, bend_all, salt_all, flying_all, corruption.kind)
+    return Corrupted(out, scales, shifts, ideal_scales, ideal_shifts, bend_all, salt_all, flying_all, corruption.kind)
 
 
 def alignment_error(aligned_nhw: np.ndarray, ideal_nhw: np.ndarray, mask_nhw: np.ndarray) -> float:
