@@ -17,7 +17,13 @@ z = 1 / (s D + b); a ``depth`` record is fitted to z directly, z = s D + b. Pixe
 value is not positive become 0 (invalid) and are counted per view in ``nonpositive``. Output
 ``aligned.safetensors``: ``depth`` [N, H, W] float32 z-depth in the poses' units (0 = invalid),
 ``scale``/``shift`` [N] (in the fit space), ``residual_rms`` [N] (z-depth residual of the inlier
-reference samples, poses' units: the view's quality figure), ``inliers`` [N], ``nonpositive`` [N].
+reference samples, poses' units: the view's quality figure), ``inliers`` [N], ``nonpositive`` [N],
+``samples`` [N] (reference samples used), ``residual_rel`` [N] (residual_rms / median reference z),
+``quality`` [N] int8 (`QUALITY`: failed 0, weak 1, good 2; cloud filters on it), and with
+``prefilter`` ``prediction_noise`` [N] (relative per-pixel noise of the prediction) and
+``rejected_samples`` [N] (samples dropped on depth edges or salt, `stages.core.depthmaps`).
+The default estimator (``lmeds``) is robust to gross errors in the prediction, the regressor:
+see `fit_scale_shift`.
 A view that cannot be fitted (too few samples, all equal) gets NaN scale/shift/residual, 0 inliers
 and an all-zero map, with a warning. Depth maps stored smaller than the images (``--max-res``)
 are handled by scaling K to the map: u_map = u_image * W_map / W_image (pixel centres at +0.5).
@@ -69,19 +75,24 @@ class Config:
     prefilter: bool = True
     """Take no sample on a depth edge or flying pixel (`stages.core.depthmaps`), and read the
     prediction where it is not noise or salt: SfM points and a reference view read the 3 x 3
-    median map (a point is one noisy sample: the median divides the noise by 2.4 and ignores salt);
-    a `depth` reference reads the pixel itself (a dense reference has the pixel's own footprint,
-    where a median's curvature bias shows at low resolution) and skips the salt pixels found."""
+    median (a point is one noisy sample: the median divides the noise by 2.4 and ignores salt) when
+    the view is noisy (`median_noise`); otherwise, and with a `depth` reference (a dense reference
+    has the pixel's own footprint, where a median's curvature bias shows at low resolution),
+    samples read the pixels themselves and skip the salt found."""
     edge_threshold: float = 0.05
     """Relative depth range over 3 x 3 pixels above which a pixel is a depth edge (with `prefilter`)."""
+    median_noise: float = 0.005
+    """With `prefilter`, SfM points read the 3 x 3 median of views whose per-pixel noise is at least
+    this (relative), the pixels themselves (off salt) otherwise."""
     errors_in_variables: bool = True
     """Correct the slope for the prediction's own noise (estimated from the map; `lmeds` only)."""
     weak_inliers: int = 20
     """A fitted view with fewer inlier samples than this is flagged weak."""
     weak_inlier_fraction: float = 0.5
     """A fitted view whose inliers are fewer than this fraction of its samples is flagged weak."""
-    weak_residual: float = 0.02
-    """A fitted view whose residual RMS exceeds this fraction of its median reference z is flagged weak."""
+    weak_residual: float = 0.03
+    """A fitted view whose residual RMS exceeds this fraction of its median reference z is flagged
+    weak (a smooth ±5 % bend of the prediction leaves 0.7-2.3 %, measured)."""
     huber_k: float = 1.345
     """Huber threshold in robust sigmas (1.4826 x median absolute residual)."""
     iterations: int = 20
@@ -156,10 +167,19 @@ def solve_normal_equations(
 
 def _robust_sigma(residual_nm: np.ndarray, valid_nm: np.ndarray, floor: np.ndarray) -> np.ndarray:
     """1.4826 x median |residual| over the valid entries of each row, at least `floor` [N]."""
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a view without samples: all-NaN row
-        mad = np.nanmedian(np.where(valid_nm, np.abs(residual_nm), np.nan), axis=1)
-    return np.maximum(np.nan_to_num(_MAD_TO_SIGMA * mad, nan=0.0), floor)
+    return np.maximum(_MAD_TO_SIGMA * _row_median(np.abs(residual_nm), valid_nm), floor)
+
+
+def _row_median(values_nm: np.ndarray, valid_nm: np.ndarray) -> np.ndarray:
+    """Median [N] of each row's valid entries (0 for a row without any): one sort, not nanmedian."""
+    counts = valid_nm.sum(axis=1)
+    ordered = np.sort(np.where(valid_nm, values_nm, np.inf), axis=1)
+    if not ordered.shape[1]:
+        return np.zeros(len(counts))
+    low = ordered[np.arange(len(counts)), np.maximum(counts - 1, 0) // 2]
+    high = ordered[np.arange(len(counts)), np.maximum(counts, 1) // 2 - (counts == 0)]
+    with np.errstate(invalid="ignore"):
+        return np.where(counts > 0, np.where(counts % 2 == 1, low, 0.5 * (low + high)), 0.0)
 
 
 def fit_scale_shift(
@@ -379,15 +399,34 @@ class _Views:
     K_map: np.ndarray | None  # [N, 3, 3] K scaled to the depth map, when poses are used
     R: np.ndarray | None
     T: np.ndarray | None
-    read_nhw: np.ndarray | None = None  # what samples read (the median map); None: depth_nhw
-    read_valid_nhw: np.ndarray | None = None  # where samples may be read; None: valid_nhw
-    noise: np.ndarray | None = None  # [N] relative noise sigma of what samples read
+    prefilter: Config | None = None  # the config whose prefilter applies; None: samples read raw pixels
+    noise_raw: np.ndarray | None = None  # [N] relative per-pixel noise of the prediction (with prefilter)
+    noise: np.ndarray | None = None  # [N] relative noise of what samples read
+    rejected: np.ndarray | None = None  # [N] samples the prefilter dropped (edges, salt)
 
-    def reading(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """(map, valid) that samples of view `row` are read from."""
-        read = self.depth_nhw if self.read_nhw is None else self.read_nhw
-        valid = self.valid_nhw if self.read_valid_nhw is None else self.read_valid_nhw
-        return read[row], valid[row]
+    def read_at(self, row: int, lines: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(prediction [Q], usable [Q]) of view `row` at integer pixels: the raw value where valid,
+        or with the prefilter (`stages.core.depthmaps.check_pixels`) never on a depth edge, and the
+        3 x 3 median (SfM points, a reference view) or the raw value off salt (a `depth` reference)."""
+        depth, valid = self.depth_nhw[row], self.valid_nhw[row]
+        usable = valid[lines, cols]
+        if self.prefilter is None or not len(lines):
+            return depth[lines, cols], usable
+        check = depthmaps.check_pixels(depth, valid, lines, cols, float(self.noise_raw[row]),
+                                       edge_threshold=self.prefilter.edge_threshold)  # fmt: skip
+        if self.reads_median(row):
+            return check.median_q, usable & ~check.edge_q
+        return depth[lines, cols], usable & ~check.edge_q & ~check.outlier_q
+
+    def reads_median(self, row: int) -> bool:
+        """Whether samples of view `row` read the 3 x 3 median: SfM points or a reference view on a
+        prediction noisier than `median_noise` (below it, the median's curvature bias outweighs)."""
+        cfg = self.prefilter
+        return cfg is not None and cfg.reference != "depth" and float(self.noise_raw[row]) >= cfg.median_noise
+
+    def count_rejected(self, row: int, before: int, after: int) -> None:
+        if self.rejected is not None:
+            self.rejected[row] += before - after
 
 
 def _pad(samples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -428,11 +467,14 @@ def _sample_points(views: _Views, row: int, points_n3: np.ndarray, *, zbuffer: b
     r0 = np.minimum(np.floor(fy).astype(np.int64), height - 2) if height > 1 else np.zeros(len(fy), np.int64)
     c1, r1 = np.minimum(c0 + 1, width - 1), np.minimum(r0 + 1, height - 1)
     wx, wy = fx - c0, fy - r0
-    depth, valid = views.reading(row)
-    good = valid[r0, c0] & valid[r0, c1] & valid[r1, c0] & valid[r1, c1]
-    x = (depth[r0, c0] * (1 - wx) + depth[r0, c1] * wx) * (1 - wy) + (
-        depth[r1, c0] * (1 - wx) + depth[r1, c1] * wx
-    ) * wy
+    n = len(z)
+    value, usable = views.read_at(row, np.concatenate([r0, r0, r1, r1]), np.concatenate([c0, c1, c0, c1]))
+    d00, d01, d10, d11 = value[:n], value[n : 2 * n], value[2 * n : 3 * n], value[3 * n :]
+    good = usable[:n] & usable[n : 2 * n] & usable[2 * n : 3 * n] & usable[3 * n :]
+    valid = views.valid_nhw[row]
+    raw_good = valid[r0, c0] & valid[r0, c1] & valid[r1, c0] & valid[r1, c1]
+    views.count_rejected(row, int(raw_good.sum()), int(good.sum()))
+    x = (d00 * (1 - wx) + d01 * wx) * (1 - wy) + (d10 * (1 - wx) + d11 * wx) * wy
     return x[good], z[good]
 
 
@@ -498,10 +540,11 @@ def depth_samples(views: _Views, reference: io.Record, cfg: Config) -> list[tupl
     rng = np.random.default_rng(cfg.seed)
     samples = []
     for row in range(len(views.names)):
-        read, valid = views.reading(row)
-        flat = np.flatnonzero(valid & np.isfinite(ref[row]) & (ref[row] > 0))
+        flat = np.flatnonzero(views.valid_nhw[row] & np.isfinite(ref[row]) & (ref[row] > 0))
         flat = _subsample(flat, cfg.max_samples, rng)
-        samples.append((read.reshape(-1)[flat], ref[row].reshape(-1)[flat]))
+        value, usable = views.read_at(row, flat // width, flat % width)
+        views.count_rejected(row, len(flat), int(usable.sum()))
+        samples.append((value[usable], ref[row].reshape(-1)[flat[usable]]))
     return samples
 
 
@@ -684,15 +727,14 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
     record = io.load_record(depth_path, kind="depth", capture=capture)
     space: FitSpace = "disparity" if record.extra.get("depth_kind") == "disparity" else "depth"
     views = _load_views(record, poses_path if poses_path in inputs else None, capture)
-    check = None
     if cfg.prefilter:
-        check = depthmaps.inspect_maps(views.depth_nhw, views.valid_nhw, edge_threshold=cfg.edge_threshold)
-        if cfg.reference != "depth":
-            views.read_nhw, views.read_valid_nhw = check.median_vhw, views.valid_nhw & ~check.edge_vhw
-            views.noise = check.noise_v * depthmaps.MEDIAN_NOISE
-        else:
-            views.read_valid_nhw = check.clean(views.valid_nhw)
-            views.noise = check.noise_v * (2.0 / 3.0)
+        views.prefilter = cfg
+        views.noise_raw = np.array([depthmaps.estimate_noise(d, v, seed=cfg.seed)
+                                    for d, v in zip(views.depth_nhw, views.valid_nhw, strict=True)])  # fmt: skip
+        # what samples read: a 3 x 3 median, or one pixel bilinear over 4 (noise x 2/3 on average)
+        median = np.array([views.reads_median(row) for row in range(len(views.names))])
+        views.noise = views.noise_raw * np.where(median, depthmaps.MEDIAN_NOISE, 2.0 / 3.0)
+        views.rejected = np.zeros(len(views.names), dtype=np.int64)
     fixed: dict[int, tuple[float, float]] = {}
     if cfg.reference == "sparse":
         samples = sparse_samples(views, io.load_record(sparse_path, kind="sparse", capture=capture), cfg)
@@ -738,12 +780,8 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
             "residual_rel": result.residual_rel.astype(np.float64),
             "quality": result.quality.astype(np.int8),
             **(
-                {
-                    "prediction_noise": check.noise_v.astype(np.float64),
-                    "outlier_pixels": check.outlier_vhw.sum(axis=(1, 2)).astype(np.int64),
-                    "edge_pixels": check.edge_vhw.sum(axis=(1, 2)).astype(np.int64),
-                }
-                if check is not None
+                {"prediction_noise": views.noise_raw.astype(np.float64), "rejected_samples": views.rejected}
+                if views.prefilter is not None
                 else {}
             ),
             "image_hw": _image_hw(record),

@@ -7,12 +7,15 @@ and writes ``WORK/<capture>/cloud.ply`` (points, colours, normals) and ``cloud_m
 Pipeline (Fig. 5, plus two optional filters), each step switchable in `Config` and recorded:
 
 1. foreground: a pixel counts when its aligned z-depth is finite and > 0, inside ``depth_range``
-   and inside the view's mask (``mask_dir``);
+   and inside the view's mask (``mask_dir``), its view's align quality reaches ``min_quality``,
+   and it is neither a depth-edge (flying) pixel nor a salt outlier (``edge_filter``); each map is
+   then median-filtered over its kept pixels (``smooth_px``, `filtered_views`);
 2. back-projection of every foreground pixel of every view, X = R^T (d K^-1 p~ - T), vectorised
    per view (`fuse_views`); each point keeps its colour (the image pixel at the same centre) and
    the index of the view it came from;
-3. multi-view consistency (off by default): keep points whose depth agrees with at least
-   ``consistency_views`` other views (`cross_view_agreement`);
+3. multi-view consistency (on by default for captures with >= 3 views): keep points whose depth
+   agrees with at least ``consistency_views`` other views, occlusion-aware, and move each to the
+   mean of the agreeing depths (`consistent_points`);
 4. voxel downsampling: one point per occupied voxel, the mean of its points (Open3D's grid and
    averaging, done in numpy so each point keeps a view id: that of the voxel's first point);
 5. statistical outlier removal (Open3D): drop points whose mean distance to their
@@ -80,6 +83,9 @@ class Config:
     The defaults (k = 2, 0.02, `smooth_px` 5, `edge_threshold` 0.05) scored best of those tried on
     `synth.corrupt_depth` (salt, noise + salt, bend + noise, flying pixels; seeds 0-2, SfM-posed
     256 px ring): worst mean distance 0.42 % of the head's size, worst p95 1.08 %."""
+    consistency_unseen: bool = True
+    """Keep the points that land on no other view's valid depth (off their maps, beyond their
+    silhouettes): no view can check them."""
     consistency_fuse: bool = True
     """Move each kept point along its ray to the mean of its depth and the agreeing views' depths."""
     outlier_removal: bool = True
@@ -261,6 +267,7 @@ class Agreement:
     abs_diff: np.ndarray  # [M] |D - z|, scene units
     visible_n: np.ndarray | None = None  # [N] other views that agree or see past the point (r > tolerance)
     ratio_sum_n: np.ndarray | None = None  # [N] sum of D / z over the agreeing views
+    seen_n: np.ndarray | None = None  # [N] other views where the point lands in front on valid depth
 
 
 def cross_view_agreement(cloud: Points, views: Views, tolerance: float, gate: float) -> Agreement:
@@ -269,18 +276,19 @@ def cross_view_agreement(cloud: Points, views: Views, tolerance: float, gate: fl
     agree = np.zeros(n, dtype=np.int32)
     overlap = np.zeros(n, dtype=np.int32)
     visible = np.zeros(n, dtype=np.int32)
+    seen_n = np.zeros(n, dtype=np.int32)
     ratio_sum = np.zeros(n)
     pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     for view in range(len(views.names)):
-        index = np.flatnonzero(cloud.view_n != view)
+        uv, z = geometry.project(cloud.points_n3, views.K_v33[view], views.R_v33[view], views.T_v3[view])
+        index = np.flatnonzero((z > 1e-12) & (cloud.view_n != view))  # in front of another view's camera
         if not len(index):
             continue
-        uv, z = geometry.project(cloud.points_n3[index], views.K_v33[view], views.R_v33[view], views.T_v3[view])
-        front = z > 1e-12
-        index, uv, z = index[front], uv[front], z[front]
+        uv, z = uv[index], z[index]
         depth = sample_depth(views.depth_vhw[view].astype(np.float64), uv[:, 0], uv[:, 1])
         seen = np.isfinite(depth)
         index, z, depth = index[seen], z[seen], depth[seen]
+        seen_n[index] += 1
         signed = (depth - z) / z
         rel = np.abs(signed)
         agreeing = rel <= tolerance
@@ -294,7 +302,7 @@ def cross_view_agreement(cloud: Points, views: Views, tolerance: float, gate: fl
         point, view_j, ratio, diff = (np.concatenate(parts) for parts in zip(*pairs, strict=True))
     else:
         point, view_j, ratio, diff = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
-    return Agreement(agree, overlap, point, view_j, ratio, diff, visible, ratio_sum)
+    return Agreement(agree, overlap, point, view_j, ratio, diff, visible, ratio_sum, seen_n)
 
 
 def consistent_points(cloud: Points, views: Views, cfg: Config) -> tuple[np.ndarray, Points]:
@@ -304,14 +312,17 @@ def consistent_points(cloud: Points, views: Views, cfg: Config) -> tuple[np.ndar
     either agrees (|D_j - z_j| <= tolerance z_j), sees past X (D_j > z_j (1 + tolerance): X
     floats in front of j's surface, evidence against X), or has its surface in front of X
     (D_j < z_j (1 - tolerance): X is occluded there, no evidence either way). X is kept when
-    agree >= min(k, visible) and agree >= 1, visible = agreeing + seeing-past views: a point
-    that only two views can see needs one agreeing view, however large k is. With
-    `consistency_fuse`, a kept point moves along its ray (from view i's camera centre) to the
-    mean of z_i and the agreeing views' depths mapped onto it (z_i D_j / z_j).
+    agree >= min(k, visible), visible = agreeing + seeing-past views, and agree >= 1 unless X
+    lands on no other view's valid depth at all (`consistency_unseen`: off their maps or beyond
+    their silhouettes, so no view can check it; a point behind another view's surface is checked
+    and needs agreement): a point that only two views can see needs one agreeing view, however
+    large k is. With `consistency_fuse`, a kept point moves along its ray (from view i's camera
+    centre) to the mean of z_i and the agreeing views' depths mapped onto it (z_i D_j / z_j).
     """
     agreement = cross_view_agreement(cloud, views, cfg.consistency_tolerance, cfg.overlap_gate)
     agree, visible = agreement.agree_n, agreement.visible_n
-    keep = (agree >= 1) & (agree >= np.minimum(cfg.consistency_views, visible))
+    unseen = agreement.seen_n == 0
+    keep = (agree >= np.minimum(cfg.consistency_views, visible)) & ((agree >= 1) | (cfg.consistency_unseen & unseen))
     kept = cloud.take(keep)
     if cfg.consistency_fuse and len(kept):
         factor = (1.0 + agreement.ratio_sum_n[keep]) / (1.0 + agree[keep])
@@ -473,11 +484,11 @@ def build_cloud(views: Views, cfg: Config = Config(), masks_vhw: np.ndarray | No
             raise StageFailure(f"{label}: the {name} filter left no point ({before} before); "
                                f"loosen it ({_HOW_TO_LOOSEN[name]})")  # fmt: skip
 
-    foreground = foreground_mask(views, cfg, masks_vhw)
     quality = _quality_mask(views, cfg)
-    foreground &= quality[:, None, None]
-    record("quality", cfg.min_quality != "failed", valid_pixels, int(np.count_nonzero(foreground)),
+    valid_vhw = np.isfinite(views.depth_vhw) & (views.depth_vhw > 0)
+    record("quality", cfg.min_quality != "failed", valid_pixels, int(np.count_nonzero(valid_vhw[quality])),
            min_quality=cfg.min_quality, views_dropped=[n for n, q in zip(views.names, quality, strict=True) if not q])  # fmt: skip
+    foreground = foreground_mask(views, cfg, masks_vhw) & quality[:, None, None]
     views, foreground, edge_params = filtered_views(views, foreground, cfg)
     raw = fuse_views(views, foreground, device)
     record("foreground", cfg.depth_range is not None or masks_vhw is not None or cfg.edge_filter, valid_pixels,
@@ -537,14 +548,29 @@ def filtered_views(views: Views, foreground_vhw: np.ndarray, cfg: Config) -> tup
         return views, foreground_vhw, {}
     depth = np.where(foreground_vhw, views.depth_vhw, 0.0)
     keep = foreground_vhw.copy()
+    edges = outliers = 0
+    margin = 3 + cfg.smooth_px  # beyond the reach of every window: the crop changes no result
+    for view, fg in enumerate(foreground_vhw):
+        rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
+        if not len(rows):
+            continue
+        box = (
+            slice(max(rows[0] - margin, 0), rows[-1] + margin + 1),
+            slice(max(cols[0] - margin, 0), cols[-1] + margin + 1),
+        )
+        sub, sub_fg = depth[view][box], fg[box]
+        sub_keep = sub_fg.copy()
+        if cfg.edge_filter:
+            check = depthmaps.inspect_maps(sub[None], sub_fg[None], edge_threshold=cfg.edge_threshold)
+            sub_keep &= ~check.edge_vhw[0] & ~check.outlier_vhw[0]
+            edges, outliers = edges + int(check.edge_vhw.sum()), outliers + int(check.outlier_vhw.sum())
+        if cfg.smooth_px > 1:
+            depth[view][box] = depthmaps.median_map(sub, sub_keep, cfg.smooth_px)
+        keep[view][box] = sub_keep
     params: dict[str, Any] = {}
     if cfg.edge_filter:
-        check = depthmaps.inspect_maps(depth, foreground_vhw, edge_threshold=cfg.edge_threshold)
-        keep &= ~check.edge_vhw & ~check.outlier_vhw
-        params = {"edge_pixels": int(check.edge_vhw.sum()), "outlier_pixels": int(check.outlier_vhw.sum()),
-                  "edge_threshold": cfg.edge_threshold}  # fmt: skip
+        params = {"edge_pixels": edges, "outlier_pixels": outliers, "edge_threshold": cfg.edge_threshold}
     if cfg.smooth_px > 1:
-        depth = np.stack([depthmaps.median_map(d, k, cfg.smooth_px) for d, k in zip(depth, keep, strict=True)])
         params["smooth_px"] = cfg.smooth_px
     depth = np.where(keep, depth, 0.0).astype(np.float32)
     filtered = Views(views.names, depth, views.K_v33, views.R_v33, views.T_v3, views.images, views.quality_v)

@@ -136,7 +136,8 @@ def test_depthmaps_find_salt_edges_and_noise(posed):
                                rtol=0.1)  # fmt: skip
     corrupted = synth.corrupt_depth(z, synth.Corruption(noise=0.01, salt=0.1, flying_px=2.0, seed=1))
     check = depthmaps.inspect_maps(corrupted.depth_nhw, np.ones_like(fg))
-    assert (check.noise_v > 0.008).all() and (check.noise_v < 0.016).all()  # salt widens the MAD a little
+    # salt and flying pixels hardly move the estimate (its second pass leaves out the gross residuals)
+    np.testing.assert_allclose(check.noise_v, _relative_noise(corrupted, 0.01, fg), rtol=0.25)
     # salt: most far-off salt is found (salt that lands near the true value cannot be and need not be)
     gross = corrupted.salt_nhw & fg & (np.abs(corrupted.ideal_depth() / np.where(fg, z, 1) - 1) > 0.1)
     assert check.outlier_vhw[gross].mean() > 0.9
@@ -155,7 +156,7 @@ def test_depthmaps_find_salt_edges_and_noise(posed):
 def test_align_fit_error_under_corruptions(posed, tmp_path, kind):
     """Issue 17's targets, seeds 0-2: AbsRel of the fit < 0.5 % (salt), < 1 % (noise + salt, bend + noise).
 
-    Measured (256 px, calibrated SfM, ~950 points): salt 0.089-0.097 %, noise + salt 0.40-0.49 %,
+    Measured (256 px, calibrated SfM, ~950 points): salt 0.089-0.093 %, noise + salt 0.26-0.33 %,
     bend + noise 0.27-0.34 %; the previous default (tukey from RANSAC, no prefilter) 0.10 %,
     2.5 % and 3.1 % (bend, vs the true scale) on seed 0.
     """
@@ -171,7 +172,8 @@ def test_align_fit_error_under_corruptions(posed, tmp_path, kind):
         if "noise" in kind:
             rows = [posed.names.index(name) for name in record.names]
             expected = _relative_noise(corrupted, 0.02, posed.depth_gt > 0)[rows]
-            np.testing.assert_allclose(record["prediction_noise"], expected, rtol=0.25)
+            # 10 % salt widens the estimate by up to 40 % in a view (measured), noise alone by < 10 %
+            np.testing.assert_allclose(record["prediction_noise"], expected, rtol=0.5)
 
 
 def test_the_old_estimator_fails_where_lmeds_holds(posed, tmp_path):
@@ -196,9 +198,13 @@ def test_weak_views_are_flagged(posed, tmp_path):
     bad = record.names.index(posed.names[4])
     assert record["quality"][bad] == align.QUALITY["weak"]
     assert (np.delete(record["quality"], bad) == align.QUALITY["good"]).all()
-    [_, metrics_path] = cloud.run(work, cloud.Config())
+    [_, metrics_path] = cloud.run(work, cloud.Config())  # the default keeps weak views (consistency drops
+    steps = {step["name"]: step for step in io.read_json(metrics_path)["filters"]}  # their points)
+    assert steps["quality"]["params"]["views_dropped"] == []
+    [_, metrics_path] = cloud.run(work, cloud.Config(min_quality="good"))
     steps = {step["name"]: step for step in io.read_json(metrics_path)["filters"]}
     assert steps["quality"]["params"]["views_dropped"] == [posed.names[4]]
+    assert steps["quality"]["after"] < steps["quality"]["before"]
 
 
 # --- cloud --------------------------------------------------------------------------------------

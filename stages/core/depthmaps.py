@@ -6,7 +6,8 @@ per-pixel noise. `inspect_maps` finds them from the map alone, per view:
 
 - the median map: each valid pixel's median over its ``size`` x ``size`` window, invalid pixels
   first filled with their nearest valid value (so a silhouette does not pull the median toward 0);
-- noise: sigma_v = 1.4826 MAD of the relative residual (D - median) / median over the view,
+- noise: sigma_v = 1.4826 MAD of the relative residual (D - median) / median over the view
+  (twice: the second time without the residuals beyond ``outlier_sigmas`` x the first figure),
   divided by `_RESIDUAL_TO_NOISE` (the residual of i.i.d. noise against a 3 x 3 median is a bit
   narrower than the noise; the constant is measured on Gaussian noise), so it estimates the
   per-pixel relative noise of the prediction;
@@ -96,6 +97,9 @@ def inspect_maps(
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = np.where(ok, (d - med) / med, 0.0)
         sigma = _MAD_TO_SIGMA * float(np.median(np.abs(rel[ok]))) / _RESIDUAL_TO_NOISE
+        inside = ok & (np.abs(rel) <= outlier_sigmas * sigma)  # again without the gross outliers (salt)
+        if inside.any():
+            sigma = _MAD_TO_SIGMA * float(np.median(np.abs(rel[inside]))) / _RESIDUAL_TO_NOISE
         noise[view] = sigma
         outlier[view] = ok & (np.abs(rel) > max(outlier_sigmas * sigma, outlier_floor))
         filled = fill_nearest(med, ok)
@@ -106,3 +110,98 @@ def inspect_maps(
         edge[view] = ok & (spread > max(edge_threshold, edge_sigmas * MEDIAN_NOISE * sigma))
         median[view] = med
     return MapCheck(median, outlier, edge, noise)
+
+
+def _patches(map_hw: np.ndarray, valid_hw: np.ndarray, rows: np.ndarray, cols: np.ndarray, radius: int):
+    """Values and validity [Q, 2r+1, 2r+1] of the windows centred on pixels (rows, cols); pixels
+    outside the map are invalid."""
+    height, width = valid_hw.shape
+    offsets = np.arange(-radius, radius + 1)
+    r = rows[:, None, None] + offsets[None, :, None]
+    c = cols[:, None, None] + offsets[None, None, :]
+    inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
+    r, c = np.clip(r, 0, height - 1), np.clip(c, 0, width - 1)
+    return map_hw[r, c].astype(np.float64, copy=False), valid_hw[r, c] & inside
+
+
+# compare-exchange pairs of a median-of-9 sorting network (Paeth; Devillard, "Fast median search")
+_MEDIAN9_NETWORK = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3), (5, 8),
+                    (4, 7), (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2))  # fmt: skip
+
+
+def _median9(values_q9: np.ndarray, ok_q9: np.ndarray) -> np.ndarray:
+    """Median over the last axis (9 entries) of each window, invalid entries replaced by the
+    window's valid mean (a sorting network: 19 vectorised min/max pairs)."""
+    count = np.maximum(ok_q9.sum(axis=-1, keepdims=True), 1)
+    mean = np.where(ok_q9, values_q9, 0.0).sum(axis=-1, keepdims=True) / count
+    p = list(np.moveaxis(np.where(ok_q9, values_q9, mean), -1, 0))
+    for a, b in _MEDIAN9_NETWORK:
+        p[a], p[b] = np.minimum(p[a], p[b]), np.maximum(p[a], p[b])
+    return p[4]
+
+
+@dataclass(frozen=True)
+class PixelCheck:
+    """`check_pixels`' answer for Q pixels: 3 x 3 median, outlier and edge flags [Q]."""
+
+    median_q: np.ndarray
+    outlier_q: np.ndarray
+    edge_q: np.ndarray
+
+
+def estimate_noise(map_hw: np.ndarray, valid_hw: np.ndarray, *, pixels: int = 4096, outlier_sigmas: float = 4.0,
+                   seed: int = 0) -> float:  # fmt: skip
+    """`inspect_maps`' noise figure of one view from `pixels` random valid pixels (seeded, drawn
+    with replacement), not all: the figure needs a few thousand residuals, not a whole map."""
+    height, width = valid_hw.shape
+    rng = np.random.default_rng(seed)
+    rows, cols = rng.integers(0, height, 4 * pixels), rng.integers(0, width, 4 * pixels)  # uniform, then valid
+    keep = valid_hw[rows, cols]
+    rows, cols = rows[keep][:pixels], cols[keep][:pixels]
+    if len(rows) < min(pixels, 64):  # a sparse mask: take its pixels themselves
+        rows, cols = np.nonzero(valid_hw)
+        if len(rows) > pixels:
+            pick = rng.integers(0, len(rows), pixels)
+            rows, cols = rows[pick], cols[pick]
+    if not len(rows):
+        return 0.0
+    values, ok = _patches(map_hw, valid_hw, rows, cols, 1)
+    median = _median9(values.reshape(-1, 9), ok.reshape(-1, 9))
+    rel = (values[:, 1, 1] - median) / median
+    sigma = _MAD_TO_SIGMA * float(np.median(np.abs(rel))) / _RESIDUAL_TO_NOISE
+    inside = np.abs(rel) <= outlier_sigmas * sigma
+    if inside.any():
+        sigma = _MAD_TO_SIGMA * float(np.median(np.abs(rel[inside]))) / _RESIDUAL_TO_NOISE
+    return sigma
+
+
+def check_pixels(
+    map_hw: np.ndarray,
+    valid_hw: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    noise: float,
+    *,
+    outlier_sigmas: float = 4.0,
+    outlier_floor: float = 0.003,
+    edge_threshold: float = 0.05,
+    edge_sigmas: float = 6.0,
+) -> PixelCheck:
+    """`inspect_maps`' tests at a few pixels only (the 5 x 5 window around each), for a view of
+    relative noise `noise`: what align needs where its samples fall, at a cost that grows with
+    the samples rather than the map. Invalid neighbours count as the window's valid mean."""
+    rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+    values, ok = _patches(map_hw, valid_hw, rows, cols, 2)  # [Q, 5, 5]
+    windows = np.lib.stride_tricks.sliding_window_view(values, (3, 3), axis=(1, 2))  # [Q, 3, 3, 3, 3]
+    oks = np.lib.stride_tricks.sliding_window_view(ok, (3, 3), axis=(1, 2))
+    medians = _median9(windows.reshape(len(rows), 9, 9), oks.reshape(len(rows), 9, 9))  # [Q, 9]
+    valid_centres = ok[:, 1:4, 1:4].reshape(len(rows), 9)
+    centre = medians[:, 4]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = (values[:, 2, 2] - centre) / centre
+        high = np.where(valid_centres, medians, -np.inf).max(axis=1)
+        low = np.where(valid_centres, medians, np.inf).min(axis=1)
+        spread = (high - low) / low
+    outlier = ok[:, 2, 2] & (np.abs(rel) > max(outlier_sigmas * noise, outlier_floor))
+    edge = ok[:, 2, 2] & (spread > max(edge_threshold, edge_sigmas * MEDIAN_NOISE * noise))
+    return PixelCheck(np.where(ok[:, 2, 2], centre, 0.0), outlier, edge)
