@@ -79,8 +79,10 @@ class Config:
     the view is noisy (`median_noise`); otherwise, and with a `depth` reference (a dense reference
     has the pixel's own footprint, where a median's curvature bias shows at low resolution),
     samples read the pixels themselves and skip the salt found."""
-    edge_threshold: float = 0.05
-    """Relative depth range over 3 x 3 pixels above which a pixel is a depth edge (with `prefilter`)."""
+    edge_angle: float = 80.0
+    """With `prefilter`, a pixel whose 3 x 3 depth range exceeds that of a surface this many degrees
+    from facing the camera is a depth edge (`depthmaps.slope_threshold`; the focal length is the
+    poses', or 1.2 x the map's longer side without poses)."""
     median_noise: float = 0.005
     """With `prefilter`, SfM points read the 3 x 3 median of views whose per-pixel noise is at least
     this (relative), the pixels themselves (off salt) otherwise."""
@@ -413,10 +415,18 @@ class _Views:
         if self.prefilter is None or not len(lines):
             return depth[lines, cols], usable
         check = depthmaps.check_pixels(depth, valid, lines, cols, float(self.noise_raw[row]),
-                                       edge_threshold=self.prefilter.edge_threshold)  # fmt: skip
+                                       edge_threshold=self.edge_threshold(row))  # fmt: skip
         if self.reads_median(row):
             return check.median_q, usable & ~check.edge_q
         return depth[lines, cols], usable & ~check.edge_q & ~check.outlier_q
+
+    def edge_threshold(self, row: int) -> float:
+        """`depthmaps.slope_threshold` of view `row` at the prefilter's `edge_angle`."""
+        if self.K_map is not None:
+            focal = float(np.sqrt(self.K_map[row, 0, 0] * self.K_map[row, 1, 1]))
+        else:
+            focal = 1.2 * max(self.depth_nhw.shape[1:])
+        return float(depthmaps.slope_threshold(focal, self.prefilter.edge_angle))
 
     def reads_median(self, row: int) -> bool:
         """Whether samples of view `row` read the 3 x 3 median: SfM points or a reference view on a
@@ -687,8 +697,8 @@ def _check_config(cfg: Config) -> None:
         raise InputError("reference 'depth' needs --reference-depth PATH (a depth record or a folder of them)")
     if cfg.robust not in ("lmeds", "huber", "tukey", "ransac", "none"):
         raise InputError(f"unknown --robust {cfg.robust!r}: use lmeds, huber, tukey, ransac or none")
-    if not cfg.edge_threshold > 0:
-        raise InputError(f"--edge-threshold must be positive, got {cfg.edge_threshold}")
+    if not 0 < cfg.edge_angle < 90:
+        raise InputError(f"edge angle must be between 0 and 90 degrees, got {cfg.edge_angle}")
     if cfg.min_samples < 2 or cfg.max_samples < cfg.min_samples:
         raise InputError(f"need 2 <= min_samples <= max_samples, got {cfg.min_samples} and {cfg.max_samples}")
 

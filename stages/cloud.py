@@ -68,8 +68,9 @@ class Config:
     edge_filter: bool = True
     """Before fusion, drop the pixels on depth edges (flying pixels) and the salt outliers that
     `stages.core.depthmaps.inspect_maps` finds in each aligned map."""
-    edge_threshold: float = 0.05
-    """Relative depth range over 3 x 3 pixels above which a pixel is a depth edge."""
+    edge_angle: float = 80.0
+    """A pixel whose 3 x 3 depth range exceeds that of a surface this many degrees from facing its
+    camera is a depth edge (`depthmaps.slope_threshold`, from the view's focal length)."""
     smooth_px: int = 5
     """Window (pixels) of the median filter applied to each aligned map before fusion, over its
     clean pixels only (per-pixel noise; 1 = off)."""
@@ -80,7 +81,7 @@ class Config:
     """How many other views must agree (k); a point that fewer views can see needs all of them."""
     consistency_tolerance: float = 0.02
     """Agreement: |D_j(π_j(X)) - z_j(X)| <= tolerance x z_j(X), relative z-depth difference in view j.
-    The defaults (k = 2, 0.02, `smooth_px` 5, `edge_threshold` 0.05) scored best of those tried on
+    The defaults (k = 2, 0.02, `smooth_px` 5, `edge_angle` 80°) scored best of those tried on
     `synth.corrupt_depth` (salt, noise + salt, bend + noise, flying pixels; seeds 0-2, SfM-posed
     256 px ring): worst mean distance 0.42 % of the head's size, worst p95 1.08 %."""
     consistency_unseen: bool = True
@@ -561,7 +562,9 @@ def filtered_views(views: Views, foreground_vhw: np.ndarray, cfg: Config) -> tup
         sub, sub_fg = depth[view][box], fg[box]
         sub_keep = sub_fg.copy()
         if cfg.edge_filter:
-            check = depthmaps.inspect_maps(sub[None], sub_fg[None], edge_threshold=cfg.edge_threshold)
+            focal = float(np.sqrt(views.K_v33[view, 0, 0] * views.K_v33[view, 1, 1]))
+            threshold = float(depthmaps.slope_threshold(focal, cfg.edge_angle))
+            check = depthmaps.inspect_maps(sub[None], sub_fg[None], edge_threshold=threshold)
             sub_keep &= ~check.edge_vhw[0] & ~check.outlier_vhw[0]
             edges, outliers = edges + int(check.edge_vhw.sum()), outliers + int(check.outlier_vhw.sum())
         if cfg.smooth_px > 1:
@@ -569,7 +572,7 @@ def filtered_views(views: Views, foreground_vhw: np.ndarray, cfg: Config) -> tup
         keep[view][box] = sub_keep
     params: dict[str, Any] = {}
     if cfg.edge_filter:
-        params = {"edge_pixels": edges, "outlier_pixels": outliers, "edge_threshold": cfg.edge_threshold}
+        params = {"edge_pixels": edges, "outlier_pixels": outliers, "edge_angle": cfg.edge_angle}
     if cfg.smooth_px > 1:
         params["smooth_px"] = cfg.smooth_px
     depth = np.where(keep, depth, 0.0).astype(np.float32)
@@ -878,7 +881,7 @@ def _check_config(cfg: Config) -> None:
     checks = [
         (cfg.consistency_views >= 1, f"--consistency needs k >= 1 other views, got {cfg.consistency_views}"),
         (cfg.min_quality in _QUALITY_LEVEL, f"--min-quality must be failed, weak or good, got {cfg.min_quality!r}"),
-        (cfg.edge_threshold > 0, f"--edge-threshold must be positive, got {cfg.edge_threshold}"),
+        (0 < cfg.edge_angle < 90, f"edge angle must be between 0 and 90 degrees, got {cfg.edge_angle}"),
         (cfg.smooth_px >= 1, f"--smooth must be >= 1 pixel, got {cfg.smooth_px}"),
         (cfg.consistency_tolerance > 0, f"consistency tolerance must be positive, got {cfg.consistency_tolerance}"),
         (cfg.outlier_neighbors >= 1, f"outlier neighbours must be >= 1, got {cfg.outlier_neighbors}"),

@@ -15,7 +15,10 @@ per-pixel noise. `inspect_maps` finds them from the map alone, per view:
 - edges: the relative range (max - min) / min of the median map over a 3 x 3 window exceeds
   max(``edge_threshold``, ``edge_sigmas`` x sigma_v x `MEDIAN_NOISE`): a depth discontinuity or a
   surface seen so obliquely that a pixel spans a large depth interval; neither gives a sample a
-  fit or a fused cloud can trust.
+  fit or a fused cloud can trust. `slope_threshold` turns a slope limit into that threshold for a
+  camera: a surface at angle a from facing a camera of focal f pixels changes its relative depth
+  by ~tan(a) / f per pixel, 2 tan(a) / f over a 3 x 3 window, so the same angle holds at any
+  resolution (a fixed threshold would flag ever more of a head's rim as the images shrink).
 
 Values are relative, so they hold for z-depth and for disparity alike (for a relative change e,
 1/(D (1 + e)) changes by ~ -e). Maps are [V, H, W]; pixels that are not valid are never flagged.
@@ -49,6 +52,11 @@ class MapCheck:
         return valid_vhw & ~self.outlier_vhw & ~self.edge_vhw
 
 
+def slope_threshold(focal_px: float | np.ndarray, angle_deg: float) -> float | np.ndarray:
+    """Relative 3 x 3 depth range of a surface at `angle_deg` from facing a camera of focal `focal_px`."""
+    return 2.0 * np.tan(np.radians(angle_deg)) / np.asarray(focal_px, dtype=np.float64)
+
+
 def fill_nearest(map_hw: np.ndarray, valid_hw: np.ndarray) -> np.ndarray:
     """`map_hw` with every invalid pixel set to its nearest valid pixel's value (all 0 if none valid)."""
     from scipy import ndimage
@@ -78,10 +86,11 @@ def inspect_maps(
     size: int = 3,
     outlier_sigmas: float = 4.0,
     outlier_floor: float = 0.003,
-    edge_threshold: float = 0.05,
+    edge_threshold: float | np.ndarray = 0.05,
     edge_sigmas: float = 6.0,
 ) -> MapCheck:
-    """Median maps, outliers, edges and noise of positive maps [V, H, W] (see the module docstring)."""
+    """Median maps, outliers, edges and noise of positive maps [V, H, W] (see the module docstring);
+    `edge_threshold` is one figure or one per view [V]."""
     from scipy import ndimage
 
     depth = np.asarray(depth_vhw, dtype=np.float64)
@@ -90,6 +99,7 @@ def inspect_maps(
     outlier = np.zeros(depth.shape, dtype=bool)
     edge = np.zeros(depth.shape, dtype=bool)
     noise = np.zeros(len(depth))
+    thresholds = np.broadcast_to(np.asarray(edge_threshold, dtype=np.float64), (len(depth),))
     for view, (d, ok) in enumerate(zip(depth, valid, strict=True)):
         if not ok.any():
             continue
@@ -107,7 +117,7 @@ def inspect_maps(
         low = ndimage.minimum_filter(filled, size=3, mode="nearest")
         with np.errstate(divide="ignore", invalid="ignore"):
             spread = (high - low) / low
-        edge[view] = ok & (spread > max(edge_threshold, edge_sigmas * MEDIAN_NOISE * sigma))
+        edge[view] = ok & (spread > max(float(thresholds[view]), edge_sigmas * MEDIAN_NOISE * sigma))
         median[view] = med
     return MapCheck(median, outlier, edge, noise)
 
@@ -203,5 +213,5 @@ def check_pixels(
         low = np.where(valid_centres, medians, np.inf).min(axis=1)
         spread = (high - low) / low
     outlier = ok[:, 2, 2] & (np.abs(rel) > max(outlier_sigmas * noise, outlier_floor))
-    edge = ok[:, 2, 2] & (spread > max(edge_threshold, edge_sigmas * MEDIAN_NOISE * noise))
+    edge = ok[:, 2, 2] & (spread > max(float(edge_threshold), edge_sigmas * MEDIAN_NOISE * noise))
     return PixelCheck(np.where(ok[:, 2, 2], centre, 0.0), outlier, edge)
