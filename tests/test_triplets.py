@@ -272,3 +272,31 @@ def test_raw_clip_features_need_the_norms_of_a_current_embed_record(synth_tree, 
     np.testing.assert_allclose(np.linalg.norm(loaded.embeddings(), axis=1), 1.0, atol=1e-6)
     with pytest.raises(InputError, match="rerun nvf embed with --overwrite"):
         loaded.embeddings(raw=True)
+
+
+def test_views_whose_alignment_is_weak_lose_their_depth_reference(synth_tree, tmp_path):
+    _data, work = synth_tree
+    work = _copy_work(work, tmp_path / "work")
+    capture = "001_01_01_00"
+    names = io.read_record_names(worktree.record_path(work, capture, "poses"))
+    quality = np.full(13, 2, np.int8)
+    quality[[3, 7]] = [1, 0]  # weak, failed (align.QUALITY)
+    io.save_record(worktree.record_path(work, capture, "aligned"), {
+        "depth": np.ones((13, 16, 16), np.float32), "scale": np.ones(13), "shift": np.zeros(13),
+        "residual_rms": np.zeros(13), "inliers": np.full(13, 50), "quality": quality,
+    }, kind="aligned", stage="test", capture=capture, names=names)  # fmt: skip
+    rows = {}
+    for level in ("failed", "weak", "good"):
+        out = tmp_path / f"{level}.safetensors"
+        triplets.run(work, out, triplets.Config(subjects=("001",), sessions=("01",), csv=False,
+                                                min_depth_quality=level))  # fmt: skip
+        loaded = triplets.load_triplets(out)
+        first = loaded["capture_index"] == 0
+        aligned_names = [Path(n).name for n in np.asarray(loaded.record.names)[first]]
+        rows[level] = {name: int(row) for name, row in zip(aligned_names, loaded["depth_row"][first], strict=True)}
+        assert loaded.n_images == 26  # images and pairs stay; only the depth reference goes
+    assert all(row >= 0 for row in rows["failed"].values())
+    assert rows["weak"][names[7]] == -1 and rows["weak"][names[3]] == 3 and rows["weak"][names[0]] == 0
+    assert rows["good"][names[7]] == -1 and rows["good"][names[3]] == -1 and rows["good"][names[0]] == 0
+    with pytest.raises(InputError, match="min depth quality"):
+        triplets.run(work, tmp_path / "x.safetensors", triplets.Config(min_depth_quality="best"))
