@@ -338,7 +338,8 @@ def _lmeds(
         residual = np.abs(
             scale_h[:, :, None] * x[rows, probe][:, None, :] + shift_h[:, :, None] - y[rows, probe][:, None, :]
         )  # [N, H, E]
-    median = np.where(usable, np.median(residual, axis=2), np.inf)  # [N, H]
+    half = (residual.shape[2] - 1) // 2  # the lower median (one partition, not np.median's two)
+    median = np.where(usable, np.partition(residual, half, axis=2)[:, :, half], np.inf)  # [N, H]
     best = median.argmin(axis=1)
     pick = np.arange(n_rows)
     scale, shift = scale_h[pick, best], shift_h[pick, best]
@@ -420,6 +421,22 @@ class _Views:
             return check.median_q, usable & ~check.edge_q
         return depth[lines, cols], usable & ~check.edge_q & ~check.outlier_q
 
+    def read_block(self, row: int, lines: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`read_at` for the 2 x 2 blocks at (lines, cols) (top-left; the next line and column are
+        clipped to the map): values and usable [Q, 4], corners (r, c), (r, c+1), (r+1, c), (r+1, c+1)."""
+        depth, valid = self.depth_nhw[row], self.valid_nhw[row]
+        height, width = valid.shape
+        r1, c1 = np.minimum(lines + 1, height - 1), np.minimum(cols + 1, width - 1)
+        pick_r, pick_c = np.stack([lines, lines, r1, r1], 1), np.stack([cols, c1, cols, c1], 1)
+        usable = valid[pick_r, pick_c]
+        if self.prefilter is None or not len(lines) or height < 2 or width < 2:
+            return depth[pick_r, pick_c], usable
+        check = depthmaps.check_blocks(depth, valid, lines, cols, float(self.noise_raw[row]),
+                                       edge_threshold=self.edge_threshold(row))  # fmt: skip
+        if self.reads_median(row):
+            return check.median_q, usable & ~check.edge_q
+        return depth[pick_r, pick_c], usable & ~check.edge_q & ~check.outlier_q
+
     def edge_threshold(self, row: int) -> float:
         """`depthmaps.slope_threshold` of view `row` at the prefilter's `edge_angle`."""
         if self.K_map is not None:
@@ -477,10 +494,9 @@ def _sample_points(views: _Views, row: int, points_n3: np.ndarray, *, zbuffer: b
     r0 = np.minimum(np.floor(fy).astype(np.int64), height - 2) if height > 1 else np.zeros(len(fy), np.int64)
     c1, r1 = np.minimum(c0 + 1, width - 1), np.minimum(r0 + 1, height - 1)
     wx, wy = fx - c0, fy - r0
-    n = len(z)
-    value, usable = views.read_at(row, np.concatenate([r0, r0, r1, r1]), np.concatenate([c0, c1, c0, c1]))
-    d00, d01, d10, d11 = value[:n], value[n : 2 * n], value[2 * n : 3 * n], value[3 * n :]
-    good = usable[:n] & usable[n : 2 * n] & usable[2 * n : 3 * n] & usable[3 * n :]
+    value, usable = views.read_block(row, r0, c0)  # [n, 4]: (r0, c0), (r0, c1), (r1, c0), (r1, c1)
+    d00, d01, d10, d11 = value.T
+    good = usable.all(axis=1)
     valid = views.valid_nhw[row]
     raw_good = valid[r0, c0] & valid[r0, c1] & valid[r1, c0] & valid[r1, c1]
     views.count_rejected(row, int(raw_good.sum()), int(good.sum()))

@@ -159,7 +159,7 @@ class PixelCheck:
     edge_q: np.ndarray
 
 
-def estimate_noise(map_hw: np.ndarray, valid_hw: np.ndarray, *, pixels: int = 4096, outlier_sigmas: float = 4.0,
+def estimate_noise(map_hw: np.ndarray, valid_hw: np.ndarray, *, pixels: int = 2048, outlier_sigmas: float = 4.0,
                    seed: int = 0) -> float:  # fmt: skip
     """`inspect_maps`' noise figure of one view from `pixels` random valid pixels (seeded, drawn
     with replacement), not all: the figure needs a few thousand residuals, not a whole map."""
@@ -215,3 +215,43 @@ def check_pixels(
     outlier = ok[:, 2, 2] & (np.abs(rel) > max(outlier_sigmas * noise, outlier_floor))
     edge = ok[:, 2, 2] & (spread > max(float(edge_threshold), edge_sigmas * MEDIAN_NOISE * noise))
     return PixelCheck(np.where(ok[:, 2, 2], centre, 0.0), outlier, edge)
+
+
+def check_blocks(
+    map_hw: np.ndarray,
+    valid_hw: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    noise: float,
+    *,
+    outlier_sigmas: float = 4.0,
+    outlier_floor: float = 0.003,
+    edge_threshold: float = 0.05,
+    edge_sigmas: float = 6.0,
+) -> PixelCheck:
+    """`check_pixels` for the 2 x 2 blocks whose top-left pixels are (rows, cols) [Q] (what a
+    bilinear read touches), sharing the work: one 6 x 6 window and 16 medians per block instead of
+    four 5 x 5 windows and 36. Answers [Q, 4], corners in the order (r, c), (r, c+1), (r+1, c), (r+1, c+1)."""
+    rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+    values, ok = _patches(map_hw, valid_hw, rows + 1, cols + 1, 3)  # [Q, 7, 7] centred on (r+1, c+1)
+    values, ok = values[:, :6, :6], ok[:, :6, :6]  # rows r-2 .. r+3
+    windows = np.lib.stride_tricks.sliding_window_view(values, (3, 3), axis=(1, 2))  # [Q, 4, 4, 3, 3]
+    oks = np.lib.stride_tricks.sliding_window_view(ok, (3, 3), axis=(1, 2))
+    medians = _median9(windows.reshape(len(rows), 16, 9), oks.reshape(len(rows), 16, 9)).reshape(-1, 4, 4)
+    centre_ok = ok[:, 1:5, 1:5]  # [Q, 4, 4] validity of the pixels the medians belong to
+    corner_value = values[:, 2:4, 2:4].reshape(-1, 4)
+    corner_ok = ok[:, 2:4, 2:4].reshape(-1, 4)
+    corner_median = medians[:, 1:3, 1:3].reshape(-1, 4)
+    spreads = []
+    for dr, dc in ((0, 0), (0, 1), (1, 0), (1, 1)):  # each corner's 3 x 3 of medians
+        block = medians[:, dr : dr + 3, dc : dc + 3].reshape(-1, 9)
+        good = centre_ok[:, dr : dr + 3, dc : dc + 3].reshape(-1, 9)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            high, low = np.where(good, block, -np.inf).max(axis=1), np.where(good, block, np.inf).min(axis=1)
+            spreads.append((high - low) / low)
+    spread = np.stack(spreads, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = (corner_value - corner_median) / corner_median
+    outlier = corner_ok & (np.abs(rel) > max(outlier_sigmas * noise, outlier_floor))
+    edge = corner_ok & (spread > max(float(edge_threshold), edge_sigmas * MEDIAN_NOISE * noise))
+    return PixelCheck(np.where(corner_ok, corner_median, 0.0), outlier, edge)
