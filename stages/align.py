@@ -111,6 +111,8 @@ class Config:
     """Seed of the subsampling and of RANSAC."""
 
 
+_BLOCKS_FOR_NOISE = 16  # a view's noise from its sample blocks' own 16 residuals each needs this many blocks
+
 QUALITY: dict[str, int] = {"failed": 0, "weak": 1, "good": 2}
 """Per-view quality flag of the aligned record: `failed` (not fitted: an all-zero map), `weak` (fitted
 on fewer than `weak_inliers` inliers, an inlier fraction below `weak_inlier_fraction`, or a relative
@@ -431,8 +433,13 @@ class _Views:
         usable = valid[pick_r, pick_c]
         if self.prefilter is None or not len(lines) or height < 2 or width < 2:
             return depth[pick_r, pick_c], usable
-        check = depthmaps.check_blocks(depth, valid, lines, cols, float(self.noise_raw[row]),
+        known = bool(np.isfinite(self.noise_raw[row]))
+        if not known and len(lines) < _BLOCKS_FOR_NOISE:  # too few blocks to tell the noise: read more pixels
+            self.noise_raw[row] = depthmaps.estimate_noise(depth, valid, seed=self.prefilter.seed)
+            known = True
+        check = depthmaps.check_blocks(depth, valid, lines, cols, float(self.noise_raw[row]) if known else None,
                                        edge_threshold=self.edge_threshold(row))  # fmt: skip
+        self.noise_raw[row] = check.noise
         if self.reads_median(row):
             return check.median_q, usable & ~check.edge_q
         return depth[pick_r, pick_c], usable & ~check.edge_q & ~check.outlier_q
@@ -755,11 +762,11 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
     views = _load_views(record, poses_path if poses_path in inputs else None, capture)
     if cfg.prefilter:
         views.prefilter = cfg
-        views.noise_raw = np.array([depthmaps.estimate_noise(d, v, seed=cfg.seed)
-                                    for d, v in zip(views.depth_nhw, views.valid_nhw, strict=True)])  # fmt: skip
-        # what samples read: a 3 x 3 median, or one pixel bilinear over 4 (noise x 2/3 on average)
-        median = np.array([views.reads_median(row) for row in range(len(views.names))])
-        views.noise = views.noise_raw * np.where(median, depthmaps.MEDIAN_NOISE, 2.0 / 3.0)
+        if cfg.reference == "depth":  # dense reads: the noise first, from its own sample of pixels
+            views.noise_raw = np.array([depthmaps.estimate_noise(d, v, seed=cfg.seed)
+                                        for d, v in zip(views.depth_nhw, views.valid_nhw, strict=True)])  # fmt: skip
+        else:  # SfM points or a reference view: from the pixels their blocks read anyway (`read_block`)
+            views.noise_raw = np.full(len(views.names), np.nan)
         views.rejected = np.zeros(len(views.names), dtype=np.int64)
     fixed: dict[int, tuple[float, float]] = {}
     if cfg.reference == "sparse":
@@ -781,6 +788,11 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
             raise InputError(f"{reference.path}: belongs to capture '{reference.capture}', not '{capture}'; "
                              "records of different captures cannot be combined")  # fmt: skip
         samples = depth_samples(views, reference, cfg)
+    if views.prefilter is not None:  # the noise is known once the samples are read
+        views.noise_raw = np.nan_to_num(views.noise_raw, nan=0.0)  # views without samples: not fitted anyway
+        # what samples read: a 3 x 3 median, or one pixel bilinear over 4 (noise x 2/3 on average)
+        median = np.array([views.reads_median(row) for row in range(len(views.names))])
+        views.noise = views.noise_raw * np.where(median, depthmaps.MEDIAN_NOISE, 2.0 / 3.0)
     result = align_views(views.depth_nhw, views.valid_nhw, samples, space, cfg, fixed, views.noise)
     failed = [name for name, s in zip(views.names, result.scale, strict=False) if not np.isfinite(s)]
     if len(failed) == len(views.names):

@@ -152,11 +152,13 @@ def _median9(values_q9: np.ndarray, ok_q9: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PixelCheck:
-    """`check_pixels`' answer for Q pixels: 3 x 3 median, outlier and edge flags [Q]."""
+    """`check_pixels`' answer for Q pixels: 3 x 3 median, outlier and edge flags [Q], and the
+    view's noise figure the flags used."""
 
     median_q: np.ndarray
     outlier_q: np.ndarray
     edge_q: np.ndarray
+    noise: float = 0.0
 
 
 def estimate_noise(map_hw: np.ndarray, valid_hw: np.ndarray, *, pixels: int = 2048, outlier_sigmas: float = 4.0,
@@ -177,7 +179,14 @@ def estimate_noise(map_hw: np.ndarray, valid_hw: np.ndarray, *, pixels: int = 20
         return 0.0
     values, ok = _patches(map_hw, valid_hw, rows, cols, 1)
     median = _median9(values.reshape(-1, 9), ok.reshape(-1, 9))
-    rel = (values[:, 1, 1] - median) / median
+    return _noise_of((values[:, 1, 1] - median) / median, outlier_sigmas)
+
+
+def _noise_of(rel: np.ndarray, outlier_sigmas: float) -> float:
+    """The noise figure of relative residuals against a 3 x 3 median: robust sigma, twice (the
+    second time without the residuals beyond `outlier_sigmas` x the first)."""
+    if not len(rel):
+        return 0.0
     sigma = _MAD_TO_SIGMA * float(np.median(np.abs(rel))) / _RESIDUAL_TO_NOISE
     inside = np.abs(rel) <= outlier_sigmas * sigma
     if inside.any():
@@ -214,7 +223,7 @@ def check_pixels(
         spread = (high - low) / low
     outlier = ok[:, 2, 2] & (np.abs(rel) > max(outlier_sigmas * noise, outlier_floor))
     edge = ok[:, 2, 2] & (spread > max(float(edge_threshold), edge_sigmas * MEDIAN_NOISE * noise))
-    return PixelCheck(np.where(ok[:, 2, 2], centre, 0.0), outlier, edge)
+    return PixelCheck(np.where(ok[:, 2, 2], centre, 0.0), outlier, edge, float(noise))
 
 
 def check_blocks(
@@ -222,7 +231,7 @@ def check_blocks(
     valid_hw: np.ndarray,
     rows: np.ndarray,
     cols: np.ndarray,
-    noise: float,
+    noise: float | None,
     *,
     outlier_sigmas: float = 4.0,
     outlier_floor: float = 0.003,
@@ -231,7 +240,9 @@ def check_blocks(
 ) -> PixelCheck:
     """`check_pixels` for the 2 x 2 blocks whose top-left pixels are (rows, cols) [Q] (what a
     bilinear read touches), sharing the work: one 6 x 6 window and 16 medians per block instead of
-    four 5 x 5 windows and 36. Answers [Q, 4], corners in the order (r, c), (r, c+1), (r+1, c), (r+1, c+1)."""
+    four 5 x 5 windows and 36. Answers [Q, 4], corners in the order (r, c), (r, c+1), (r+1, c), (r+1, c+1).
+    `noise` None: the view's noise figure comes from the blocks' own 16 Q residuals (as
+    `estimate_noise`, without its separate reads; pass a figure when Q is small)."""
     rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
     values, ok = _patches(map_hw, valid_hw, rows + 1, cols + 1, 3)  # [Q, 7, 7] centred on (r+1, c+1)
     values, ok = values[:, :6, :6], ok[:, :6, :6]  # rows r-2 .. r+3
@@ -239,6 +250,10 @@ def check_blocks(
     oks = np.lib.stride_tricks.sliding_window_view(ok, (3, 3), axis=(1, 2))
     medians = _median9(windows.reshape(len(rows), 16, 9), oks.reshape(len(rows), 16, 9)).reshape(-1, 4, 4)
     centre_ok = ok[:, 1:5, 1:5]  # [Q, 4, 4] validity of the pixels the medians belong to
+    if noise is None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            residual = (values[:, 1:5, 1:5] - medians) / medians
+        noise = _noise_of(residual[centre_ok & np.isfinite(residual)], outlier_sigmas)
     corner_value = values[:, 2:4, 2:4].reshape(-1, 4)
     corner_ok = ok[:, 2:4, 2:4].reshape(-1, 4)
     corner_median = medians[:, 1:3, 1:3].reshape(-1, 4)
@@ -254,4 +269,4 @@ def check_blocks(
         rel = (corner_value - corner_median) / corner_median
     outlier = corner_ok & (np.abs(rel) > max(outlier_sigmas * noise, outlier_floor))
     edge = corner_ok & (spread > max(float(edge_threshold), edge_sigmas * MEDIAN_NOISE * noise))
-    return PixelCheck(np.where(corner_ok, corner_median, 0.0), outlier, edge)
+    return PixelCheck(np.where(corner_ok, corner_median, 0.0), outlier, edge, float(noise))
