@@ -122,11 +122,12 @@ def inspect_maps(
     return MapCheck(median, outlier, edge, noise)
 
 
-def _patches(map_hw: np.ndarray, valid_hw: np.ndarray, rows: np.ndarray, cols: np.ndarray, radius: int):
-    """Values and validity [Q, 2r+1, 2r+1] of the windows centred on pixels (rows, cols); pixels
-    outside the map are invalid."""
+def _patches(map_hw: np.ndarray, valid_hw: np.ndarray, rows: np.ndarray, cols: np.ndarray, radius: int,
+             stop: int | None = None):  # fmt: skip
+    """Values and validity [Q, k, k] of the windows of offsets -radius .. stop - 1 (default radius)
+    around pixels (rows, cols); pixels outside the map are invalid."""
     height, width = valid_hw.shape
-    offsets = np.arange(-radius, radius + 1)
+    offsets = np.arange(-radius, radius + 1 if stop is None else stop)
     r = rows[:, None, None] + offsets[None, :, None]
     c = cols[:, None, None] + offsets[None, None, :]
     inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
@@ -142,9 +143,11 @@ _MEDIAN9_NETWORK = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 
 def _median9(values_q9: np.ndarray, ok_q9: np.ndarray) -> np.ndarray:
     """Median over the last axis (9 entries) of each window, invalid entries replaced by the
     window's valid mean (a sorting network: 19 vectorised min/max pairs)."""
-    count = np.maximum(ok_q9.sum(axis=-1, keepdims=True), 1)
-    mean = np.where(ok_q9, values_q9, 0.0).sum(axis=-1, keepdims=True) / count
-    p = list(np.moveaxis(np.where(ok_q9, values_q9, mean), -1, 0))
+    if not ok_q9.all():
+        count = np.maximum(ok_q9.sum(axis=-1, keepdims=True), 1)
+        mean = np.where(ok_q9, values_q9, 0.0).sum(axis=-1, keepdims=True) / count
+        values_q9 = np.where(ok_q9, values_q9, mean)
+    p = list(np.moveaxis(values_q9, -1, 0))
     for a, b in _MEDIAN9_NETWORK:
         p[a], p[b] = np.minimum(p[a], p[b]), np.maximum(p[a], p[b])
     return p[4]
@@ -244,8 +247,7 @@ def check_blocks(
     `noise` None: the view's noise figure comes from the blocks' own 16 Q residuals (as
     `estimate_noise`, without its separate reads; pass a figure when Q is small)."""
     rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
-    values, ok = _patches(map_hw, valid_hw, rows + 1, cols + 1, 3)  # [Q, 7, 7] centred on (r+1, c+1)
-    values, ok = values[:, :6, :6], ok[:, :6, :6]  # rows r-2 .. r+3
+    values, ok = _patches(map_hw, valid_hw, rows, cols, 2, stop=4)  # [Q, 6, 6]: rows r-2 .. r+3
     windows = np.lib.stride_tricks.sliding_window_view(values, (3, 3), axis=(1, 2))  # [Q, 4, 4, 3, 3]
     oks = np.lib.stride_tricks.sliding_window_view(ok, (3, 3), axis=(1, 2))
     medians = _median9(windows.reshape(len(rows), 16, 9), oks.reshape(len(rows), 16, 9)).reshape(-1, 4, 4)
