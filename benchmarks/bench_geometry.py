@@ -12,10 +12,10 @@ in one process with the sides interleaved:
   aligned maps and true masks.
 
 Goal of issue 17: the new defaults no slower than 1.2x the previous ones (ratio <= 1.2). Measured on
-a shared 2-core CPU: align 0.23 s vs 0.13 s (1.75x: the prefilter's per-sample checks and noise
-estimate, ~8 ms a view; the goal is missed), cloud 12.7 s vs 15.2 s (0.83x: consistency drops a
-third of the points before the costly outlier, thinning and normal steps); fit error 0.18 % vs
-1.9 %, cloud 0.46 % / 1.0 % (mean / p95 of the head's size) vs 1.35 % / 3.6 %. Extra
+a shared 2-core CPU: align 0.22 s vs 0.15 s (1.43x: the prefilter's per-sample checks, ~5 ms a
+view; the goal is missed), cloud 11.8 s vs 14.8 s (0.80x: consistency drops a third of the points
+before the costly outlier, thinning and normal steps); fit error 0.16 % vs 1.9 %, cloud 0.46 % /
+1.0 % (mean / p95 of the head's size) vs 1.35 % / 3.6 %. Extra
 figures: the fit error (AbsRel vs the ideal alignment) and the cloud's mean / p95 distance from
 the true surface (fraction of the head's size) of each side.
 """
