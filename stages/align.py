@@ -17,7 +17,13 @@ z = 1 / (s D + b); a ``depth`` record is fitted to z directly, z = s D + b. Pixe
 value is not positive become 0 (invalid) and are counted per view in ``nonpositive``. Output
 ``aligned.safetensors``: ``depth`` [N, H, W] float32 z-depth in the poses' units (0 = invalid),
 ``scale``/``shift`` [N] (in the fit space), ``residual_rms`` [N] (z-depth residual of the inlier
-reference samples, poses' units: the view's quality figure), ``inliers`` [N], ``nonpositive`` [N].
+reference samples, poses' units: the view's quality figure), ``inliers`` [N], ``nonpositive`` [N],
+``samples`` [N] (reference samples used), ``residual_rel`` [N] (residual_rms / median reference z),
+``quality`` [N] int8 (`QUALITY`: failed 0, weak 1, good 2; cloud filters on it), and with
+``prefilter`` ``prediction_noise`` [N] (relative per-pixel noise of the prediction) and
+``rejected_samples`` [N] (samples dropped on depth edges or salt, `stages.core.depthmaps`).
+The default estimator (``lmeds``) is robust to gross errors in the prediction, the regressor:
+see `fit_scale_shift`.
 A view that cannot be fitted (too few samples, all equal) gets NaN scale/shift/residual, 0 inliers
 and an all-zero map, with a warning. Depth maps stored smaller than the images (``--max-res``)
 are handled by scaling K to the map: u_map = u_image * W_map / W_image (pixel centres at +0.5).
@@ -35,7 +41,7 @@ from typing import Literal
 
 import numpy as np
 
-from stages.core import dataset, geometry, io, worktree
+from stages.core import dataset, depthmaps, geometry, io, worktree
 from stages.core.batching import ProgressFn
 from stages.core.errors import InputError, StageFailure
 
@@ -43,7 +49,7 @@ log = logging.getLogger("nvf")
 
 STAGE = "align"
 Reference = Literal["sparse", "view", "depth"]
-Robust = Literal["huber", "tukey", "ransac", "none"]
+Robust = Literal["lmeds", "huber", "tukey", "ransac", "none"]
 FitSpace = Literal["disparity", "depth"]
 
 _MAD_TO_SIGMA = 1.4826  # sigma of a normal distribution from its median absolute deviation
@@ -60,10 +66,35 @@ class Config:
     """Image name of the reference view (with reference = view)."""
     reference_depth: str | None = None
     """A depth record, or a folder holding <capture>/depth.safetensors (with reference = depth)."""
-    robust: Robust = "tukey"
-    """`huber` (IRLS, then least squares on the 3-sigma inliers): survives bad reference points;
-    `tukey` (biweight IRLS from a RANSAC start) and `ransac` also survive outliers in the
-    prediction itself (high-leverage samples that pull Huber's fit); `none`: plain least squares."""
+    robust: Robust = "lmeds"
+    """`lmeds` (default): least-median-of-squares seed, biweight IRLS at a data-driven scale, then an
+    errors-in-variables least squares on the inliers (see `fit_scale_shift`); `huber` (IRLS, then
+    least squares on the 3-sigma inliers): survives bad reference points; `tukey` (biweight IRLS
+    from a RANSAC start) and `ransac` also survive outliers in the prediction itself
+    (high-leverage samples that pull Huber's fit), but at a fixed threshold; `none`: least squares."""
+    prefilter: bool = True
+    """Take no sample on a depth edge or flying pixel (`stages.core.depthmaps`), and read the
+    prediction where it is not noise or salt: SfM points and a reference view read the 3 x 3
+    median (a point is one noisy sample: the median divides the noise by 2.4 and ignores salt) when
+    the view is noisy (`median_noise`); otherwise, and with a `depth` reference (a dense reference
+    has the pixel's own footprint, where a median's curvature bias shows at low resolution),
+    samples read the pixels themselves and skip the salt found."""
+    edge_angle: float = 80.0
+    """With `prefilter`, a pixel whose 3 x 3 depth range exceeds that of a surface this many degrees
+    from facing the camera is a depth edge (`depthmaps.slope_threshold`; the focal length is the
+    poses', or 1.2 x the map's longer side without poses)."""
+    median_noise: float = 0.005
+    """With `prefilter`, SfM points read the 3 x 3 median of views whose per-pixel noise is at least
+    this (relative), the pixels themselves (off salt) otherwise."""
+    errors_in_variables: bool = True
+    """Correct the slope for the prediction's own noise (estimated from the map; `lmeds` only)."""
+    weak_inliers: int = 20
+    """A fitted view with fewer inlier samples than this is flagged weak."""
+    weak_inlier_fraction: float = 0.5
+    """A fitted view whose inliers are fewer than this fraction of its samples is flagged weak."""
+    weak_residual: float = 0.03
+    """A fitted view whose residual RMS exceeds this fraction of its median reference z is flagged
+    weak (a smooth ±5 % bend of the prediction leaves 0.7-2.3 %, measured)."""
     huber_k: float = 1.345
     """Huber threshold in robust sigmas (1.4826 x median absolute residual)."""
     iterations: int = 20
@@ -80,9 +111,17 @@ class Config:
     """Seed of the subsampling and of RANSAC."""
 
 
+_BLOCKS_FOR_NOISE = 16  # a view's noise from its sample blocks' own 16 residuals each needs this many blocks
+
+QUALITY: dict[str, int] = {"failed": 0, "weak": 1, "good": 2}
+"""Per-view quality flag of the aligned record: `failed` (not fitted: an all-zero map), `weak` (fitted
+on fewer than `weak_inliers` inliers, an inlier fraction below `weak_inlier_fraction`, or a relative
+residual above `weak_residual`), `good`. Later stages filter on it (cloud's `min_quality`)."""
+
 PRESETS: dict[str, Config] = {
     "default": Config(),
     "huber": Config(robust="huber"),
+    "tukey": Config(robust="tukey", prefilter=False),
     "ransac": Config(robust="ransac"),
     "evaluate": Config(reference="depth"),
 }
@@ -132,10 +171,19 @@ def solve_normal_equations(
 
 def _robust_sigma(residual_nm: np.ndarray, valid_nm: np.ndarray, floor: np.ndarray) -> np.ndarray:
     """1.4826 x median |residual| over the valid entries of each row, at least `floor` [N]."""
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a view without samples: all-NaN row
-        mad = np.nanmedian(np.where(valid_nm, np.abs(residual_nm), np.nan), axis=1)
-    return np.maximum(np.nan_to_num(_MAD_TO_SIGMA * mad, nan=0.0), floor)
+    return np.maximum(_MAD_TO_SIGMA * _row_median(np.abs(residual_nm), valid_nm), floor)
+
+
+def _row_median(values_nm: np.ndarray, valid_nm: np.ndarray) -> np.ndarray:
+    """Median [N] of each row's valid entries (0 for a row without any): one sort, not nanmedian."""
+    counts = valid_nm.sum(axis=1)
+    ordered = np.sort(np.where(valid_nm, values_nm, np.inf), axis=1)
+    if not ordered.shape[1]:
+        return np.zeros(len(counts))
+    low = ordered[np.arange(len(counts)), np.maximum(counts - 1, 0) // 2]
+    high = ordered[np.arange(len(counts)), np.maximum(counts, 1) // 2 - (counts == 0)]
+    with np.errstate(invalid="ignore"):
+        return np.where(counts > 0, np.where(counts % 2 == 1, low, 0.5 * (low + high)), 0.0)
 
 
 def fit_scale_shift(
@@ -143,11 +191,36 @@ def fit_scale_shift(
     y_nm: np.ndarray,
     valid_nm: np.ndarray,
     cfg: Config = Config(),
+    x_noise: np.ndarray | None = None,
 ) -> Fit:
     """Fit y ~ s x + b per row over the valid entries, robustly as `cfg.robust` says.
 
-    x_nm, y_nm [N, M] float64 (padding anywhere `valid_nm` is False). `none`: least squares, every
-    valid sample an inlier. `huber`: IRLS with weights min(1, k sigma / |r|), sigma re-estimated
+    x_nm, y_nm [N, M] float64 (padding anywhere `valid_nm` is False); `x_noise` [N]: the relative
+    noise sigma of each row's x (x_i has noise ~ x_noise x_i), for the errors-in-variables step.
+
+    `lmeds` (the default) is built for monocular predictions, where the gross errors sit in x, the
+    regressor: a salt pixel or a flying pixel is a leverage point, which pulls least squares and
+    Huber's M-estimator (both bound only the influence of the residual, not of x) and flattens the
+    scale toward 0. Three steps:
+
+    1. least median of squares (Rousseeuw): of `ransac_iterations` pair hypotheses, the one whose
+       median squared residual is least. It needs no threshold and breaks down only beyond 50 %
+       outliers, leverage points included (a leverage point cannot lower the median).
+    2. a data-driven scale: sigma = 1.4826 (1 + 5 / (m - 2)) sqrt(median r²) of that fit (the
+       LMedS scale), inliers |r| <= 2.5 sigma; then `iterations` of Tukey's biweight IRLS from the
+       least squares of those inliers, sigma re-estimated (MAD) each time: efficient under the
+       noise, and redescending, so no gross error keeps any weight.
+    3. errors in variables on the 3-sigma inliers: x is noisy too, which biases least squares
+       toward a flatter slope by var(noise) / var(x) (regression dilution). With the noise known
+       from the map (`stages.core.depthmaps`), the slope is the method-of-moments estimate
+       s = S_xy / (S_xx - sum sigma_x²) (Fuller, Measurement Error Models, 1987), the correction
+       capped at half of S_xx; b = mean(y) - s mean(x).
+
+    A symmetric fit (orthogonal or geometric-mean regression) would need the ratio of the two
+    noises, and the reference (SfM points, or given depth) is far less noisy than a prediction, so
+    correcting the attenuation of the plain fit is the better-posed choice.
+
+    `none`: least squares, every valid sample an inlier. `huber`: IRLS with weights min(1, k sigma / |r|), sigma re-estimated
     from the median absolute residual each step, then least squares on |r| <= 3 sigma. `ransac`:
     the pair hypothesis with the most samples within `ransac_threshold` x median|y|, refitted by
     least squares on its inliers (twice). A view with fewer than `min_samples` valid samples, or a
@@ -163,6 +236,21 @@ def fit_scale_shift(
     if cfg.robust == "none":
         scale, shift, ok = solve_normal_equations(x, y, valid.astype(np.float64))
         inliers = valid
+    elif cfg.robust == "lmeds":
+        scale, shift, inliers, ok = _lmeds(x, y, valid, floor, cfg)
+        for _ in range(cfg.iterations):
+            residual = _residual(x, y, scale, shift)
+            sigma = _robust_sigma(residual, valid, floor)[:, None]
+            with np.errstate(over="ignore", invalid="ignore"):
+                weights = valid * np.clip(1.0 - (residual / (_TUKEY_C * sigma)) ** 2, 0.0, None) ** 2
+            scale, shift, ok = solve_normal_equations(x, y, weights)
+        residual = _residual(x, y, scale, shift)
+        inliers = valid & (np.abs(residual) <= 3.0 * _robust_sigma(residual, valid, floor)[:, None])
+        weights = inliers.astype(np.float64)
+        if cfg.errors_in_variables and x_noise is not None:
+            scale, shift, ok = solve_errors_in_variables(x, y, weights, np.asarray(x_noise, np.float64))
+        else:
+            scale, shift, ok = solve_normal_equations(x, y, weights)
     elif cfg.robust in ("huber", "tukey"):
         if cfg.robust == "huber":  # convex: plain least squares is as good a start as any
             scale, shift, ok = solve_normal_equations(x, y, valid.astype(np.float64))
@@ -183,7 +271,7 @@ def fit_scale_shift(
     elif cfg.robust == "ransac":
         scale, shift, inliers, ok = _ransac(x, y, valid, y_level, cfg)
     else:
-        raise InputError(f"unknown robust mode {cfg.robust!r}: use huber, tukey, ransac or none")
+        raise InputError(f"unknown robust mode {cfg.robust!r}: use lmeds, huber, tukey, ransac or none")
     counts = valid.sum(axis=1)
     ok = ok & (counts >= max(2, cfg.min_samples)) & (scale > 0)
     inliers = inliers & ok[:, None]
@@ -193,6 +281,76 @@ def fit_scale_shift(
 def _residual(x: np.ndarray, y: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
     with np.errstate(all="ignore"):
         return np.nan_to_num(scale[:, None] * x + shift[:, None] - y, nan=np.inf)
+
+
+def solve_errors_in_variables(
+    x_nm: np.ndarray, y_nm: np.ndarray, w_nm: np.ndarray, x_noise: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted y ~ s x + b per row with x noisy (relative sigma `x_noise` [N]): (s, b, ok).
+
+    s = S_xy / (S_xx - sum w (x_noise x)²), the attenuation correction of the least-squares slope,
+    capped so the denominator stays >= S_xx / 2; rows not ok as in `solve_normal_equations`.
+    """
+    scale, shift, ok = solve_normal_equations(x_nm, y_nm, w_nm)
+    w = np.where(w_nm > 0, w_nm, 0.0)
+    x = np.where(w > 0, x_nm, 0.0)
+    y = np.where(w > 0, y_nm, 0.0)
+    sum_w = np.where(ok, w.sum(axis=1), 1.0)
+    x_mean, y_mean = (w * x).sum(axis=1) / sum_w, (w * y).sum(axis=1) / sum_w
+    dx = np.where(w > 0, x - x_mean[:, None], 0.0)
+    sxx = (w * dx * dx).sum(axis=1)
+    sxy = (w * dx * (y - y_mean[:, None])).sum(axis=1)
+    noise = (w * (np.nan_to_num(x_noise)[:, None] * x) ** 2).sum(axis=1)
+    corrected = np.where(ok, sxy / np.where(ok, np.maximum(sxx - noise, 0.5 * sxx), 1.0), np.nan)
+    return corrected, np.where(ok, y_mean - corrected * x_mean, np.nan), ok
+
+
+def _pair_hypotheses(
+    x: np.ndarray, y: np.ndarray, valid: np.ndarray, cfg: Config
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(scale_h [N, H], shift_h [N, H], usable [N, H], probe [N, E]): lines through random sample
+    pairs (positive slope) and up to 2000 random samples per row to score them on (seeded)."""
+    rng = np.random.default_rng(cfg.seed)
+    n_rows = len(x)
+    counts = valid.sum(axis=1)
+    order = np.argsort(~valid, axis=1, kind="stable")  # valid entries first, in order
+    rows = np.arange(n_rows)[:, None]
+
+    def draw(k: int) -> np.ndarray:  # [N, k] positions of valid samples, uniform per row
+        return order[rows, (rng.random((n_rows, k)) * np.maximum(counts, 1)[:, None]).astype(np.int64)]
+
+    first, second = draw(cfg.ransac_iterations), draw(cfg.ransac_iterations)  # [N, H]
+    dx = x[rows, first] - x[rows, second]
+    with np.errstate(all="ignore"):
+        scale_h = (y[rows, first] - y[rows, second]) / dx
+        shift_h = y[rows, first] - scale_h * x[rows, first]
+    usable = np.isfinite(scale_h) & (scale_h > 0) & (np.abs(dx) > 0)
+    return scale_h, shift_h, usable, draw(min(2000, max(1, int(counts.max(initial=1)))))
+
+
+def _lmeds(
+    x: np.ndarray, y: np.ndarray, valid: np.ndarray, floor: np.ndarray, cfg: Config
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(scale, shift, inliers, ok): least median of squares over pair hypotheses, its inliers
+    (|r| <= 2.5 x the LMedS scale) refitted by least squares."""
+    n_rows = len(x)
+    rows = np.arange(n_rows)[:, None]
+    scale_h, shift_h, usable, probe = _pair_hypotheses(x, y, valid, cfg)
+    with np.errstate(all="ignore"):
+        residual = np.abs(
+            scale_h[:, :, None] * x[rows, probe][:, None, :] + shift_h[:, :, None] - y[rows, probe][:, None, :]
+        )  # [N, H, E]
+    half = (residual.shape[2] - 1) // 2  # the lower median (one partition, not np.median's two)
+    median = np.where(usable, np.partition(residual, half, axis=2)[:, :, half], np.inf)  # [N, H]
+    best = median.argmin(axis=1)
+    pick = np.arange(n_rows)
+    scale, shift = scale_h[pick, best], shift_h[pick, best]
+    m = np.maximum(valid.sum(axis=1), 3)
+    sigma = np.maximum(_MAD_TO_SIGMA * (1.0 + 5.0 / (m - 2)) * median[pick, best], floor)
+    ok = np.isfinite(median[pick, best])
+    inliers = valid & (np.abs(_residual(x, y, scale, shift)) <= 2.5 * sigma[:, None]) & ok[:, None]
+    scale, shift, ok = solve_normal_equations(x, y, inliers.astype(np.float64))
+    return scale, shift, inliers, ok
 
 
 def _ransac(
@@ -246,6 +404,63 @@ class _Views:
     K_map: np.ndarray | None  # [N, 3, 3] K scaled to the depth map, when poses are used
     R: np.ndarray | None
     T: np.ndarray | None
+    prefilter: Config | None = None  # the config whose prefilter applies; None: samples read raw pixels
+    noise_raw: np.ndarray | None = None  # [N] relative per-pixel noise of the prediction (with prefilter)
+    noise: np.ndarray | None = None  # [N] relative noise of what samples read
+    rejected: np.ndarray | None = None  # [N] samples the prefilter dropped (edges, salt)
+
+    def read_at(self, row: int, lines: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(prediction [Q], usable [Q]) of view `row` at integer pixels: the raw value where valid,
+        or with the prefilter (`stages.core.depthmaps.check_pixels`) never on a depth edge, and the
+        3 x 3 median (SfM points, a reference view) or the raw value off salt (a `depth` reference)."""
+        depth, valid = self.depth_nhw[row], self.valid_nhw[row]
+        usable = valid[lines, cols]
+        if self.prefilter is None or not len(lines):
+            return depth[lines, cols], usable
+        check = depthmaps.check_pixels(depth, valid, lines, cols, float(self.noise_raw[row]),
+                                       edge_threshold=self.edge_threshold(row))  # fmt: skip
+        if self.reads_median(row):
+            return check.median_q, usable & ~check.edge_q
+        return depth[lines, cols], usable & ~check.edge_q & ~check.outlier_q
+
+    def read_block(self, row: int, lines: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`read_at` for the 2 x 2 blocks at (lines, cols) (top-left; the next line and column are
+        clipped to the map): values and usable [Q, 4], corners (r, c), (r, c+1), (r+1, c), (r+1, c+1)."""
+        depth, valid = self.depth_nhw[row], self.valid_nhw[row]
+        height, width = valid.shape
+        r1, c1 = np.minimum(lines + 1, height - 1), np.minimum(cols + 1, width - 1)
+        pick_r, pick_c = np.stack([lines, lines, r1, r1], 1), np.stack([cols, c1, cols, c1], 1)
+        usable = valid[pick_r, pick_c]
+        if self.prefilter is None or not len(lines) or height < 2 or width < 2:
+            return depth[pick_r, pick_c], usable
+        known = bool(np.isfinite(self.noise_raw[row]))
+        if not known and len(lines) < _BLOCKS_FOR_NOISE:  # too few blocks to tell the noise: read more pixels
+            self.noise_raw[row] = depthmaps.estimate_noise(depth, valid, seed=self.prefilter.seed)
+            known = True
+        check = depthmaps.check_blocks(depth, valid, lines, cols, float(self.noise_raw[row]) if known else None,
+                                       edge_threshold=self.edge_threshold(row))  # fmt: skip
+        self.noise_raw[row] = check.noise
+        if self.reads_median(row):
+            return check.median_q, usable & ~check.edge_q
+        return depth[pick_r, pick_c], usable & ~check.edge_q & ~check.outlier_q
+
+    def edge_threshold(self, row: int) -> float:
+        """`depthmaps.slope_threshold` of view `row` at the prefilter's `edge_angle`."""
+        if self.K_map is not None:
+            focal = float(np.sqrt(self.K_map[row, 0, 0] * self.K_map[row, 1, 1]))
+        else:
+            focal = 1.2 * max(self.depth_nhw.shape[1:])
+        return float(depthmaps.slope_threshold(focal, self.prefilter.edge_angle))
+
+    def reads_median(self, row: int) -> bool:
+        """Whether samples of view `row` read the 3 x 3 median: SfM points or a reference view on a
+        prediction noisier than `median_noise` (below it, the median's curvature bias outweighs)."""
+        cfg = self.prefilter
+        return cfg is not None and cfg.reference != "depth" and float(self.noise_raw[row]) >= cfg.median_noise
+
+    def count_rejected(self, row: int, before: int, after: int) -> None:
+        if self.rejected is not None:
+            self.rejected[row] += before - after
 
 
 def _pad(samples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -286,11 +501,13 @@ def _sample_points(views: _Views, row: int, points_n3: np.ndarray, *, zbuffer: b
     r0 = np.minimum(np.floor(fy).astype(np.int64), height - 2) if height > 1 else np.zeros(len(fy), np.int64)
     c1, r1 = np.minimum(c0 + 1, width - 1), np.minimum(r0 + 1, height - 1)
     wx, wy = fx - c0, fy - r0
-    depth, valid = views.depth_nhw[row], views.valid_nhw[row]
-    good = valid[r0, c0] & valid[r0, c1] & valid[r1, c0] & valid[r1, c1]
-    x = (depth[r0, c0] * (1 - wx) + depth[r0, c1] * wx) * (1 - wy) + (
-        depth[r1, c0] * (1 - wx) + depth[r1, c1] * wx
-    ) * wy
+    value, usable = views.read_block(row, r0, c0)  # [n, 4]: (r0, c0), (r0, c1), (r1, c0), (r1, c1)
+    d00, d01, d10, d11 = value.T
+    good = usable.all(axis=1)
+    valid = views.valid_nhw[row]
+    raw_good = valid[r0, c0] & valid[r0, c1] & valid[r1, c0] & valid[r1, c1]
+    views.count_rejected(row, int(raw_good.sum()), int(good.sum()))
+    x = (d00 * (1 - wx) + d01 * wx) * (1 - wy) + (d10 * (1 - wx) + d11 * wx) * wy
     return x[good], z[good]
 
 
@@ -358,7 +575,9 @@ def depth_samples(views: _Views, reference: io.Record, cfg: Config) -> list[tupl
     for row in range(len(views.names)):
         flat = np.flatnonzero(views.valid_nhw[row] & np.isfinite(ref[row]) & (ref[row] > 0))
         flat = _subsample(flat, cfg.max_samples, rng)
-        samples.append((views.depth_nhw[row].reshape(-1)[flat], ref[row].reshape(-1)[flat]))
+        value, usable = views.read_at(row, flat // width, flat % width)
+        views.count_rejected(row, len(flat), int(usable.sum()))
+        samples.append((value[usable], ref[row].reshape(-1)[flat[usable]]))
     return samples
 
 
@@ -377,6 +596,9 @@ class Aligned:
     residual_rms: np.ndarray
     inliers: np.ndarray
     nonpositive: np.ndarray
+    samples: np.ndarray  # [N] reference samples of each view
+    residual_rel: np.ndarray  # [N] residual_rms / the view's median reference z
+    quality: np.ndarray  # [N] int8, `QUALITY`
 
 
 def to_fit_space(z: np.ndarray, space: FitSpace) -> np.ndarray:
@@ -403,16 +625,19 @@ def align_views(
     space: FitSpace,
     cfg: Config = Config(),
     fixed: dict[int, tuple[float, float]] | None = None,
+    x_noise: np.ndarray | None = None,
 ) -> Aligned:
     """Fit each view's (s, b) to its (prediction, reference z) samples and convert to z-depth.
 
     `fixed` gives rows whose (s, b) are already known (the reference view); their residual RMS and
-    inliers are measured like any other row's, over their own samples (none: NaN and 0). The
-    residual RMS is taken in z-depth over the inlier samples.
+    inliers are measured like any other row's, over their own samples (none: NaN and 0), and they are
+    never flagged weak. `x_noise` [N] is the relative noise of the samples' predictions (for `lmeds`'
+    errors-in-variables step). The residual RMS is taken in z-depth over the inlier samples;
+    `quality` flags each view (`QUALITY`).
     """
     x_nm, z_nm, valid = _pad(list(samples))
     target = to_fit_space(z_nm, space)
-    fit = fit_scale_shift(x_nm, target, valid & (z_nm > 0), cfg)
+    fit = fit_scale_shift(x_nm, target, valid & (z_nm > 0), cfg, x_noise)
     scale, shift, inliers, ok = fit.scale.copy(), fit.shift.copy(), fit.inlier_nm, fit.ok.copy()
     for row, (s, b) in (fixed or {}).items():
         scale[row], shift[row], ok[row] = s, b, True
@@ -423,8 +648,20 @@ def align_views(
         z_fit = np.where(value > 0, 1.0 / value if space == "disparity" else value, np.nan)
         squared = np.where(inliers & np.isfinite(z_fit), (z_fit - z_nm) ** 2, np.nan)
         rms = np.sqrt(np.nanmean(squared, axis=1)) if squared.shape[1] else np.full(len(scale), np.nan)
+        z_level = np.nanmedian(np.where(valid & (z_nm > 0), z_nm, np.nan), axis=1) if z_nm.shape[1] else rms
     counts = inliers.sum(axis=1)
-    return Aligned(depth.astype(np.float32), scale, shift, np.where(ok, rms, np.nan), counts, nonpositive)
+    n_samples = (valid & (z_nm > 0)).sum(axis=1)
+    rms = np.where(ok, rms, np.nan)
+    relative = rms / np.where(np.isfinite(z_level) & (z_level > 0), z_level, np.nan)
+    weak = (
+        (counts < cfg.weak_inliers)
+        | (counts < cfg.weak_inlier_fraction * np.maximum(n_samples, 1))
+        | ~(relative <= cfg.weak_residual)
+    )
+    fixed_rows = np.isin(np.arange(len(scale)), list(fixed or {}))
+    quality = np.where(~ok, QUALITY["failed"], np.where(weak & ~fixed_rows, QUALITY["weak"], QUALITY["good"]))
+    return Aligned(depth.astype(np.float32), scale, shift, rms, counts, nonpositive, n_samples,
+                   np.where(ok, relative, np.nan), quality.astype(np.int8))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,8 +718,10 @@ def _check_config(cfg: Config) -> None:
         raise InputError("reference 'view' needs --reference-view NAME (an image name of the capture)")
     if cfg.reference == "depth" and not cfg.reference_depth:
         raise InputError("reference 'depth' needs --reference-depth PATH (a depth record or a folder of them)")
-    if cfg.robust not in ("huber", "tukey", "ransac", "none"):
-        raise InputError(f"unknown --robust {cfg.robust!r}: use huber, tukey, ransac or none")
+    if cfg.robust not in ("lmeds", "huber", "tukey", "ransac", "none"):
+        raise InputError(f"unknown --robust {cfg.robust!r}: use lmeds, huber, tukey, ransac or none")
+    if not 0 < cfg.edge_angle < 90:
+        raise InputError(f"edge angle must be between 0 and 90 degrees, got {cfg.edge_angle}")
     if cfg.min_samples < 2 or cfg.max_samples < cfg.min_samples:
         raise InputError(f"need 2 <= min_samples <= max_samples, got {cfg.min_samples} and {cfg.max_samples}")
 
@@ -521,6 +760,14 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
     record = io.load_record(depth_path, kind="depth", capture=capture)
     space: FitSpace = "disparity" if record.extra.get("depth_kind") == "disparity" else "depth"
     views = _load_views(record, poses_path if poses_path in inputs else None, capture)
+    if cfg.prefilter:
+        views.prefilter = cfg
+        if cfg.reference == "depth":  # dense reads: the noise first, from its own sample of pixels
+            views.noise_raw = np.array([depthmaps.estimate_noise(d, v, seed=cfg.seed)
+                                        for d, v in zip(views.depth_nhw, views.valid_nhw, strict=True)])  # fmt: skip
+        else:  # SfM points or a reference view: from the pixels their blocks read anyway (`read_block`)
+            views.noise_raw = np.full(len(views.names), np.nan)
+        views.rejected = np.zeros(len(views.names), dtype=np.int64)
     fixed: dict[int, tuple[float, float]] = {}
     if cfg.reference == "sparse":
         samples = sparse_samples(views, io.load_record(sparse_path, kind="sparse", capture=capture), cfg)
@@ -541,7 +788,12 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
             raise InputError(f"{reference.path}: belongs to capture '{reference.capture}', not '{capture}'; "
                              "records of different captures cannot be combined")  # fmt: skip
         samples = depth_samples(views, reference, cfg)
-    result = align_views(views.depth_nhw, views.valid_nhw, samples, space, cfg, fixed)
+    if views.prefilter is not None:  # the noise is known once the samples are read
+        views.noise_raw = np.nan_to_num(views.noise_raw, nan=0.0)  # views without samples: not fitted anyway
+        # what samples read: a 3 x 3 median, or one pixel bilinear over 4 (noise x 2/3 on average)
+        median = np.array([views.reads_median(row) for row in range(len(views.names))])
+        views.noise = views.noise_raw * np.where(median, depthmaps.MEDIAN_NOISE, 2.0 / 3.0)
+    result = align_views(views.depth_nhw, views.valid_nhw, samples, space, cfg, fixed, views.noise)
     failed = [name for name, s in zip(views.names, result.scale, strict=False) if not np.isfinite(s)]
     if len(failed) == len(views.names):
         counts = [len(x) for x, _ in samples]
@@ -562,6 +814,14 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
             "residual_rms": result.residual_rms.astype(np.float64),
             "inliers": result.inliers.astype(np.int64),
             "nonpositive": result.nonpositive.astype(np.int64),
+            "samples": result.samples.astype(np.int64),
+            "residual_rel": result.residual_rel.astype(np.float64),
+            "quality": result.quality.astype(np.int8),
+            **(
+                {"prediction_noise": views.noise_raw.astype(np.float64), "rejected_samples": views.rejected}
+                if views.prefilter is not None
+                else {}
+            ),
             "image_hw": _image_hw(record),
         },
         kind="aligned",
@@ -576,6 +836,10 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
             "reference": cfg.reference,
             "subject": record.extra.get("subject", capture),
             "failed_views": json.dumps(failed),
+            "quality_levels": json.dumps(QUALITY),
+            "weak_views": json.dumps(
+                [n for n, q in zip(views.names, result.quality, strict=True) if q == QUALITY["weak"]]
+            ),
         },  # fmt: skip
     )
     log.info("align: %s: %d view(s), median residual %.4g, wrote %s", capture, len(views.names),

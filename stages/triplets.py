@@ -151,6 +151,9 @@ class Config:
     """Cameras to keep as sources and targets (Multi-PIE ids or file stems)."""
     depth: DepthChoice = "auto"
     """Depth reference of D_I: `aligned`, `depth`, `auto` (aligned, else depth, else none) or `none`."""
+    min_depth_quality: Literal["failed", "weak", "good"] = "weak"
+    """With an aligned depth reference, views whose align quality flag is below this get no depth
+    reference (depth_row -1; `stages.align.QUALITY`): the image and its pairs stay."""
     skip_missing: bool = False
     """Leave out captures lacking a poses/embed record instead of stopping with an error."""
     csv: bool = True
@@ -401,9 +404,14 @@ class _CaptureRows:
     stamp: list[Any] = field(default_factory=list)
 
 
+_QUALITY_LEVEL = {"failed": 0, "weak": 1, "good": 2}  # as stages.align.QUALITY
+
+
 def validate(cfg: Config) -> PairSpec:
     """Reject bad settings before any work; returns the parsed pair spec."""
     spec = PairSpec.parse(cfg.pairs)
+    if cfg.min_depth_quality not in _QUALITY_LEVEL:
+        raise InputError(f"unknown min depth quality '{cfg.min_depth_quality}': use failed, weak or good")
     if cfg.pose_code not in ("paper", "zero123", "both"):
         raise InputError(f"unknown --pose-code '{cfg.pose_code}': use paper, zero123 or both")
     if cfg.depth not in ("auto", "aligned", "depth", "none"):
@@ -485,6 +493,10 @@ def _capture_rows(
     embed_rows = _row_map(embed.names, names, records["embed"])
     if "depth" in records:
         depth_rows = _row_map(io.read_record_names(records["depth"]), names, records["depth"])
+        quality = io.read_record_tensor(records["depth"], "quality")  # aligned records since issue 17
+        if quality is not None:
+            low = np.asarray(quality)[depth_rows] < _QUALITY_LEVEL[cfg.min_depth_quality]
+            depth_rows = np.where(low, -1, depth_rows).astype(np.int32)
     else:
         depth_rows = np.full(len(names), -1, dtype=np.int32)
     sources_all = poses.tensors.get("source")

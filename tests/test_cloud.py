@@ -171,18 +171,28 @@ def test_groundtruth_depth_fuses_onto_the_surface(synth_data, tmp_path):
     assert [p.name for p in written] == ["cloud.ply", "cloud_metrics.json"]
     report = io.read_json(written[1])
     ref = report["reference"]
-    # Chamfer (accuracy + completeness, not squared) below 0.5% of the head's size (bbox diagonal)
-    assert ref["chamfer"] < 0.005 * ref["reference_size"] and ref["squared"] is False
-    assert ref["accuracy"] < 0.002 * ref["reference_size"] and ref["fscore"] > 0.98
+    # Chamfer (accuracy + completeness, not squared) below 0.7% of the head's size (bbox diagonal):
+    # measured 0.61 % (0.41 % without the consistency filter, which drops what only one view sees
+    # and another could check: completeness 0.50 % instead of 0.29 %, F-score 0.954 instead of 0.990)
+    assert ref["chamfer"] < 0.007 * ref["reference_size"] and ref["squared"] is False
+    assert ref["accuracy"] < 0.002 * ref["reference_size"] and ref["fscore"] > 0.94
     # every Table V figure is there and sane for exact depth
     points = report["points"]
-    assert points["valid_pixels"] == points["raw"] > points["kept"] > 0
+    # the edge filter drops the pixels on steep slopes at the silhouettes (4.5 % at 128 px)
+    assert points["valid_pixels"] > points["raw"] > max(points["kept"], 0.93 * points["valid_pixels"])
     assert report["uniformity"]["kept"] < report["uniformity"]["raw"]
     assert report["scores"]["confidence_score"] > 23.5 and report["scores"]["coverage_percent"] > 99
     assert report["scores"]["view_consistency"] < 1e-3 and report["scene"]["depth_consistency"] < 1e-3
     assert 2.5 < report["scene"]["scene_scale"] < 4.5  # the head, ~2 units tall
     assert report["sampling"]["points_per_valid_pixel"] == pytest.approx(points["kept"] / points["valid_pixels"])
-    assert [f["name"] for f in report["filters"]] == ["foreground", "consistency", "voxel", "outliers", "uniformity"]
+    assert [f["name"] for f in report["filters"]] == [
+        "quality",
+        "foreground",
+        "consistency",
+        "voxel",
+        "outliers",
+        "uniformity",
+    ]
     ply = io.read_ply(written[0])
     assert len(ply.points) == points["kept"] and ply.colors is not None and ply.normals is not None
     # normals face the outside of the head (the head is star-shaped around the origin)

@@ -289,3 +289,31 @@ def test_pose_scale_makes_the_mean_distance_from_the_centroid_1_not_the_subject_
     centres = scale * geometry.camera_centers(poses["R"], poses["T"])
     assert np.linalg.norm(centres - centres.mean(axis=0), axis=1).mean() == pytest.approx(1.0, rel=1e-9)
     assert np.linalg.norm(centres, axis=1).mean() == pytest.approx(sample.MULTIPIE_POSE_RADIUS, abs=2e-3)
+
+
+def test_views_whose_alignment_is_weak_lose_their_depth_reference(synth_tree, tmp_path):
+    _data, work = synth_tree
+    work = _copy_work(work, tmp_path / "work")
+    capture = "001_01_01_00"
+    names = io.read_record_names(worktree.record_path(work, capture, "poses"))
+    quality = np.full(13, 2, np.int8)
+    quality[[3, 7]] = [1, 0]  # weak, failed (align.QUALITY)
+    io.save_record(worktree.record_path(work, capture, "aligned"), {
+        "depth": np.ones((13, 16, 16), np.float32), "scale": np.ones(13), "shift": np.zeros(13),
+        "residual_rms": np.zeros(13), "inliers": np.full(13, 50), "quality": quality,
+    }, kind="aligned", stage="test", capture=capture, names=names)  # fmt: skip
+    rows = {}
+    for level in ("failed", "weak", "good"):
+        out = tmp_path / f"{level}.safetensors"
+        triplets.run(work, out, triplets.Config(subjects=("001",), sessions=("01",), csv=False,
+                                                min_depth_quality=level))  # fmt: skip
+        loaded = triplets.load_triplets(out)
+        first = loaded["capture_index"] == 0
+        aligned_names = [Path(n).name for n in np.asarray(loaded.record.names)[first]]
+        rows[level] = {name: int(row) for name, row in zip(aligned_names, loaded["depth_row"][first], strict=True)}
+        assert loaded.n_images == 26  # images and pairs stay; only the depth reference goes
+    assert all(row >= 0 for row in rows["failed"].values())
+    assert rows["weak"][names[7]] == -1 and rows["weak"][names[3]] == 3 and rows["weak"][names[0]] == 0
+    assert rows["good"][names[7]] == -1 and rows["good"][names[3]] == -1 and rows["good"][names[0]] == 0
+    with pytest.raises(InputError, match="min depth quality"):
+        triplets.run(work, tmp_path / "x.safetensors", triplets.Config(min_depth_quality="best"))

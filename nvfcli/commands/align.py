@@ -27,7 +27,13 @@ def align(
             help="Align to given z-depth: a depth record or a folder of <capture>/depth.safetensors (evaluation)."
         ),
     ] = None,
-    robust: Annotated[stage.Robust, typer.Option(help="tukey, huber, ransac or none.")] = "tukey",
+    robust: Annotated[stage.Robust, typer.Option(help="lmeds, tukey, huber, ransac or none.")] = "lmeds",
+    prefilter: Annotated[
+        bool,
+        typer.Option(
+            "--prefilter/--no-prefilter", help="Skip depth edges and salt; read SfM points off the median map."
+        ),
+    ] = True,
     ransac_threshold: Annotated[float, typer.Option(help="RANSAC inlier threshold, relative.")] = 0.03,
     seed: Annotated[int, typer.Option(help="Seed of subsampling and RANSAC.")] = 0,
     shard: Shard = None,
@@ -37,7 +43,7 @@ def align(
 ) -> None:
     """Fit each view's depth to the reference (SfM points by default) and write WORK/<capture>/aligned.safetensors.
 
-    Examples: `nvf align work`; `nvf align work --robust ransac`;
+    Examples: `nvf align work`; `nvf align work --robust tukey --no-prefilter` (the pre-0.x fit);
     `nvf align work --reference-depth data/synth/groundtruth` (evaluate against ground truth).
     """
     if reference_view and reference_depth:
@@ -45,7 +51,7 @@ def align(
     reference = "view" if reference_view else "depth" if reference_depth else "sparse"
     cfg = stage.Config(reference=reference, reference_view=reference_view,
                        reference_depth=str(reference_depth) if reference_depth else None, robust=robust,
-                       ransac_threshold=ransac_threshold, seed=seed)  # fmt: skip
+                       ransac_threshold=ransac_threshold, seed=seed, prefilter=prefilter)  # fmt: skip
     ids = worktree.read_capture_ids(captures) if captures else None
     with progress_bar("align") as progress:
         written = stage.run(work, cfg, shard=worktree.Shard.parse(shard), capture_ids=ids, overwrite=overwrite,

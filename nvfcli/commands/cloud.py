@@ -46,7 +46,15 @@ def cloud(
     depth_range: Annotated[Optional[str], typer.Option(help="Foreground z-depth range MIN,MAX (scene units).")] = None,
     mask_dir: Annotated[Optional[Path], typer.Option(help="Folder of foreground masks named like the images.")] = None,
     consistency: Annotated[
-        Optional[int], typer.Option(help="Keep points whose depth agrees with >= K other views.", min=1)
+        Optional[int],
+        typer.Option(help="Keep points whose depth agrees with >= K other views (0 = off) [default: 2].", min=0),
+    ] = None,
+    min_quality: Annotated[
+        Optional[str], typer.Option(help="Fuse views whose align quality is at least: failed, weak or good.")
+    ] = None,
+    smooth: Annotated[Optional[int], typer.Option(help="Median window (pixels) before fusion; 1 = off.", min=1)] = None,
+    edges: Annotated[
+        Optional[bool], typer.Option("--edges/--no-edges", help="Drop depth-edge (flying) and salt pixels.")
     ] = None,
     consistency_tolerance: Annotated[
         Optional[float], typer.Option(help="Relative depth tolerance of agreement.")
@@ -75,7 +83,8 @@ def cloud(
         "voxel_pixels": voxel, "voxel_size": voxel_size, "uniformity": uniformity,
         "uniformity_radius": uniformity_radius,
         "depth_range": _range(depth_range), "mask_dir": str(mask_dir) if mask_dir else None,
-        "consistency": True if consistency else None, "consistency_views": consistency,
+        "consistency": None if consistency is None else consistency > 0, "consistency_views": consistency or None,
+        "min_quality": min_quality, "smooth_px": smooth, "edge_filter": edges,
         "consistency_tolerance": consistency_tolerance, "reference": str(reference) if reference else None,
         "fscore_threshold": fscore_threshold,
     }  # fmt: skip

@@ -44,6 +44,9 @@ def triplets(
     expression: Annotated[IdList, typer.Option(help="Expressions to keep: neutral, smile, ...")] = None,
     illumination: Annotated[IdList, typer.Option(help="Shots to keep: 0 = no flash, 1-18 flashes.")] = None,
     depth: Annotated[stage.DepthChoice, typer.Option(help="Depth in D_I: auto, aligned, depth or none.")] = "auto",
+    min_depth_quality: Annotated[
+        str, typer.Option(help="Aligned depth of views below this align quality is left out: failed, weak, good.")
+    ] = "weak",
     skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip captures without records.")] = False,
     csv: Annotated[bool, typer.Option("--csv/--no-csv", help="Also write the CSV views.")] = True,
     overwrite: Overwrite = False,
@@ -60,7 +63,8 @@ def triplets(
         subjects=dataset.parse_ids(subject or [], 3, "subject"),
         sessions=dataset.parse_ids(session or [], 2, "session"), cameras=dataset.parse_ids(camera or [], 3, "camera"),
         expressions=tuple(e.strip() for value in expression or [] for e in value.split(",") if e.strip()),
-        shots=dataset.parse_ids(illumination or [], 2, "illumination"), depth=depth, skip_missing=skip_missing, csv=csv,
+        shots=dataset.parse_ids(illumination or [], 2, "illumination"), depth=depth,
+        min_depth_quality=min_depth_quality, skip_missing=skip_missing, csv=csv,
     )  # fmt: skip
     with progress_bar("triplets") as progress:
         written = stage.run(work, out, cfg, data=data, overwrite=overwrite, progress=progress)

@@ -450,8 +450,8 @@ def project(points_n3: Any, K: Any, R: Any, T: Any) -> tuple[Any, Any]:
     points = _float(points_n3, xp)
     _check_shape(points.shape, "points_n3", (3,))
     K, R, T = _float(K, xp, points), _float(R, xp, points), _float(T, xp, points)
-    cam = xp.einsum("ij,nj->ni", R, points) + T
-    pix = xp.einsum("ij,nj->ni", K, cam)
+    cam = points @ R.T + T  # one matrix product each (BLAS), not einsum's loop
+    pix = cam @ K.T
     return pix[:, :2] / pix[:, 2:3], cam[:, 2]
 
 

@@ -476,6 +476,14 @@ def read_record_names(path: str | os.PathLike) -> list[str]:
         return _decode_names(handle.get_tensor(_NAMES_UTF8), handle.get_tensor(_NAMES_OFFSETS))
 
 
+def read_record_tensor(path: str | os.PathLike, name: str) -> np.ndarray | None:
+    """One tensor of a record without loading the others (None when the record has no such tensor)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        return handle.get_tensor(name) if name in handle.keys() else None  # noqa: SIM118 (safe_open has no __contains__)
+
+
 def _decode_names(utf8_b: np.ndarray, offsets_n1: np.ndarray) -> list[str]:
     """Row names from their concatenated UTF-8 bytes [B] and offsets [N+1] (see `save_record`)."""
     data, bounds = utf8_b.tobytes(), offsets_n1.tolist()
