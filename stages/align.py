@@ -357,22 +357,9 @@ def _ransac(
     x: np.ndarray, y: np.ndarray, valid: np.ndarray, y_level: np.ndarray, cfg: Config
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(scale, shift, inliers, ok): pair hypotheses scored on up to 2000 samples per view."""
-    rng = np.random.default_rng(cfg.seed)
     n_rows = len(x)
-    counts = valid.sum(axis=1)
-    order = np.argsort(~valid, axis=1, kind="stable")  # valid entries first, in order
     rows = np.arange(n_rows)[:, None]
-
-    def draw(k: int) -> np.ndarray:  # [N, k] positions of valid samples, uniform per row
-        return order[rows, (rng.random((n_rows, k)) * np.maximum(counts, 1)[:, None]).astype(np.int64)]
-
-    first, second = draw(cfg.ransac_iterations), draw(cfg.ransac_iterations)  # [N, H]
-    dx = x[rows, first] - x[rows, second]
-    with np.errstate(all="ignore"):
-        scale_h = (y[rows, first] - y[rows, second]) / dx
-        shift_h = y[rows, first] - scale_h * x[rows, first]
-    usable = np.isfinite(scale_h) & (scale_h > 0) & (np.abs(dx) > 0)
-    probe = draw(min(2000, max(1, int(counts.max(initial=1)))))  # [N, E]
+    scale_h, shift_h, usable, probe = _pair_hypotheses(x, y, valid, cfg)  # [N, H] x3, [N, E]
     threshold = cfg.ransac_threshold * y_level  # [N]
     with np.errstate(all="ignore"):
         residual = np.abs(
