@@ -28,8 +28,7 @@ def run() -> list[Result]:
     except ImportError:  # a bare GPU machine: nvf's GPU fusion against its CPU fusion only
         return _without_open3d()
 
-    render = synth.render_capture(1, 1, 1, 0, synth.Config(resolution=SIZE, elevated=False, surface_points=1000))
-    views = cloud.Views(render.names, render.depth_nhw, render.K, render.R, render.T, list(render.images_nhw3))
+    render, views = _ring()
 
     def open3d_fuse() -> np.ndarray:
         merged = o3d.geometry.PointCloud()
@@ -94,6 +93,12 @@ def run() -> list[Result]:
     return results
 
 
+def _ring() -> tuple[synth.CaptureRender, cloud.Views]:
+    """The 13 ring views of one synthetic head at SIZE² with ground-truth z-depth and colours."""
+    render = synth.render_capture(1, 1, 1, 0, synth.Config(resolution=SIZE, elevated=False, surface_points=1000))
+    return render, cloud.Views(render.names, render.depth_nhw, render.K, render.R, render.T, list(render.images_nhw3))
+
+
 def _without_open3d(device: str = "cuda") -> list[Result]:
     """Where open3d is missing (a bare GPU machine: its wheel is too large to carry), time nvf's
     `--device cuda` fusion against nvf's CPU fusion on the same machine. Open3D's time comes from a
@@ -102,8 +107,7 @@ def _without_open3d(device: str = "cuda") -> list[Result]:
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("the cloud benchmark needs open3d (pip install open3d) or a CUDA device")
-    render = synth.render_capture(1, 1, 1, 0, synth.Config(resolution=SIZE, elevated=False, surface_points=1000))
-    views = cloud.Views(render.names, render.depth_nhw, render.K, render.R, render.T, list(render.images_nhw3))
+    _, views = _ring()
     device = torch.device(device)
 
     def nvf_fuse_cuda() -> cloud.Points:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import LogCatcher, Result, Side, compare, distinct_image_folders, synth_image_folders
+from benchmarks.harness import LogCatcher, Result, Side, compare, synth_image_folders
 
 N_IMAGES = 64
 RESOLUTION = 128
@@ -123,10 +123,9 @@ def _dpt_large_on_gpu(tmp: Path, device: torch.device, pipeline) -> list[Result]
     peak memory and the batch size it chose; nvf fp32 vs the per-image pipeline; and the
     out-of-memory back-off triggered for real under a memory cap, checked against the uncapped maps."""
     from stages import depth
-    from stages.core import io
 
     model_dir = build_dpt_large(tmp / "dpt-large")
-    paths = distinct_image_folders(tmp / "data-large", N_LARGE, LARGE_PX)
+    paths = synth_image_folders(tmp / "data-large", N_LARGE, LARGE_PX)
     runs = iter(range(10**6))
 
     def nvf_depth(precision: str, work: Path | None = None) -> Path:
@@ -160,15 +159,16 @@ def _dpt_large_on_gpu(tmp: Path, device: torch.device, pipeline) -> list[Result]
     vs_pipeline = compare("depth_dpt_large_gpu", Side("nvf depth fp32", lambda: nvf_depth("fp32")),
                           Side("pipeline per image fp32", pipeline_per_image), repeats=2,
                           goal="ratio <= 0.333 (>= 3x faster)", extra=extra)  # fmt: skip
-    return [vs_pipeline, _out_of_memory_back_off(tmp, device, nvf_depth, io)]
+    return [vs_pipeline, _out_of_memory_back_off(tmp, device, nvf_depth)]
 
 
-def _out_of_memory_back_off(tmp: Path, device: torch.device, nvf_depth, io) -> Result:
+def _out_of_memory_back_off(tmp: Path, device: torch.device, nvf_depth) -> Result:
     """Cap this process's CUDA memory (`torch.cuda.set_per_process_memory_fraction`) to the loaded
     model plus ~24 images' activations: the free-memory batch size (which the cap does not lower)
     runs out of memory for real and `iter_batched` halves it until it fits. The maps must equal an
     uncapped run's: bit for bit where the kernels allow, else the largest difference is reported."""
     from stages import depth
+    from stages.core import io
 
     reference = nvf_depth("fp32")
     predictor = next(iter(depth._LOADED.values()))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import LogCatcher, Result, Side, compare, distinct_image_folders, synth_image_folders
+from benchmarks.harness import LogCatcher, Result, Side, compare, synth_image_folders
 
 N_IMAGES = 64
 RESOLUTION = 128
@@ -99,7 +99,7 @@ def _on_gpu(tmp: Path, device: torch.device, architecture: str) -> Result:
 
     model_dir = build_vit_b32_folder(tmp / architecture, architecture)
     data = tmp / f"data-{architecture}"
-    paths = distinct_image_folders(data, N_GPU, GPU_PX)
+    paths = synth_image_folders(data, N_GPU, GPU_PX)
     runs = iter(range(10**6))
 
     def nvf_embed(precision: str = "fp32", batch_size: int | None = None) -> None:

@@ -135,10 +135,11 @@ class LogCatcher(logging.Handler):
         return [int(m.group(1)) for m in found if m]
 
 
-def distinct_image_folders(root: Path, n_images: int, resolution: int) -> list[Path]:
-    """``n_images`` distinct images from one rendered 13-view capture, 13 to a folder: copy k of a
-    view adds a seeded ±2 grey-level dither, so every file (and every cache key) differs while the
-    content stays a head. Rendering that many captures at 512 px would cost more than the benchmark."""
+def synth_image_folders(root: Path, n_images: int, resolution: int) -> list[Path]:
+    """``n_images`` distinct synthetic head images, 13 to a folder (one capture each): the same inputs
+    for both sides of an image-model benchmark. One 13-view capture is rendered; copy k of a view
+    adds a seeded ±2 grey-level dither, so every file (and every cache key) differs while the
+    content stays a head. Rendering a capture per folder at 512 px would cost more than the benchmark."""
     import numpy as np
 
     from stages import synth
@@ -152,22 +153,4 @@ def distinct_image_folders(root: Path, n_images: int, resolution: int) -> list[P
         dither = rng.integers(-2, 3, size=render.images_nhw3[view].shape, dtype=np.int16)
         image = np.clip(render.images_nhw3[view].astype(np.int16) + dither, 0, 255).astype(np.uint8)
         paths.append(io.write_image(root / f"copy{k // len(render.names):03d}" / render.names[view], image))
-    return paths
-
-
-def synth_image_folders(root: Path, n_images: int, resolution: int) -> list[Path]:
-    """``n_images`` synthetic head images (captures of the 13-camera ring, one folder per subject,
-    trimmed to ``n_images``): the same inputs for both sides of an image-model benchmark."""
-    from stages import synth
-    from stages.core import io
-
-    cfg = synth.Config(resolution=resolution, elevated=False, surface_points=200)
-    paths: list[Path] = []
-    subject = 0
-    while len(paths) < n_images:
-        subject += 1
-        render = synth.render_capture(subject, 1, 1, 0, cfg)
-        for name, image in zip(render.names, render.images_nhw3):
-            if len(paths) < n_images:
-                paths.append(io.write_image(root / f"subject{subject}" / name, image))
     return paths
