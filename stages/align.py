@@ -229,6 +229,9 @@ def fit_scale_shift(
     x = np.asarray(x_nm, dtype=np.float64)
     y = np.asarray(y_nm, dtype=np.float64)
     valid = np.asarray(valid_nm, dtype=bool) & np.isfinite(x) & np.isfinite(y)
+    if x.shape[1] == 0:  # no view has a sample (e.g. every one rejected by the prefilter): none is fitted
+        nothing = np.full(len(x), np.nan)
+        return Fit(nothing, nothing.copy(), valid, np.zeros(len(x), dtype=bool))
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         y_level = np.nan_to_num(np.nanmedian(np.where(valid, np.abs(y), np.nan), axis=1), nan=1.0)
@@ -508,11 +511,12 @@ def sparse_samples(views: _Views, sparse: io.Record, cfg: Config) -> list[tuple[
     track_image = np.asarray(sparse["track_images"], dtype=np.int64)
     sparse_row = {name: i for i, name in enumerate(sparse.names)}
     rng = np.random.default_rng(cfg.seed)
-    samples = []
+    samples, observed = [], 0
     for row, name in enumerate(views.names):
         seen = np.unique(track_point[track_image == sparse_row.get(name, -1)])
+        observed += len(seen)
         samples.append(_sample_points(views, row, points[_subsample(seen, cfg.max_samples, rng)], zbuffer=False))
-    if not any(len(x) for x, _ in samples):
+    if not observed:  # (observed points that every map's prefilter rejects leave their views unfitted instead)
         raise InputError(
             f"{sparse.path}: none of its {len(points)} points is observed in a view of the depth record "
             "(no names in common?); rerun nvf poses on the same images"

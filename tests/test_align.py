@@ -362,3 +362,12 @@ def test_middlebury_disparity_fit(shared_data):
     assert out.scale[0] == pytest.approx(25.0, rel=0.01) and out.shift[0] == pytest.approx(4.0, abs=0.5)
     clean = valid & ~bad
     assert _absrel(out.depth_nhw.astype(np.float64), z_true, clean) < 0.015
+
+
+@pytest.mark.parametrize("robust", ["none", "huber", "ransac", "tukey", "lmeds"])
+def test_no_samples_in_any_view_fits_no_view(robust):
+    """Every sample rejected (the demo's random tiny depth model: all noise) leaves [N, 0] arrays:
+    no view is fitted, and nothing raises."""
+    empty = np.zeros((3, 0))
+    fit = align.fit_scale_shift(empty, empty, empty.astype(bool), align.Config(robust=robust))
+    assert not fit.ok.any() and np.isnan(fit.scale).all() and np.isnan(fit.shift).all()

@@ -173,3 +173,18 @@ def test_kill_9_during_depth_then_rerun_gives_the_uninterrupted_outputs(data, tm
         assert ra.tensors["depth"].tobytes() == rb.tensors["depth"].tobytes(), a
         assert np.array_equal(ra.tensors["image_hw"], rb.tensors["image_hw"])
     assert not [p for p in killed.rglob("*") if worktree.TEMP_NAME.match(p.name)]
+
+
+def test_every_stage_preset_a_pipeline_preset_picks_exists():
+    """A pick the stage does not have is silently dropped (its default runs): catch a misspelling."""
+    import importlib
+
+    for preset, picks in pipeline.STAGE_PRESETS.items():
+        for stage, name in picks.items():
+            try:
+                module = importlib.import_module(f"stages.{stage}")
+            except ModuleNotFoundError:
+                continue
+            presets = getattr(module, "PRESETS", None)
+            assert presets is None or name in presets, (preset, stage, name)
+    assert pipeline.STAGE_PRESETS["tiny"]["align"] == "tukey"  # the tiny model's noise: see STAGE_PRESETS
