@@ -79,6 +79,22 @@ def compare(name: str, candidate: Side, baseline: Side, *, repeats: int = 3, war
                   goal, dict(extra or {}))  # fmt: skip
 
 
+def where_time_goes(fn: Callable[[], object], top: int = 8) -> list[str]:
+    """One run of `fn` under cProfile: the `top` functions by own time, as "share% file:line(name)"
+    strings (share of the run's total own time), to say where a ratio's gap comes from."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(fn)
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, ncalls, own s, cumulative s, callers)}
+    total = sum(row[2] for row in stats.values()) or 1.0
+    ranked = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return [
+        f"{100 * own / total:.0f}% {Path(file).name}:{line}({name})" for (file, line, name), (_, _, own, _, _) in ranked
+    ]
+
+
 def peak_rss_mib() -> float:
     """This process's resident-set high-water mark so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -189,11 +189,10 @@ def fuse_views(views: Views, mask_vhw: np.ndarray | None = None, device: Any = N
     the pixel centre (nearest). `device`: a CUDA `torch.device` back-projects there in float64
     (same points to ~1e-15) and brings the cloud back; None (or the CPU) uses numpy threads.
     """
+    if device is not None and device.type != "cpu":
+        return _fuse_on(device, views, mask_vhw)
     height, width = views.depth_vhw.shape[1:]
-    if device is None or device.type == "cpu":
-        found = geometry.backproject_views(views.depth_vhw, views.K_v33, views.R_v33, views.T_v3, mask_vhw)
-    else:
-        found = _backproject_on(device, views, mask_vhw)
+    found = geometry.backproject_views(views.depth_vhw, views.K_v33, views.R_v33, views.T_v3, mask_vhw)
     colors = None
     if views.images is not None:
         colors = np.empty((len(found.pixel_n), 3), dtype=np.uint8)
@@ -203,18 +202,39 @@ def fuse_views(views: Views, mask_vhw: np.ndarray | None = None, device: Any = N
     return Points(found.points_n3, colors, found.view_n.astype(np.int32))
 
 
-def _backproject_on(device: Any, views: Views, mask_vhw: np.ndarray | None) -> geometry.ViewPoints:
-    """`geometry.backproject_views` on a torch device in float64, answered as numpy arrays."""
+def _fuse_on(device: Any, views: Views, mask_vhw: np.ndarray | None) -> Points:
+    """`fuse_views` on a torch device: back-projection in float64 and colour sampling run there,
+    and only what the cloud keeps comes back (points [n, 3] float64, colours [n, 3] uint8); view ids
+    are rebuilt on the host from per-view counts, so no per-point index crosses the bus."""
     import torch
 
     def put(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
 
+    n_views, height, width = views.depth_vhw.shape
     depth = put(views.depth_vhw).double()
     mask = None if mask_vhw is None else put(mask_vhw)
     found = geometry.backproject_views(depth, put(views.K_v33), put(views.R_v33), put(views.T_v3), mask)
-    return geometry.ViewPoints(found.points_n3.cpu().numpy(), found.view_n.cpu().numpy(),
-                               found.pixel_n.cpu().numpy(), found.width)  # fmt: skip
+    counts = torch.bincount(found.view_n, minlength=n_views).cpu().numpy()
+    view_n = np.repeat(np.arange(n_views, dtype=np.int32), counts)
+    colors = None
+    if views.images is not None:
+        shapes = {image.shape for image in views.images}
+        if len(shapes) == 1:  # one upload; the gather below is `_sample_colors` in torch
+            images_vhw3 = put(np.stack(views.images))
+            img_h, img_w = images_vhw3.shape[1:3]
+            row, col = found.row_n, found.pixel_n % width
+            if (img_h, img_w) != (height, width):
+                row = ((row.double() + 0.5) * img_h / height).long().clamp_(max=img_h - 1)
+                col = ((col.double() + 0.5) * img_w / width).long().clamp_(max=img_w - 1)
+            colors = images_vhw3.reshape(-1, 3)[(found.view_n * img_h + row) * img_w + col].cpu().numpy()
+        else:  # images of several sizes: sample on the host, view by view
+            pixel_n = found.pixel_n.cpu().numpy()
+            colors = np.empty((len(pixel_n), 3), dtype=np.uint8)
+            bounds = np.concatenate([[0], np.cumsum(counts)])
+            for view, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+                colors[start:stop] = _sample_colors(views.images[view], pixel_n[start:stop], height, width)
+    return Points(found.points_n3.cpu().numpy(), colors, view_n)
 
 
 def _sample_colors(image_hw3: np.ndarray, flat: np.ndarray, height: int, width: int) -> np.ndarray:

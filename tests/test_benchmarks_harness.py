@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from benchmarks import harness
 from benchmarks.harness import Side, compare, format_results
 
 
@@ -53,3 +54,15 @@ entry.main()
     assert process.wait(timeout=30) == 124
     (saved,) = json.loads(out.read_text())
     assert saved["name"] == "first" and saved["ratio"] == 0.5 and "stopped" in saved["extra"]["partial"]
+
+
+def test_where_time_goes_names_the_function_that_took_the_time():
+    def slow() -> None:
+        time.sleep(0.05)
+
+    def busy() -> int:
+        return sum(range(20_000))
+
+    top = harness.where_time_goes(lambda: (slow(), busy()), top=3)
+    assert len(top) == 3 and "sleep" in top[0] and top[0].endswith("(<built-in method time.sleep>)")
+    assert int(top[0].split("%")[0]) >= 80

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -137,15 +138,25 @@ def test_fuse_views_matches_geometry_backprojection_with_colours(views):
 
 
 def test_fuse_on_a_torch_device_gives_the_numpy_cloud(views):
+    """The CUDA code path (`_fuse_on`: torch back-projection, colours gathered on the device, view
+    ids from counts) run on the CPU: the numpy cloud, with a mask and with images of another size."""
     torch = pytest.importorskip("torch")
     mask = np.zeros(views.depth_vhw.shape, dtype=bool)
     mask[:, ::2] = True
-    on_device = cloud._backproject_on(torch.device("cpu"), views, mask)  # the CUDA code path, run on the CPU
-    numpy = geometry.backproject_views(views.depth_vhw, views.K_v33, views.R_v33, views.T_v3, mask)
-    assert on_device.points_n3.dtype == np.float64 and len(on_device.points_n3) == len(numpy.points_n3) > 0
-    np.testing.assert_allclose(on_device.points_n3, numpy.points_n3, atol=1e-12)
-    np.testing.assert_array_equal(on_device.pixel_n, numpy.pixel_n)
-    np.testing.assert_array_equal(on_device.view_n, numpy.view_n)
+    mask[3] = False  # a view with no point
+    half_size = [image[::2, ::2] for image in views.images]  # colours sampled at mapped pixel centres
+    for images in (views.images, half_size):
+        candidate = dataclasses.replace(views, images=images)
+        on_device = cloud._fuse_on(torch.device("cpu"), candidate, mask)
+        numpy = cloud.fuse_views(candidate, mask)
+        assert on_device.points_n3.dtype == np.float64 and len(on_device) == len(numpy) > 0
+        assert 3 not in set(on_device.view_n)
+        np.testing.assert_allclose(on_device.points_n3, numpy.points_n3, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(on_device.view_n, numpy.view_n)
+        np.testing.assert_array_equal(on_device.colors_n3, numpy.colors_n3)
+    mixed = dataclasses.replace(views, images=[half_size[0], *views.images[1:]])  # several sizes: host sampling
+    np.testing.assert_array_equal(cloud._fuse_on(torch.device("cpu"), mixed, mask).colors_n3,
+                                  cloud.fuse_views(mixed, mask).colors_n3)  # fmt: skip
 
 
 def test_cross_view_agreement_flags_a_misscaled_view(views):

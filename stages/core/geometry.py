@@ -373,16 +373,27 @@ def backproject_views(depth_bhw: Any, K_b33: Any, R_b33: Any, T_b3: Any, mask_bh
     centers = -xp.einsum("bji,bj->bi", R, T)  # [B, 3]
     if xp is np:
         return _backproject_numpy(depth, valid, M, centers)
-    points, views, pixels = [], [], []
-    for b in range(n_views):
-        flat = xp.where(valid[b].reshape(-1))[0]  # [n] row-major pixel index
-        row, col = flat // width, flat % width
-        d = depth[b].reshape(-1)[flat]
-        pix = xp.stack([_float(col, xp, depth) + 0.5, _float(row, xp, depth) + 0.5, xp.ones_like(d)], -1)
-        points.append(d[:, None] * (pix @ M[b].T) + centers[b])
-        views.append(xp.full_like(flat, b))
-        pixels.append(flat)
-    return ViewPoints(xp.cat(points), xp.cat(views), xp.cat(pixels), width)
+    return _backproject_torch(depth, valid, M, centers)
+
+
+def _backproject_torch(depth_bhw: Any, valid_bhw: Any, M_b33: Any, centers_b3: Any) -> ViewPoints:
+    """`backproject_views` for torch: every view in one pass (one nonzero, so one host sync), with
+    the numpy path's terms in its order, so both give the same points to rounding."""
+    import torch
+
+    n_views, height, width = depth_bhw.shape
+    flat = torch.nonzero(valid_bhw.reshape(-1)).squeeze(1)  # [n] index into [B * H * W], view-major
+    view, pixel = torch.div(flat, height * width, rounding_mode="floor"), flat % (height * width)
+    row, col = torch.div(pixel, width, rounding_mode="floor"), pixel % width
+    col_centers = torch.arange(width, dtype=depth_bhw.dtype, device=depth_bhw.device) + 0.5
+    row_centers = torch.arange(height, dtype=depth_bhw.dtype, device=depth_bhw.device) + 0.5
+    col_term_bw3 = col_centers[None, :, None] * M_b33[:, None, :, 0]  # [B, W, 3]
+    row_term_bh3 = row_centers[None, :, None] * M_b33[:, None, :, 1] + M_b33[:, None, :, 2]  # [B, H, 3]
+    points_n3 = col_term_bw3.reshape(-1, 3)[view * width + col]
+    points_n3 += row_term_bh3.reshape(-1, 3)[view * height + row]
+    points_n3 *= depth_bhw.reshape(-1)[flat][:, None]
+    points_n3 += centers_b3[view]
+    return ViewPoints(points_n3, view, pixel, width)
 
 
 def _backproject_numpy(depth_bhw: np.ndarray, valid_bhw: np.ndarray, M_b33: np.ndarray,
