@@ -74,8 +74,8 @@ def test_embed_gpu_branch_reports_images_per_second(fake_cuda, monkeypatch, tmp_
     monkeypatch.setattr(bench_embed, "GPU_PX", 32)
     result = bench_embed._on_gpu(tmp_path, CPU, "ViT-B-32-quickgelu")
     assert result.name == "embed_ViT-B-32-quickgelu_gpu" and result.extra["images"] == 4
-    assert result.extra["fp32_images_per_s"] > 0 and result.extra["fp16_batch13_images_per_s"] > 0
-    assert result.extra["fp32_batch"] and result.extra["fp16_batch"]
+    for precision in ("fp32", "fp16", "bf16"):
+        assert result.extra[f"{precision}_images_per_s"] > 0 and result.extra[f"{precision}_batch"]
 
 
 def test_sample_gpu_branch_compares_batched_with_two_pass(fake_cuda, monkeypatch):
