@@ -309,10 +309,10 @@ def solve_errors_in_variables(
 
 
 def _pair_hypotheses(
-    x: np.ndarray, y: np.ndarray, valid: np.ndarray, cfg: Config
+    x: np.ndarray, y: np.ndarray, valid: np.ndarray, cfg: Config, probes: int = 2000
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(scale_h [N, H], shift_h [N, H], usable [N, H], probe [N, E]): lines through random sample
-    pairs (positive slope) and up to 2000 random samples per row to score them on (seeded)."""
+    pairs (positive slope) and up to `probes` random samples per row to score them on (seeded)."""
     rng = np.random.default_rng(cfg.seed)
     n_rows = len(x)
     counts = valid.sum(axis=1)
@@ -328,21 +328,31 @@ def _pair_hypotheses(
         scale_h = (y[rows, first] - y[rows, second]) / dx
         shift_h = y[rows, first] - scale_h * x[rows, first]
     usable = np.isfinite(scale_h) & (scale_h > 0) & (np.abs(dx) > 0)
-    return scale_h, shift_h, usable, draw(min(2000, max(1, int(counts.max(initial=1)))))
+    return scale_h, shift_h, usable, draw(min(probes, max(1, int(counts.max(initial=1)))))
+
+
+_LMEDS_PROBES = 1000  # samples per view that rank LMedS hypotheses
 
 
 def _lmeds(
     x: np.ndarray, y: np.ndarray, valid: np.ndarray, floor: np.ndarray, cfg: Config
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(scale, shift, inliers, ok): least median of squares over pair hypotheses, its inliers
-    (|r| <= 2.5 x the LMedS scale) refitted by least squares."""
+    (|r| <= 2.5 x the LMedS scale) refitted by least squares.
+
+    Hypotheses are ranked on the median over _LMEDS_PROBES random samples of a view, in float32: the
+    median of 1000 residuals is within ~4 % of the full one (its standard error is 1.25 σ / √E),
+    enough to rank lines whose medians differ by far more; the final scale comes from the refit."""
     n_rows = len(x)
     rows = np.arange(n_rows)[:, None]
-    scale_h, shift_h, usable, probe = _pair_hypotheses(x, y, valid, cfg)
+    scale_h, shift_h, usable, probe = _pair_hypotheses(x, y, valid, cfg, probes=_LMEDS_PROBES)
+    x_probe, y_probe = x[rows, probe].astype(np.float32), y[rows, probe].astype(np.float32)  # [N, E]
     with np.errstate(all="ignore"):
         residual = np.abs(
-            scale_h[:, :, None] * x[rows, probe][:, None, :] + shift_h[:, :, None] - y[rows, probe][:, None, :]
-        )  # [N, H, E]
+            scale_h.astype(np.float32)[:, :, None] * x_probe[:, None, :]
+            + shift_h.astype(np.float32)[:, :, None]
+            - y_probe[:, None, :]
+        )  # [N, H, E] float32
     half = (residual.shape[2] - 1) // 2  # the lower median (one partition, not np.median's two)
     median = np.where(usable, np.partition(residual, half, axis=2)[:, :, half], np.inf)  # [N, H]
     best = median.argmin(axis=1)
