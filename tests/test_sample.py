@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stages import sample, train, triplets
-from stages.core import geometry, io, models
+from stages.core import faces, geometry, io, models
 from stages.core.errors import InputError, ModelError
 from stages.train import checkpoint
 from stages.train.data import preprocess_image
@@ -281,6 +281,23 @@ def test_the_real_astronaut_portrait_goes_through(tiny_run, shared_data, tmp_pat
         pytest.skip(f"{photo} is absent")
     sample.run(tiny_run[0], photo, tmp_path / "views", tiny_cfg(azimuths=(45.0,)), device="cpu")
     assert read_views(tmp_path / "views").shape == (2, 32, 32, 3)
+    crop = json.loads((tmp_path / "views" / "sample.json").read_text())["crop"]
+    found = faces.unavailable_reason() is None
+    assert crop["mode"] == ("face" if found else "center")  # auto: her face when dlib is there
+    side = crop["box_x0_y0_side"][2]
+    assert (side < 512) == found and np.allclose(np.asarray(crop["photo_K"])[0, 0], side / 32 * (16 / np.tan(
+        np.radians(sample.ZERO123_FOV_DEG) / 2)))  # fmt: skip
+    frame0 = json.loads((tmp_path / "views" / "transforms.json").read_text())["frames"][0]
+    assert frame0["nvf_crop_box_x0_y0_side"] == crop["box_x0_y0_side"]
+
+
+def test_crop_none_keeps_the_whole_photo_and_center_the_old_square(tiny_run, tmp_path):
+    run, photo = tiny_run
+    wide = io.write_image(tmp_path / "wide.png", np.tile(io.read_image(photo), (1, 2, 1)))  # [32, 64] two faces
+    for mode, box in (("none", [0, -16, 64]), ("center", [16, 0, 32])):
+        sample.run(run, wide, tmp_path / mode, tiny_cfg(azimuths=(30.0,), crop=mode, steps=1), device="cpu")
+        assert json.loads((tmp_path / mode / "sample.json").read_text())["crop"]["box_x0_y0_side"] == box
+    assert (read_views(tmp_path / "none")[0][:4] >= 250).all()  # padded with white above the photo
 
 
 def test_reruns_skip_refuse_or_overwrite(tiny_run, tmp_path):
