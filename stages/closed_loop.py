@@ -269,7 +269,7 @@ def score(view_set: ViewSet, recovered: Recovered, cfg: Config = Config()) -> di
         why = f" ({recovered.note})" if recovered.note else ""
         result["status"] = (f"not enough views registered ({int(reg.sum())}/{n}): views carry no consistent "
                             f"geometry{why}")  # fmt: skip
-        result["buckets"] = _buckets(per_view)
+        result.update({"anchor": None, "buckets": _buckets(per_view)})
         return result
     rows = np.flatnonzero(reg)
     anchor_row = view_set.anchor if reg[view_set.anchor] else int(rows[_choose_anchor(

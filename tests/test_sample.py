@@ -338,3 +338,18 @@ def test_the_photo_embedding_is_raw_for_runs_trained_on_raw_clip_features(tiny_r
     raw = sample.embed_photo(rgb, ref, torch.device("cpu"), 512, raw=True)  # model.json normalization "none"
     assert unit.norm().item() == pytest.approx(1.0, abs=1e-6) and abs(raw.norm().item() - 1.0) > 1e-3
     torch.testing.assert_close(raw / raw.norm(), unit, atol=1e-6, rtol=0)
+
+
+def test_evaluate_views_of_a_tiny_sample_says_they_carry_no_geometry(tiny_run, tmp_path):
+    from stages import evaluate
+
+    run, photo = tiny_run
+    sample.run(run, photo, tmp_path / "views", tiny_cfg(orbit="ring13", azimuths=None, steps=1), device="cpu")
+    cfg = dataclasses.replace(evaluate.PRESETS["tiny"], lpips="off", arcface="off")
+    evaluate.run(evaluate.Inputs(views=tmp_path / "views"), tmp_path / "report", cfg, device="cpu")
+    doc = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert doc["closed_loop"]["n_views"] == 13 and doc["closed_loop"]["anchor"] is None
+    assert doc["closed_loop"]["status"].endswith("views carry no consistent geometry")
+    assert doc["identity"]["protocol"]["views"] == 12  # the input frame is the anchor, not a generated view
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Closed-loop camera consistency" in report and "## Identity" in report
