@@ -28,6 +28,10 @@ by capture id (folder names) and by image name:
   CLIP identity (I2O: input photo -> view, O2O: between views, to-GT: view -> its ground truth),
   ArcFace when available, FID when enough images; buckets all / frontal (|azimuth| <= 90°) / back.
 
+- **closed_loop** and **identity** (generated views alone, `--views` without `--views-ref`; also
+  beside the views section): `stages.evaluate_views` (SfM re-posing of the views against their
+  transforms.json; dlib face identity, default backbone, with CLIP and ArcFace beside it).
+
 Averaging: per view -> per capture -> over captures (each capture weighs the same).
 Output: ``OUT/metrics.json``, ``OUT/report.md`` and ``OUT/figures/*.png``, written into a temp
 folder and swapped in. In ``metrics.json`` every figure carries its protocol (resolution, mask,
