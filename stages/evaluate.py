@@ -1188,6 +1188,10 @@ def run(inputs: Inputs, out: Path, cfg: Config = Config(), *, device: str = "aut
 def _generated_views_sections(inputs: Inputs, cfg: Config, figures: Figures, device: str, skipped: list[dict],
                               doc: dict) -> None:  # fmt: skip
     """Closed loop and identity of generated views (`stages.evaluate_views`), into `doc`."""
+    from stages.core import faces
+
+    if cfg.face_identity == "on" and (reason := faces.unavailable_reason()) is not None:
+        raise ModelError(reason)  # before the SfM work, not after it
     section = evaluate_views.closed_loop_section(inputs.views, cfg.closed_loop, figures, skipped)
     if section is not None:
         doc["closed_loop"] = section
