@@ -9,7 +9,7 @@ Convention:
     - Boxes are ``(x0, y0, x1, y1)`` in pixels of the image given, dlib's integer corners; landmarks
       [5, 2] are dlib's pixel coordinates (x, y) in the order of its 5-point model: right eye outer,
       right eye inner, left eye outer, left eye inner (the subject's right/left), nose base.
-    - Descriptors are dlib's 128-D vectors (norm ~1.3, not unit). Identity is their Euclidean
+    - Descriptors are dlib's 128-D vectors (norm ~1.3-1.5, not unit). Identity is their Euclidean
       distance: dlib's same-person threshold is `SAME_PERSON_DISTANCE` = 0.6 (99.38% on LFW).
       `cosine` is also given, to sit beside CLIP and ArcFace, whose natural measure it is.
     - A descriptor is computed on dlib's own aligned 150x150 chip (5-point similarity, padding 0.25).
@@ -34,7 +34,7 @@ INSTALL_HINT = "install it with pip install 'nvf[face]' (dlib-bin and face-recog
 MODELS_ENV = "NVF_DLIB_MODELS"
 LANDMARKS_FILE = "shape_predictor_5_face_landmarks.dat"
 RECOGNITION_FILE = "dlib_face_recognition_resnet_model_v1.dat"
-BACKBONE = "dlib ResNet-34 face descriptor v1 (128-D; HOG detector, 5-point alignment)"
+BACKBONE = "dlib face descriptor v1 (ResNet, 29 conv layers; 128-D; HOG detector, 5-point alignment)"
 
 
 def models_folder() -> Path | None:
