@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import click
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from nvfcli.console import err_console, setup_logging
@@ -90,7 +91,8 @@ class NvfGroup(TyperGroup):
         except NvfError as exc:
             if os.environ.get("NVF_DEBUG"):
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            # the message is plain text: escape it, or rich eats brackets such as nvf[face] as markup
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[red]interrupted[/]: finished outputs are kept, rerun to continue")

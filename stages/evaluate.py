@@ -28,6 +28,10 @@ by capture id (folder names) and by image name:
   CLIP identity (I2O: input photo -> view, O2O: between views, to-GT: view -> its ground truth),
   ArcFace when available, FID when enough images; buckets all / frontal (|azimuth| <= 90°) / back.
 
+- **closed_loop** and **identity** (generated views alone, `--views` without `--views-ref`; also
+  beside the views section): `stages.evaluate_views` (SfM re-posing of the views against their
+  transforms.json; dlib face identity, default backbone, with CLIP and ArcFace beside it).
+
 Averaging: per view -> per capture -> over captures (each capture weighs the same).
 Output: ``OUT/metrics.json``, ``OUT/report.md`` and ``OUT/figures/*.png``, written into a temp
 folder and swapped in. In ``metrics.json`` every figure carries its protocol (resolution, mask,
@@ -49,6 +53,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from stages import evaluate_views
 from stages.core import dataset, geometry, image_metrics, io
 from stages.core.errors import InputError, ModelError
 
@@ -127,6 +132,10 @@ class Config:
     """CLIP override: NAME@TAG, hf-hub:org/repo or a local open_clip folder."""
     arcface: Switch = "auto"
     """ArcFace identity (insightface buffalo_l): auto when installed with weights, on requires it."""
+    closed_loop: Switch = "auto"
+    """Re-pose generated views by SfM against their transforms.json (`stages.closed_loop`): auto when present."""
+    face_identity: Switch = "auto"
+    """dlib face identity of generated views (extra nvf[face]): auto skips with the reason when missing."""
     fid_min_images: int = 100
     """FID only with at least this many image pairs (and the Inception weights cached)."""
     frontal_max_azimuth: float = 90.0
@@ -1044,7 +1053,8 @@ def render_report(doc: dict, figure_files: dict[str, str]) -> str:
     by_section: dict[str, list[dict]] = {}
     for row in doc["figures"]:
         by_section.setdefault(row["section"], []).append(row)
-    titles = {"poses": "Poses", "depth": "Depth", "clouds": "Point clouds", "views": "Novel views"}
+    titles = {"poses": "Poses", "depth": "Depth", "clouds": "Point clouds", "views": "Novel views",
+              **evaluate_views.SECTION_TITLES}  # fmt: skip
     for section, rows in by_section.items():
         lines += ["", f"## {titles.get(section, section)}", "", "| metric | bucket | value | n | unit | better |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
@@ -1054,6 +1064,8 @@ def render_report(doc: dict, figure_files: dict[str, str]) -> str:
                 f"| {row['metric']} | {row['bucket']} | {value} | {row['n']} | {row['unit']} | {row['better']} |"
             )
         protocol = doc[section]["protocol"]
+        if doc[section].get("status", "ok") != "ok":
+            lines += ["", f"**{doc[section]['status']}**"]
         lines += ["", "Protocol: " + "; ".join(f"{k} = {_fmt(v)}" for k, v in protocol.items() if v is not None)]
         if section in figure_files:
             lines += ["", f"![{section}]({figure_files[section]})"]
@@ -1106,7 +1118,11 @@ def run(inputs: Inputs, out: Path, cfg: Config = Config(), *, device: str = "aut
     out = Path(out)
     sections = {"poses": (inputs.poses, inputs.poses_ref), "depth": (inputs.depth, inputs.depth_ref),
                 "clouds": (inputs.cloud, inputs.cloud_ref), "views": (inputs.views, inputs.views_ref)}  # fmt: skip
+    if inputs.views is not None and not Path(inputs.views).is_dir():
+        raise InputError(f"--views {inputs.views}: not a folder; pass the folder nvf sample wrote")
     for name, (est, ref) in sections.items():
+        if name == "views" and est is not None:
+            continue  # generated views alone: closed loop and identity, no ground truth needed
         if (est is None) != (ref is None):
             raise InputError(f"{name}: give both the estimate and its reference (got only the "
                              f"{'estimate' if ref is None else 'reference'})")  # fmt: skip
@@ -1139,9 +1155,11 @@ def run(inputs: Inputs, out: Path, cfg: Config = Config(), *, device: str = "aut
         plots["depth"] = lambda p: plot_depth_maps(maps, p, cfg.sheet_views)
     if inputs.cloud is not None:
         doc["clouds"] = _cloud_section(inputs, cfg, figures, pose_results)
-    if inputs.views is not None:
+    if inputs.views is not None and inputs.views_ref is not None:
         doc["views"], sheet = _views_section(inputs, cfg, figures, device, skipped, progress)
         plots["views"] = lambda p: plot_contact_sheet(sheet, p, cfg.sheet_views)
+    if inputs.views is not None:
+        _generated_views_sections(inputs, cfg, figures, device, skipped, doc)
     doc["figures"] = figures.rows
     doc["skipped"] = skipped
     if inputs.compare is not None:
@@ -1165,6 +1183,30 @@ def run(inputs: Inputs, out: Path, cfg: Config = Config(), *, device: str = "aut
     written = [out / "report.md", out / "metrics.json"] + [out / f for f in figure_files.values()]
     log.info("evaluate: wrote %s", out / "report.md")
     return written
+
+
+def _generated_views_sections(inputs: Inputs, cfg: Config, figures: Figures, device: str, skipped: list[dict],
+                              doc: dict) -> None:  # fmt: skip
+    """Closed loop and identity of generated views (`stages.evaluate_views`), into `doc`."""
+    from stages.core import faces
+
+    if cfg.face_identity == "on" and (reason := faces.unavailable_reason()) is not None:
+        raise ModelError(reason)  # before the SfM work, not after it
+    section = evaluate_views.closed_loop_section(inputs.views, cfg.closed_loop, figures, skipped)
+    if section is not None:
+        doc["closed_loop"] = section
+    arcface = None
+    if cfg.arcface != "off":
+        reason = image_metrics.arcface_unavailable()
+        if reason is None:
+            arcface = image_metrics.ArcFaceEmbedder()
+        elif cfg.arcface == "on":
+            raise ModelError(reason)
+    clip = _identity_embedder(cfg, device, skipped)
+    section = evaluate_views.identity_section(inputs.views, inputs.input_image, cfg.face_identity,
+                                              cfg.frontal_max_azimuth, figures, skipped, clip, arcface)  # fmt: skip
+    if section is not None:
+        doc["identity"] = section
 
 
 def _version() -> str:

@@ -1,8 +1,10 @@
 """Stage `sample`: novel views of one photo from a trained view-conditioned model (paper Eq. 9, Tables III-IV).
 
-Input: a run folder (or checkpoint folder) of `nvf train` and one photo (any size; centre-cropped and
-resized to the model's resolution as in training, `stages.train.data.preprocess_image`; an optional
-mask composites the background onto white first). Sampling straight from a base model (Zero123-XL
+Input: a run folder (or checkpoint folder) of `nvf train` and one photo (any size; framed by `crop`,
+`stages.input_crop`: by default a square around the face found by dlib, scaled to the training
+framing, else the centre square; then resized to the model's resolution as in training,
+`stages.train.data.preprocess_image`; an optional mask composites the background onto white first).
+sample.json records the crop box and the photo's own intrinsics under the views' camera model. Sampling straight from a base model (Zero123-XL
 without an nvf run, whose conditioning differs) is not supported.
 
 Cameras (`stages.core.geometry` rig frame: world up = -y, the subject at the origin, azimuth 0 =
@@ -63,6 +65,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from stages import input_crop
 from stages.core import batching, dataset, geometry, io, models
 from stages.core.batching import ProgressFn
 from stages.core.errors import InputError, ModelError
@@ -125,6 +128,10 @@ class Config:
     """Weights: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16; the latents stay float32."""
     batch_size: int | None = None
     """Views per forward pass (each costs 2 UNet rows with guidance); None: fit free memory."""
+    crop: str = "auto"
+    """Framing of the photo: face (dlib, nvf[face]), center (centre square), none (padded), auto (face, else center)."""
+    crop_scale: float = input_crop.FACE_FRAMING
+    """Side of the face crop in dlib face boxes (the training framing, see stages.input_crop)."""
 
 
 PRESETS: dict[str, Config] = {
@@ -481,6 +488,8 @@ def validate(cfg: Config) -> None:
         raise InputError(f"--guidance (w of Eq. 9) must be >= 0, got {cfg.guidance}")
     if cfg.pose_radius is not None and not cfg.pose_radius > 0:
         raise InputError("--pose-radius must be positive")
+    if cfg.crop not in input_crop.CROP_MODES or not cfg.crop_scale > 0:
+        raise InputError(f"--crop must be one of {', '.join(input_crop.CROP_MODES)} and --crop-scale positive")
     if cfg.scheduler not in ("ddim", "ddpm", "dpm++", "euler"):
         raise InputError(f"unknown --scheduler '{cfg.scheduler}': choose ddim, ddpm, dpm++ or euler")
     plan_views(cfg)
@@ -525,10 +534,13 @@ def run(model_path: Path, image: Path, out: Path, cfg: Config = Config(), *, mas
         raise ModelError(f"the run expects {model.pose_dim} pose numbers, this sampler builds {pose.shape[1]} for "
                          f"conditioning '{model.conditioning}': the run and nvf disagree; retrain or update nvf")  # fmt: skip
     photo = load_photo(image, mask)
+    crop = input_crop.crop_photo(photo, cfg.crop, cfg.crop_scale)
     raw = model.clip_model.get("normalization") == "none"  # zero123 conditioning: raw image_embeds
-    clip = embed_photo(photo, clip_ref(model.clip_model, cfg.clip_model), torch_device, model.clip_dim, raw)  # [1, D]
+    clip = embed_photo(
+        crop.image_ss3, clip_ref(model.clip_model, cfg.clip_model), torch_device, model.clip_dim, raw
+    )  # [1, D]
     z_cond = torch.cat([clip.expand(len(pose), -1), torch.from_numpy(pose)], dim=1)  # [V, D + P]
-    source_pixels = preprocess_image(photo, model.resolution)  # [3, S, S] in [-1, 1]
+    source_pixels = preprocess_image(crop.image_ss3, model.resolution)  # [3, S, S] in [-1, 1]
     seeds = [cfg.seed + frame for frame in range(1, plan.n_frames)]
     log.info("sample: %d view(s) of %s, %s %d steps, w=%g, strength %g, pose radius %.3f (%s)", len(seeds), image.name,
              cfg.scheduler, cfg.steps, cfg.guidance, cfg.strength, rho, rho_source)  # fmt: skip
@@ -540,6 +552,7 @@ def run(model_path: Path, image: Path, out: Path, cfg: Config = Config(), *, mas
         "checkpoint": str(model.checkpoint), "step": model.step, "conditioning": model.conditioning,
         "config": dataclasses.asdict(cfg), "diffusers_guidance_scale": 1 + cfg.guidance,
         "pose_radius": rho, "pose_radius_source": rho_source, "pose_scale": rho / cfg.radius,
+        "crop": crop.record(photo.shape[:2], cameras.K[0], model.resolution),
         "camera_convention": "frame 0 = input; rig frame: world up -y, subject at the origin, azimuth 0 frontal",
         "frames": [{"file": f"views/{i:03d}.png", "azimuth_deg": float(plan.azimuth_deg[i]),
                     "elevation_deg": float(plan.elevation_deg[i]), "generated": i > 0,
@@ -548,6 +561,7 @@ def run(model_path: Path, image: Path, out: Path, cfg: Config = Config(), *, mas
     }  # fmt: skip
     extra = [{"nvf_azimuth_deg": float(a), "nvf_elevation_deg": float(e)}
              for a, e in zip(plan.azimuth_deg, plan.elevation_deg)]  # fmt: skip
+    extra[0]["nvf_crop_box_x0_y0_side"] = list(crop.box)  # the input frame: where it lies in the photo
     with io.atomic_dir(out) as tmp:
         for i, frame in enumerate(frames):
             io.write_image(tmp / "views" / f"{i:03d}.png", frame)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stages import sample, train, triplets
-from stages.core import geometry, io, models
+from stages.core import faces, geometry, io, models
 from stages.core.errors import InputError, ModelError
 from stages.train import checkpoint
 from stages.train.data import preprocess_image
@@ -281,6 +281,23 @@ def test_the_real_astronaut_portrait_goes_through(tiny_run, shared_data, tmp_pat
         pytest.skip(f"{photo} is absent")
     sample.run(tiny_run[0], photo, tmp_path / "views", tiny_cfg(azimuths=(45.0,)), device="cpu")
     assert read_views(tmp_path / "views").shape == (2, 32, 32, 3)
+    crop = json.loads((tmp_path / "views" / "sample.json").read_text())["crop"]
+    found = faces.unavailable_reason() is None
+    assert crop["mode"] == ("face" if found else "center")  # auto: her face when dlib is there
+    side = crop["box_x0_y0_side"][2]
+    assert (side < 512) == found and np.allclose(np.asarray(crop["photo_K"])[0, 0], side / 32 * (16 / np.tan(
+        np.radians(sample.ZERO123_FOV_DEG) / 2)))  # fmt: skip
+    frame0 = json.loads((tmp_path / "views" / "transforms.json").read_text())["frames"][0]
+    assert frame0["nvf_crop_box_x0_y0_side"] == crop["box_x0_y0_side"]
+
+
+def test_crop_none_keeps_the_whole_photo_and_center_the_old_square(tiny_run, tmp_path):
+    run, photo = tiny_run
+    wide = io.write_image(tmp_path / "wide.png", np.tile(io.read_image(photo), (1, 2, 1)))  # [32, 64] two faces
+    for mode, box in (("none", [0, -16, 64]), ("center", [16, 0, 32])):
+        sample.run(run, wide, tmp_path / mode, tiny_cfg(azimuths=(30.0,), crop=mode, steps=1), device="cpu")
+        assert json.loads((tmp_path / mode / "sample.json").read_text())["crop"]["box_x0_y0_side"] == box
+    assert (read_views(tmp_path / "none")[0][:4] >= 250).all()  # padded with white above the photo
 
 
 def test_reruns_skip_refuse_or_overwrite(tiny_run, tmp_path):
@@ -321,3 +338,18 @@ def test_the_photo_embedding_is_raw_for_runs_trained_on_raw_clip_features(tiny_r
     raw = sample.embed_photo(rgb, ref, torch.device("cpu"), 512, raw=True)  # model.json normalization "none"
     assert unit.norm().item() == pytest.approx(1.0, abs=1e-6) and abs(raw.norm().item() - 1.0) > 1e-3
     torch.testing.assert_close(raw / raw.norm(), unit, atol=1e-6, rtol=0)
+
+
+def test_evaluate_views_of_a_tiny_sample_says_they_carry_no_geometry(tiny_run, tmp_path):
+    from stages import evaluate
+
+    run, photo = tiny_run
+    sample.run(run, photo, tmp_path / "views", tiny_cfg(orbit="ring13", azimuths=None, steps=1), device="cpu")
+    cfg = dataclasses.replace(evaluate.PRESETS["tiny"], lpips="off", arcface="off")
+    evaluate.run(evaluate.Inputs(views=tmp_path / "views"), tmp_path / "report", cfg, device="cpu")
+    doc = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert doc["closed_loop"]["n_views"] == 13 and doc["closed_loop"]["anchor"] is None
+    assert doc["closed_loop"]["status"].endswith("views carry no consistent geometry")
+    assert doc["identity"]["protocol"]["views"] == 12  # the input frame is the anchor, not a generated view
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Closed-loop camera consistency" in report and "## Identity" in report

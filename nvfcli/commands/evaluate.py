@@ -49,6 +49,13 @@ def evaluate(
     clip_model: Annotated[
         Optional[str], typer.Option(help="CLIP override: NAME@TAG, hf-hub:org/repo or folder.")
     ] = None,
+    closed_loop: Annotated[
+        Optional[stage.Switch],
+        typer.Option(help="Re-pose --views by SfM against their transforms.json: auto, on, off."),
+    ] = None,
+    face_identity: Annotated[
+        Optional[stage.Switch], typer.Option(help="dlib face identity of --views (nvf[face]): auto, on, off.")
+    ] = None,
     device: Device = "auto",
     overwrite: Overwrite = False,
     json_out: Json = False,
@@ -57,12 +64,13 @@ def evaluate(
 
     Examples: `nvf evaluate --poses work --poses-ref data/groundtruth --depth work --depth-ref data/groundtruth
     --out report`;
-    `nvf evaluate --views views --views-ref data --input photo.png --out report2 --compare report`.
+    `nvf evaluate --views views --views-ref data --input photo.png --out report2 --compare report`;
+    `nvf evaluate --views views --out report3` (no ground truth: closed-loop cameras and identity of an nvf sample folder).
     """
     if preset not in stage.PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}: {', '.join(stage.PRESETS)}")
     changes = {"depth_alignment": depth_alignment, "pairing": pairing, "mask": mask, "lpips": lpips,
-               "clip_model": clip_model}  # fmt: skip
+               "clip_model": clip_model, "closed_loop": closed_loop, "face_identity": face_identity}  # fmt: skip
     changes = {k: v for k, v in changes.items() if v is not None}
     if resolution is not None:
         changes["resolution"] = resolution or None

@@ -36,7 +36,7 @@ def sample(
         ),
     ],  # fmt: skip
     image: Annotated[
-        Path, typer.Option("--image", "-i", help="The photo (any size; centre-cropped).", show_default=False)
+        Path, typer.Option("--image", "-i", help="The photo (any size; framed by --crop).", show_default=False)
     ],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Output folder (views/, transforms.json).", show_default=False)
@@ -70,6 +70,12 @@ def sample(
     seed: Annotated[
         Optional[int], typer.Option(help="View k uses seed + k; the same seed gives the same views.")
     ] = None,
+    crop: Annotated[
+        Optional[str], typer.Option(help="face (dlib, nvf[face]), center, none (pad) [default: face, else center].")
+    ] = None,
+    crop_scale: Annotated[
+        Optional[float], typer.Option(help="Face crop side in dlib face boxes [default: 2.5].")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     overwrite: Overwrite = False,
     json_out: Json = False,
@@ -89,7 +95,8 @@ def sample(
              "elevations": _angles(elevations, "--elevations"), "radius": radius, "input_azimuth": input_azimuth,
              "input_elevation": input_elevation, "fov_deg": fov, "scheduler": scheduler, "steps": steps,
              "guidance": guidance, "strength": strength, "pose_radius": pose_radius, "clip_model": clip_model,
-             "use_ema": ema, "precision": precision, "batch_size": batch_size, "seed": seed}  # fmt: skip
+             "use_ema": ema, "precision": precision, "batch_size": batch_size, "seed": seed, "crop": crop,
+             "crop_scale": crop_scale}  # fmt: skip
     cfg = dataclasses.replace(stage.PRESETS[preset], **{k: v for k, v in given.items() if v is not None})
     with progress_bar("sample") as progress:
         written = stage.run(model, image, out, cfg, mask=mask, device=device, overwrite=overwrite, progress=progress)
