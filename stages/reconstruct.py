@@ -58,7 +58,7 @@ import os
 import shutil
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -116,6 +116,9 @@ class Config:
     ("pipeline.model.num_nerf_samples_per_ray", "32")."""
     seed: int = 42
     """Seed of nerfstudio's training (machine.seed) and of the point subset."""
+    lpips: bool = True
+    """Score held-out views with LPIPS as well (AlexNet weights from the torch hub cache, never
+    downloaded). False: PSNR and SSIM only, LPIPS recorded as not computed (machines without the weights)."""
 
 
 PRESETS: dict[str, Config] = {
@@ -616,8 +619,27 @@ def poisson_mesh(path: Path, points_n3: np.ndarray, colors_n3: np.ndarray, depth
     return path
 
 
-def evaluate_views(pipeline: Any) -> dict[str, dict[str, float]]:
-    """nerfstudio's image metrics (psnr, ssim, lpips) per held-out view, by file name."""
+@contextlib.contextmanager
+def without_lpips() -> Iterator[None]:
+    """Models built inside get a stand-in for torchmetrics' LPIPS, so that building them loads no
+    AlexNet weights; its score is NaN, and `evaluate_views(..., lpips=False)` drops it."""
+    import torch
+    from torchmetrics.image import lpip
+
+    class NotComputed(torch.nn.Module):
+        def forward(self, *_: Any, **__: Any) -> torch.Tensor:
+            return torch.tensor(float("nan"))
+
+    real = lpip.LearnedPerceptualImagePatchSimilarity
+    lpip.LearnedPerceptualImagePatchSimilarity = lambda *_, **__: NotComputed()
+    try:
+        yield
+    finally:
+        lpip.LearnedPerceptualImagePatchSimilarity = real
+
+
+def evaluate_views(pipeline: Any, lpips: bool = True) -> dict[str, dict[str, float]]:
+    """nerfstudio's image metrics (psnr, ssim, and lpips unless `lpips` is False) per held-out view, by file name."""
     import torch
 
     model = pipeline.model
@@ -627,7 +649,8 @@ def evaluate_views(pipeline: Any) -> dict[str, dict[str, float]]:
         for camera, batch in pipeline.datamanager.fixed_indices_eval_dataloader:
             outputs = model.get_outputs_for_camera(camera)
             metrics, _ = model.get_image_metrics_and_images(outputs, batch)
-            per_view[names[int(batch["image_idx"])]] = {k: float(v) for k, v in metrics.items()}
+            per_view[names[int(batch["image_idx"])]] = {k: float(v) for k, v in metrics.items()
+                                                        if lpips or k != "lpips"}  # fmt: skip
     return per_view
 
 
@@ -695,7 +718,8 @@ def run(
     device_type = _device_type(device, cfg.method)
     views = load_views(Path(source), data=data, method=cfg.method)  # the input first: its errors are the user's
     split_views(len(views.cameras.names), cfg.eval_every)  # too few views: fail before writing
-    check_offline_assets()
+    if cfg.lpips:
+        check_offline_assets()
     out = Path(out)
     digest = inputs_hash(views, cfg)
     metrics_path = out / METRICS_FILE
@@ -712,7 +736,8 @@ def run(
     log.info("reconstruct: %s: %s for %d iterations on %s (%d train, %d held-out views)", views.name, cfg.method,
              cfg.iterations, device_type, len(split["train"]), len(split["eval"]))  # fmt: skip
     started = time.perf_counter()
-    trainer, per_iteration = train(config, out / "nerfstudio.log", progress)
+    with contextlib.nullcontext() if cfg.lpips else without_lpips():
+        trainer, per_iteration = train(config, out / "nerfstudio.log", progress)
     train_seconds = time.perf_counter() - started
     base = config.get_base_dir()
     pipeline = trainer.pipeline
@@ -720,7 +745,7 @@ def run(
     D, scale = read_dataparser_transform(base / "dataparser_transforms.json")
     with open(out / "nerfstudio.log", "a", encoding="utf-8") as log_file, contextlib.redirect_stdout(log_file):
         points_ns, colors = render_points(pipeline, cfg.export_points, cfg.seed, cfg.export_opacity)
-        per_view = evaluate_views(pipeline)
+        per_view = evaluate_views(pipeline, lpips=cfg.lpips)
     points, colors = clean_points(to_world(points_ns, D, scale), colors)
     if len(points) == 0:
         raise StageFailure(f"the trained model has no opaque points to export (after {cfg.iterations} iterations); "
@@ -745,8 +770,14 @@ def run(
         "metrics": metrics,
         "per_view": per_view,
         "metrics_source": "nerfstudio Model.get_image_metrics_and_images on full renders of the held-out views "
-        "(PSNR data range 1, SSIM, LPIPS AlexNet from the torch hub cache)",
-        "lpips_weights": {"path": str(alexnet_weights_path()), "sha256": io.hash_file(alexnet_weights_path())},
+        + (
+            "(PSNR data range 1, SSIM, LPIPS AlexNet from the torch hub cache)"
+            if cfg.lpips
+            else "(PSNR data range 1, SSIM; LPIPS not computed: lpips = false)"
+        ),  # fmt: skip
+        "lpips_weights": {"path": str(alexnet_weights_path()), "sha256": io.hash_file(alexnet_weights_path())}
+        if cfg.lpips
+        else None,
         "export": {
             "points": int(len(points)),
             "frame": "the input's world frame (dataparser transform undone)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -136,6 +137,17 @@ def test_missing_alexnet_weights_is_a_clear_model_error(tmp_path, monkeypatch, s
     message = str(info.value)
     assert reconstruct.ALEXNET_URL in message and str(tmp_path / "empty" / "hub" / "checkpoints") in message
     assert not (tmp_path / "out").exists()
+
+
+def test_without_lpips_runs_with_no_alexnet_weights_and_says_so(tmp_path, monkeypatch, synth_capture):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))  # no weights: lpips = false must not need them
+    data, work = synth_capture
+    cfg = dataclasses.replace(reconstruct.PRESETS["test"], iterations=5, lpips=False)
+    reconstruct.run(work, tmp_path / "out", cfg, data=data, device="cpu")
+    report = json.loads((tmp_path / "out" / "recon_metrics.json").read_text())
+    assert set(report["metrics"]) == {"psnr", "ssim"} and 5.0 < report["metrics"]["psnr"] < 60.0
+    assert "LPIPS not computed" in report["metrics_source"] and report["lpips_weights"] is None
+    assert not (tmp_path / "empty").exists()  # nothing fetched or cached
 
 
 def test_splatfacto_on_cpu_says_it_needs_cuda(torch_home, synth_capture, tmp_path):

@@ -39,6 +39,9 @@ def reconstruct(
     ] = None,  # fmt: skip
     export_opacity: Annotated[Optional[float], typer.Option(help="Opacity a pixel needs to give a point.")] = None,
     mesh: Annotated[bool, typer.Option("--mesh", help="Also write mesh.ply (Poisson on the points).")] = False,
+    lpips: Annotated[
+        bool, typer.Option("--lpips/--no-lpips", help="Score LPIPS too (AlexNet weights in the torch cache).")
+    ] = True,
     ns: Annotated[
         Optional[list[str]],
         typer.Option(help="nerfstudio config KEY=VALUE (repeatable), e.g. pipeline.model.num_nerf_samples_per_ray=32."),
@@ -57,7 +60,8 @@ def reconstruct(
         raise InputError(f"unknown preset '{preset}'; choose one of: {', '.join(stage.PRESETS)}")
     base = stage.PRESETS[preset]
     changes = {"method": method, "iterations": iterations, "rays_per_batch": rays_per_batch, "eval_every": eval_every,
-               "bounded": bounded, "export_opacity": export_opacity, "mesh": mesh or None}  # fmt: skip
+               "bounded": bounded, "export_opacity": export_opacity, "mesh": mesh or None,
+               "lpips": None if lpips else False}  # fmt: skip
     cfg = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None},
                               ns=base.ns + stage.parse_overrides(ns or []))  # fmt: skip
     with progress_bar("training") as progress:
