@@ -89,6 +89,9 @@ def test_manifest_records_what_ran_and_reruns_only_what_changed(data, tmp_path, 
     assert depth_entry["bytes_written"] == depth_entry["bytes_total"] == on_disk
     assert first["versions"]["nvf"] and "torch" in first["versions"]["libraries"] and first["dataset"]["captures"] == 4
     stamp = (out / first["captures"][0] / "depth.safetensors").stat().st_mtime_ns
+    assert first["stages"]["masks"]["config"]["model_preset"] == "tiny"
+    metrics = io.read_json(out / first["captures"][0] / "cloud_metrics.json")  # the tiny masks reached the cloud
+    assert metrics["mask"]["kind"] == "masks_record" and metrics["mask"]["path"].endswith("masks.safetensors")
 
     again = pipeline.run(data, out, TINY, device="cpu")
     assert [again["stages"][s]["status"] for s in main] == ["up-to-date"] * 8
