@@ -272,3 +272,21 @@ def test_evaluate_scores_depth_inside_the_head_mask(synth_data, tmp_path):
     assert masked["captures"][CAPTURE]["mask"].endswith("masks.safetensors")
     with pytest.raises(InputError, match="depth_mask=masks"):
         evaluate.run(evaluate.Inputs(depth=gt, depth_ref=gt), tmp_path / "x", evaluate.Config(depth_mask="masks"))
+
+
+def test_nerfstudio_reads_the_masks_of_the_dataset(synth_data, tmp_path):
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+    from nerfstudio.data.datasets.base_dataset import InputDataset
+
+    work = groundtruth_work(synth_data, tmp_path / "work")
+    depth = _half_masks(synth_data, work)
+    views = reconstruct.load_views(work / CAPTURE, data=synth_data)
+    split = reconstruct.write_dataset(tmp_path / "dataset", views, reconstruct.Config())
+    parsed = NerfstudioDataParserConfig(data=tmp_path / "dataset").setup().get_dataparser_outputs("train")
+    assert sorted(p.name for p in parsed.mask_filenames) == sorted(f"{Path(n).stem}.png" for n in split["train"])
+    item = InputDataset(parsed)[0]  # nerfstudio sorts the frames by file name
+    row = views.cameras.names.index(parsed.image_filenames[0].name)
+    assert parsed.mask_filenames[0].stem == parsed.image_filenames[0].stem
+    half = depth.shape[2] // 2
+    assert item["mask"].shape == (32, 32, 1)
+    np.testing.assert_array_equal(item["mask"][..., 0].numpy(), np.pad(depth[row][:, half:] > 0, ((0, 0), (half, 0))))
