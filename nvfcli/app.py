@@ -26,7 +26,7 @@ from stages import __version__
 from stages.core.errors import NvfError
 
 COMMANDS: tuple[str, ...] = (
-    "info", "fetch-models", "synth", "scan", "poses", "depth", "align", "cloud", "embed", "triplets", "train",
+    "info", "fetch-models", "synth", "scan", "poses", "depth", "masks", "align", "cloud", "embed", "triplets", "train",
     "sample", "reconstruct", "evaluate", "run", "merge",
 )  # fmt: skip
 """Command names in the order of the pipeline, so that `nvf --help` reads like the work tree. Command

@@ -24,6 +24,11 @@ reference samples, poses' units: the view's quality figure), ``inliers`` [N], ``
 ``rejected_samples`` [N] (samples dropped on depth edges or salt, `stages.core.depthmaps`).
 The default estimator (``lmeds``) is robust to gross errors in the prediction, the regressor:
 see `fit_scale_shift`.
+Head masks: with ``use_masks`` and ``WORK/<capture>/masks.safetensors`` present (`nvf masks`), samples
+are read only inside each view's head mask (head ∪ hair, resampled nearest to the map), so SfM
+points and reference pixels on the background, neck or clothes do not pull the fit; the aligned
+maps themselves cover every valid pixel as before. A view whose head mask holds no valid pixel is
+sampled unmasked (with a warning). The record's ``sample_mask`` metadata names the masks used.
 A view that cannot be fitted (too few samples, all equal) gets NaN scale/shift/residual, 0 inliers
 and an all-zero map, with a warning. Depth maps stored smaller than the images (``--max-res``)
 are handled by scaling K to the map: u_map = u_image * W_map / W_image (pixel centres at +0.5).
@@ -42,6 +47,7 @@ from typing import Literal
 import numpy as np
 
 from stages.core import dataset, depthmaps, geometry, io, worktree
+from stages.core import masks as headmasks
 from stages.core.batching import ProgressFn
 from stages.core.errors import InputError, StageFailure
 
@@ -109,6 +115,8 @@ class Config:
     """Reference samples per view at most (dense references are subsampled, seeded)."""
     seed: int = 0
     """Seed of the subsampling and of RANSAC."""
+    use_masks: bool = True
+    """Sample only inside the head mask of WORK/<capture>/masks.safetensors when that record exists."""
 
 
 _BLOCKS_FOR_NOISE = 16  # a view's noise from its sample blocks' own 16 residuals each needs this many blocks
@@ -742,6 +750,8 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
         inputs.append(poses_path)
     if cfg.reference == "sparse" or (cfg.reference == "view" and sparse_path.is_file()):
         inputs.append(sparse_path)
+    masks_path = headmasks.masks_path(work, capture)
+    use_masks = cfg.use_masks and masks_path.is_file()
     if cfg.reference == "depth":
         inputs.append(_reference_depth_path(cfg, capture))
     for path in inputs:
@@ -753,7 +763,7 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
             )
             raise InputError(f"{path}: not found; {hint or 'check the path'}")
     out_path = worktree.record_path(work, capture, "aligned")
-    inputs_hash = io.hash_inputs(STAGE, cfg, *inputs)
+    inputs_hash = io.hash_inputs(STAGE, cfg, *inputs, *([masks_path] if use_masks else []))
     if not overwrite and worktree.is_up_to_date(out_path, inputs_hash):
         log.debug("align: %s is up to date, skipped", capture)
         return None
@@ -761,6 +771,9 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
     record = io.load_record(depth_path, kind="depth", capture=capture)
     space: FitSpace = "disparity" if record.extra.get("depth_kind") == "disparity" else "depth"
     views = _load_views(record, poses_path if poses_path in inputs else None, capture)
+    output_valid = views.valid_nhw
+    if use_masks:
+        views.valid_nhw = _sample_mask(views, work, capture)
     if cfg.prefilter:
         views.prefilter = cfg
         if cfg.reference == "depth":  # dense reads: the noise first, from its own sample of pixels
@@ -794,7 +807,7 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
         # what samples read: a 3 x 3 median, or one pixel bilinear over 4 (noise x 2/3 on average)
         median = np.array([views.reads_median(row) for row in range(len(views.names))])
         views.noise = views.noise_raw * np.where(median, depthmaps.MEDIAN_NOISE, 2.0 / 3.0)
-    result = align_views(views.depth_nhw, views.valid_nhw, samples, space, cfg, fixed, views.noise)
+    result = align_views(views.depth_nhw, output_valid, samples, space, cfg, fixed, views.noise)
     failed = [name for name, s in zip(views.names, result.scale, strict=False) if not np.isfinite(s)]
     if len(failed) == len(views.names):
         counts = [len(x) for x, _ in samples]
@@ -835,6 +848,7 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
             "source_depth_kind": space,
             "fit_space": space,
             "reference": cfg.reference,
+            "sample_mask": str(masks_path) if use_masks else "none",
             "subject": record.extra.get("subject", capture),
             "failed_views": json.dumps(failed),
             "quality_levels": json.dumps(QUALITY),
@@ -846,6 +860,21 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
     log.info("align: %s: %d view(s), median residual %.4g, wrote %s", capture, len(views.names),
              float(np.nanmedian(result.residual_rms[np.isfinite(result.residual_rms)])), path)  # fmt: skip
     return path
+
+
+def _sample_mask(views: _Views, work: Path, capture: str) -> np.ndarray:
+    """[N, H, W] bool: the valid pixels inside each view's head mask (a view whose head mask holds
+    no valid pixel keeps all its valid pixels, with a warning)."""
+    found = headmasks.work_head_masks(work, capture, views.names, views.depth_nhw.shape[1:])
+    if found is None:
+        return views.valid_nhw
+    inside = views.valid_nhw & found[0]
+    empty = ~inside.any(axis=(1, 2))
+    if empty.any():
+        log.warning("align: %s: %d view(s) have no valid pixel in their head mask and are sampled unmasked: %s",
+                    capture, int(empty.sum()), ", ".join(np.asarray(views.names)[empty][:5]))  # fmt: skip
+        inside[empty] = views.valid_nhw[empty]
+    return inside
 
 
 _HOW_TO_MAKE = {

@@ -7,7 +7,7 @@ and writes ``WORK/<capture>/cloud.ply`` (points, colours, normals) and ``cloud_m
 Pipeline (Fig. 5, plus two optional filters), each step switchable in `Config` and recorded:
 
 1. foreground: a pixel counts when its aligned z-depth is finite and > 0, inside ``depth_range``
-   and inside the view's mask (``mask_dir``), its view's align quality reaches ``min_quality``,
+   and inside the view's mask, its view's align quality reaches ``min_quality``,
    and it is neither a depth-edge (flying) pixel nor a salt outlier (``edge_filter``); each map is
    then median-filtered over its kept pixels (``smooth_px``, `filtered_views`);
 2. back-projection of every foreground pixel of every view, X = R^T (d K^-1 p~ - T), vectorised
@@ -29,6 +29,10 @@ Pipeline (Fig. 5, plus two optional filters), each step switchable in `Config` a
 7. normals: Open3D PCA normals over ``normal_neighbors`` points, each turned to face the camera
    of the point's view.
 
+Masks: ``mask_dir`` (user PNGs) when given; else, with ``use_masks``, the head mask (head ∪ hair)
+of ``WORK/<capture>/masks.safetensors`` (`nvf masks`) when that record exists; else none.
+``cloud_metrics.json`` names the source under ``mask`` (kind ``mask_dir``, ``masks_record`` or ``none``).
+
 Units are the poses' (scene units); z-depth as in `stages.core.geometry`. Depth maps stored
 smaller than the images use K scaled to the map (u_map = u_image W_map / W_image).
 """
@@ -45,6 +49,7 @@ from typing import Any, Literal
 import numpy as np
 
 from stages.core import dataset, depthmaps, geometry, io, metrics, worktree
+from stages.core import masks as headmasks
 from stages.core.batching import ProgressFn
 from stages.core.errors import InputError, StageFailure
 
@@ -62,7 +67,11 @@ class Config:
     depth_range: tuple[float, float] | None = None
     """Foreground z-depth range (min, max) in scene units; None keeps every valid depth."""
     mask_dir: str | None = None
-    """Folder of foreground masks, one per image (same file name, or the stem + .png); non-zero = keep."""
+    """Folder of foreground masks, one per image (same file name, or the stem + .png); non-zero = keep.
+    Wins over the masks record."""
+    use_masks: bool = True
+    """Without `mask_dir`, keep only the head mask (head ∪ hair) of WORK/<capture>/masks.safetensors
+    (`nvf masks`) when that record exists."""
     min_quality: Literal["failed", "weak", "good"] = "weak"
     """Fuse only views whose align quality flag is at least this (`stages.align.QUALITY`)."""
     edge_filter: bool = True
@@ -489,10 +498,11 @@ def foreground_mask(views: Views, cfg: Config, masks_vhw: np.ndarray | None = No
 
 
 def build_cloud(views: Views, cfg: Config = Config(), masks_vhw: np.ndarray | None = None,
-                label: str = "capture", device: Any = None) -> Fused:  # fmt: skip
+                label: str = "capture", device: Any = None, mask_source: str | None = None) -> Fused:  # fmt: skip
     """Steps 1-7 of the module docstring, in that order; StageFailure when a step leaves no point.
 
     `device`: where step 1 (back-projection) runs, as in `fuse_views`; the filters run on the CPU.
+    `mask_source` names where `masks_vhw` came from (recorded in the foreground step; default `mask_dir`).
     """
     valid_pixels = int(np.count_nonzero(np.isfinite(views.depth_vhw) & (views.depth_vhw > 0)))
     if valid_pixels == 0:
@@ -513,7 +523,8 @@ def build_cloud(views: Views, cfg: Config = Config(), masks_vhw: np.ndarray | No
     views, foreground, edge_params = filtered_views(views, foreground, cfg)
     raw = fuse_views(views, foreground, device)
     record("foreground", cfg.depth_range is not None or masks_vhw is not None or cfg.edge_filter, valid_pixels,
-           len(raw), depth_range=cfg.depth_range, mask_dir=cfg.mask_dir, **edge_params)  # fmt: skip
+           len(raw), depth_range=cfg.depth_range, mask_dir=cfg.mask_dir,
+           mask=mask_source or (cfg.mask_dir if masks_vhw is not None else None), **edge_params)  # fmt: skip
     kept = raw
     n_views = int(np.count_nonzero(quality))
     if cfg.consistency and n_views >= 3:
@@ -968,6 +979,10 @@ def fuse_capture(work: Path, capture: str, cfg: Config, *, index: dataset.Datase
     folder = worktree.capture_dir(work, capture)
     cloud_path, metrics_path = folder / CLOUD_FILE, folder / METRICS_FILE
     mask_files = sorted(Path(cfg.mask_dir).iterdir()) if cfg.mask_dir else []
+    masks_record = headmasks.masks_path(work, capture)
+    use_record = not cfg.mask_dir and cfg.use_masks and masks_record.is_file()
+    if use_record:
+        mask_files = [masks_record]
     inputs = [aligned_path, worktree.record_path(work, capture, "poses"), *(images or []), *mask_files]
     inputs_hash = io.hash_inputs(STAGE, asdict(cfg), *[p for p in inputs if p.is_file()],
                                  *([reference] if reference else []))  # fmt: skip
@@ -977,9 +992,19 @@ def fuse_capture(work: Path, capture: str, cfg: Config, *, index: dataset.Datase
     views = load_views(work, capture, images)
     if images is None:
         log.warning("cloud: %s: images not found (pass --data DATA); the cloud has no colours", capture)
-    masks = load_masks(Path(cfg.mask_dir), views.names, views.depth_vhw.shape[1:]) if cfg.mask_dir else None
-    fused = build_cloud(views, cfg, masks, label=f"capture {capture}", device=device)
+    masks, mask_source = None, {"kind": "none"}
+    if cfg.mask_dir:
+        masks = load_masks(Path(cfg.mask_dir), views.names, views.depth_vhw.shape[1:])
+        mask_source = {"kind": "mask_dir", "path": str(cfg.mask_dir)}
+    elif use_record:
+        found = headmasks.work_head_masks(work, capture, views.names, views.depth_vhw.shape[1:])
+        if found is not None:
+            masks = found[0]
+            mask_source = {"kind": "masks_record", "path": str(found[1]), "classes": "head+hair"}
+    fused = build_cloud(views, cfg, masks, label=f"capture {capture}", device=device,
+                        mask_source=mask_source.get("path"))  # fmt: skip
     report: dict[str, Any] = {"capture": capture, "stage": STAGE, "inputs": inputs_hash, "config": asdict(cfg)}
+    report["mask"] = mask_source
     report.update(cloud_metrics(fused, views, cfg))
     report["filters"] = [asdict(step) for step in fused.steps]
     report["colors"] = "images" if images is not None else "none"

@@ -55,6 +55,7 @@ import numpy as np
 
 from stages import evaluate_views
 from stages.core import dataset, geometry, image_metrics, io
+from stages.core import masks as headmasks
 from stages.core.errors import InputError, ModelError
 
 log = logging.getLogger("nvf")
@@ -64,6 +65,7 @@ POSE_SOURCES: dict[str, int] = {"sfm": 0, "rig": 1, "interp": 2}  # as stages.po
 DepthAlignment = Literal["none", "scale", "scale_shift", "median"]
 Pairing = Literal["name", "pose"]
 MaskMode = Literal["none", "alpha", "depth"]
+DepthMask = Literal["auto", "none", "masks"]
 LpipsChoice = Literal["auto", "alex", "vgg", "squeeze", "off"]
 Switch = Literal["auto", "on", "off"]
 ProgressFn = Callable[[int, int], None]
@@ -118,6 +120,9 @@ class Config:
     """F-score threshold as a fraction of the reference cloud's bounding-box diagonal."""
     resolution: int | None = 512
     """Longer side the ground-truth views are resized to (generated views follow); None keeps their size."""
+    depth_mask: DepthMask = "auto"
+    """Depth scores inside the head mask (head ∪ hair) of the masks.safetensors beside each estimate
+    (`nvf masks`): `auto` where that record exists, `masks` requires it, `none` scores every pixel."""
     mask: MaskMode = "none"
     """Composite both views on white outside a mask: none, the GT image's alpha, or GT depth > 0 (depth_ref)."""
     pairing: Pairing = "name"
@@ -539,15 +544,20 @@ def _depth_section(inputs: Inputs, cfg: Config, figures: Figures) -> tuple[dict,
                                 "valid": "pixels > 0 and finite in both",
                                 "resolution": "reference's (estimate resized, nearest)",
                                 "units": "reference units (RMSE)"}  # fmt: skip
+    masked = set()
     for cid, est_path, ref_path in _paired(est_tree, ref_tree, "depth"):
         est, kind = _load_depth(est_path)
         ref, _ = _load_depth(ref_path)
         ref_index = {n: i for i, n in enumerate(ref.names)}
+        head = _depth_head_masks(est_path, est, cfg)
+        masked.add(head is not None)
         per_view, shown = [], []
         for i, name in enumerate(est.names):
             if name not in ref_index:
                 continue
             ref_hw = ref["depth"][ref_index[name]].astype(np.float64)
+            if head is not None:  # outside the head mask the reference counts as invalid
+                ref_hw = np.where(headmasks.resample_nearest(head[i : i + 1], ref_hw.shape)[0], ref_hw, 0.0)
             est_hw = _resize_nearest(est["depth"][i].astype(np.float64), *ref_hw.shape)
             aligned = align_depth(est_hw, ref_hw, cfg.depth_alignment, kind)
             per_view.append({"name": name, **depth_errors(aligned, ref_hw)})
@@ -556,9 +566,12 @@ def _depth_section(inputs: Inputs, cfg: Config, figures: Figures) -> tuple[dict,
             raise InputError(f"{cid}: no depth map of {est_path} pairs by name with {ref_path}")
         summary = {k: _mean(v[k] for v in per_view) for k in ("abs_rel", "rmse", "delta1", "delta2", "delta3")}
         captures[cid] = {"kind": kind, "record": est.kind, "inputs": [str(est_path), str(ref_path)],
+                         "mask": str(est_path.parent / "masks.safetensors") if head is not None else "none",
                          "summary": summary, "per_view": per_view}  # fmt: skip
         maps[cid] = shown
     kinds = sorted({c["kind"] for c in captures.values()})
+    protocol["mask"] = {frozenset([True]): "head mask (head ∪ hair) of <capture>/masks.safetensors beside the estimate",
+                        frozenset([False]): "none"}.get(frozenset(masked), "per capture (see its 'mask')")  # fmt: skip
     protocol["estimate_kind"] = kinds if len(kinds) > 1 else kinds[0]
     n = sum(len(c["per_view"]) for c in captures.values())
     for key, better, unit in (("abs_rel", "lower", ""), ("rmse", "lower", "ref units"), ("delta1", "higher", ""),
@@ -566,6 +579,19 @@ def _depth_section(inputs: Inputs, cfg: Config, figures: Figures) -> tuple[dict,
         figures.add("depth", key, _mean(c["summary"][key] for c in captures.values()), protocol=protocol, n=n,
                     unit=unit, better=better)  # fmt: skip
     return {"protocol": protocol, "captures": captures}, maps
+
+
+def _depth_head_masks(est_path: Path, est: io.Record, cfg: Config) -> np.ndarray | None:
+    """[V, H, W] bool head masks of the estimate's views from the masks record beside it, or None
+    (`depth_mask` none, or auto without a record)."""
+    path = est_path.parent / "masks.safetensors"
+    if cfg.depth_mask not in ("auto", "none", "masks"):
+        raise InputError(f"unknown depth_mask {cfg.depth_mask!r}: use auto, masks or none")
+    if cfg.depth_mask == "none" or (cfg.depth_mask == "auto" and not path.is_file()):
+        return None
+    if not path.is_file():
+        raise InputError(f"{path}: not found, and depth_mask=masks needs it; run `nvf masks DATA --out WORK` first")
+    return headmasks.view_head_masks(headmasks.load_masks(path), est.names)
 
 
 # ----------------------------------------------------------------------------------------------

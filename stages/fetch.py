@@ -4,6 +4,7 @@ say which environment variables make compute nodes use those caches without a ne
 The weights (`weights(preset)`), for the `paper` preset:
 
 - depth: the preset's depth model (`Intel/dpt-large`), a hub repo -> the Hugging Face hub cache;
+- masks: the face-parsing SegFormer of `nvf masks` (`jonathandinu/face-parsing`) -> the hub cache;
 - clip: open_clip `ViT-B-32-quickgelu` with OpenAI weights (hub repo `timm/vit_base_patch32_clip_224.openai`);
 - diffusion: the base model of `nvf train`/`sample` (`kxic/zero123-xl`: unet/, vae/, scheduler/);
 - lpips-alexnet: torchvision's ImageNet AlexNet (LPIPS in `nvf evaluate` and nerfstudio's
@@ -107,6 +108,7 @@ def weights(preset: str = "paper") -> list[Weight]:
     clip = refs["clip"]
     return [
         Weight("depth", "hf", refs["depth"].id, "nvf depth", refs["depth"].revision),
+        Weight("masks", "hf", refs["masks"].id, "nvf masks", refs["masks"].revision),
         Weight("clip", "open_clip", f"{clip.id}@{clip.pretrained}", "nvf embed, nvf evaluate (identity)"),
         Weight("diffusion", "hf", refs["diffusion"].id, "nvf train, nvf sample", refs["diffusion"].revision),
         Weight("lpips-alexnet", "url", LPIPS_ALEXNET_URL, "nvf evaluate (LPIPS), nvf reconstruct (nerfstudio)"),
@@ -228,8 +230,8 @@ def check_loads(preset: str) -> dict[str, str]:
 def _load_model(weight: Weight, preset: str) -> None:
     role = weight.source if weight.kind == "tiny" else weight.name
     ref = models.resolve_model(role, preset)  # type: ignore[arg-type]
-    {"depth": models.load_depth_model, "clip": models.load_clip_model,
-     "diffusion": models.load_diffusion_parts}[role](ref)  # fmt: skip
+    {"depth": models.load_depth_model, "clip": models.load_clip_model, "diffusion": models.load_diffusion_parts,
+     "masks": models.load_segmentation_model}[role](ref)  # fmt: skip
 
 
 def _load_checkpoint(weight: Weight, preset: str) -> None:

@@ -1,7 +1,7 @@
 """`nvf run`: the stages chained over one work tree, with a manifest of what ran.
 
-``run(data, out, cfg)`` walks the stage registry `STEPS` in order: scan -> poses -> depth -> align
--> cloud -> embed -> triplets, then train / sample / reconstruct / evaluate where the config has a
+``run(data, out, cfg)`` walks the stage registry `STEPS` in order: scan -> poses -> depth -> masks
+-> align -> cloud -> embed -> triplets (align, cloud and reconstruct use the head masks), then train / sample / reconstruct / evaluate where the config has a
 section for them. ``out`` is the work tree itself (``OUT/<capture>/*.safetensors``, ``OUT/index.json``,
 ``OUT/triplets.safetensors``, ``OUT/train/`` ...), so every single-stage command works on it too.
 
@@ -83,9 +83,9 @@ PRESETS: dict[str, Config] = {"paper": Config(), "tiny": Config(preset="tiny")}
 # rightly reject all of it, so its smoke run aligns with the plain estimator (align `tukey`) to let
 # every later stage run
 STAGE_PRESETS: dict[str, dict[str, str]] = {
-    "paper": {"poses": "default", "depth": "paper", "align": "default", "cloud": "default", "embed": "paper",
+    "paper": {"poses": "default", "depth": "paper", "masks": "paper", "align": "default", "cloud": "default", "embed": "paper",
               "triplets": "paper", "train": "paper", "reconstruct": "default", "evaluate": "default"},
-    "tiny": {"poses": "default", "depth": "tiny", "align": "tukey", "cloud": "default", "embed": "tiny",
+    "tiny": {"poses": "default", "depth": "tiny", "masks": "tiny", "align": "tukey", "cloud": "default", "embed": "tiny",
              "triplets": "paper", "train": "tiny", "reconstruct": "test", "evaluate": "tiny"},
 }  # fmt: skip
 
@@ -215,6 +215,7 @@ STEPS: tuple[Step, ...] = (
     Step("scan", "stages.scan", "dataset", (), (INDEX,), _run_scan),
     Step("poses", "stages.poses", "capture", (), ("poses.safetensors",), _run_poses),
     Step("depth", "stages.depth", "capture", (), ("depth.safetensors",), _run_depth_or_embed),
+    Step("masks", "stages.masks", "capture", (), ("masks.safetensors",), _run_depth_or_embed),
     Step("align", "stages.align", "capture", ("poses", "depth"), ("aligned.safetensors",), _run_align),
     Step("cloud", "stages.cloud", "capture", ("align",), ("cloud.ply", "cloud_metrics.json"), _run_cloud),
     Step("embed", "stages.embed", "capture", (), ("embed.safetensors",), _run_depth_or_embed),

@@ -12,7 +12,9 @@ Writes into ``out``:
     - ``dataset/``: a nerfstudio dataset (``images/`` hard-linked or copied, ``transforms.json`` with
       ``applied_transform`` = identity because the poses are written in nvf's world frame as they are,
       explicit ``train_filenames``/``val_filenames``/``test_filenames``, optional ``depths/`` 16-bit
-      PNGs and ``points.ply``);
+      PNGs and ``points.ply``; with ``use_masks`` and ``WORK/<capture>/masks.safetensors`` present,
+      ``masks/<stem>.png`` per frame (nerfstudio's convention: one channel, the image's size,
+      255 = head ∪ hair, train on it; 0 = ignore) named by each frame's ``mask_path``);
     - ``<method>/``: nerfstudio's run folder (``config.yml``, ``nerfstudio_models/step-*.ckpt``,
       ``dataparser_transforms.json``, tensorboard events); ``nerfstudio.log`` holds its console output;
     - ``points.ply``: the reconstruction as coloured points in the input's own world frame;
@@ -66,6 +68,7 @@ from typing import Any, Literal
 import numpy as np
 
 from stages.core import batching, io, worktree
+from stages.core import masks as headmasks
 from stages.core.errors import InputError, ModelError, StageFailure
 
 log = logging.getLogger("nvf")
@@ -109,6 +112,9 @@ class Config:
     """Most points in points.ply (a seeded subset when more pixels are opaque)."""
     mesh: bool = False
     """Also write mesh.ply: Poisson surface (Open3D) of the exported points with estimated normals."""
+    use_masks: bool = True
+    """A work capture with masks.safetensors (`nvf masks`): give nerfstudio each view's head mask
+    (``mask_path``), so rays off the head (background, neck, clothes) are not trained on."""
     init_points: bool = True
     """splatfacto: start from WORK/<capture>/cloud.ply when present (else nerfstudio's random init)."""
     ns: tuple[tuple[str, str], ...] = ()
@@ -142,6 +148,8 @@ class ViewSet:
     depth_nhw: np.ndarray | None = None  # z-depth in the poses' units, 0 = invalid
     cloud_path: Path | None = None
     source: str = ""  # what the views came from (for the metrics file)
+    masks: list[np.ndarray] | None = None  # per view: head mask [h, w] bool at the image's size
+    masks_path: Path | None = None  # the masks record they came from
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,14 +181,16 @@ def check_offline_assets() -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_views(source: Path, *, data: Path | None = None, method: str = "nerfacto") -> ViewSet:
-    """The posed views of a capture folder (poses.safetensors) or of a folder with transforms.json."""
+def load_views(source: Path, *, data: Path | None = None, method: str = "nerfacto", use_masks: bool = True) -> ViewSet:
+    """The posed views of a capture folder (poses.safetensors) or of a folder with transforms.json;
+    a capture folder's head masks (masks.safetensors) come along with `use_masks`."""
     source = Path(source)
     if not source.is_dir():
         raise InputError(f"{source}: no such folder; pass WORK/<capture> (with poses.safetensors) or a folder "
                          "with transforms.json and its images")  # fmt: skip
     if (source / worktree.RECORD_FILES["poses"]).is_file():
-        return _capture_views(source, data, method)
+        views = _capture_views(source, data, method)
+        return _with_masks(views, source) if use_masks else views
     if (source / "transforms.json").is_file():
         return _transforms_views(source)
     raise InputError(f"{source}: no poses.safetensors and no transforms.json: run `nvf poses` first, or pass a "
@@ -204,6 +214,22 @@ def _capture_views(folder: Path, data: Path | None, method: str) -> ViewSet:
     cloud = folder / "cloud.ply"
     return ViewSet(record.capture or folder.name, cameras, paths, depth, cloud if cloud.is_file() else None,
                    source=str(folder))  # fmt: skip
+
+
+def _with_masks(views: ViewSet, folder: Path) -> ViewSet:
+    """`views` with each view's head mask at its image size, when the capture has a masks record."""
+    path = folder / worktree.RECORD_FILES["masks"]
+    if not path.is_file():
+        return views
+    record = headmasks.load_masks(path, views.name)
+    masks_vhw = headmasks.view_head_masks(record, views.cameras.names)
+    sizes = zip(np.asarray(views.cameras.height).astype(int), np.asarray(views.cameras.width).astype(int), strict=True)
+    masks = [headmasks.resample_nearest(m[None], (h, w))[0] for m, (h, w) in zip(masks_vhw, sizes, strict=True)]
+    empty = [n for n, m in zip(views.cameras.names, masks, strict=True) if not m.any()]
+    if empty:
+        log.warning("reconstruct: %s: %d view(s) have an empty head mask (nerfstudio trains nothing on them): %s",
+                    views.name, len(empty), ", ".join(empty[:5]))  # fmt: skip
+    return dataclasses.replace(views, masks=masks, masks_path=path)
 
 
 def _capture_image_paths(folder: Path, capture: str, names: list[str], data: Path | None) -> list[Path]:
@@ -286,6 +312,10 @@ def write_dataset(folder: Path, views: ViewSet, cfg: Config) -> dict[str, Any]:
             depth_unit = _write_depths(tmp / "depths", names, views.depth_nhw)
             for row, name in enumerate(names):
                 extra[row]["depth_file_path"] = f"depths/{Path(name).stem}.png"
+        if views.masks is not None:
+            _write_masks(tmp / "masks", names, views.masks)
+            for row, name in enumerate(names):
+                extra[row]["mask_path"] = f"masks/{Path(name).stem}.png"
         io.write_transforms(tmp / "transforms.json", views.cameras, image_dir="images", extra_frames=extra,
                             applied_transform=np.eye(4)[:3])  # fmt: skip
         doc = io.read_json(tmp / "transforms.json")
@@ -326,6 +356,16 @@ def _write_depths(folder: Path, names: Sequence[str], depth_nhw: np.ndarray) -> 
         if not cv2.imwrite(str(folder / f"{Path(name).stem}.png"), codes_hw):
             raise StageFailure(f"could not write depth map {folder / Path(name).stem}.png")
     return unit
+
+
+def _write_masks(folder: Path, names: Sequence[str], masks: Sequence[np.ndarray]) -> None:
+    """Single-channel 8-bit PNG masks, nerfstudio's convention: 255 = use the pixel, 0 = ignore it."""
+    import cv2
+
+    folder.mkdir()
+    for name, mask_hw in zip(names, masks, strict=True):
+        if not cv2.imwrite(str(folder / f"{Path(name).stem}.png"), np.where(mask_hw, 255, 0).astype(np.uint8)):
+            raise StageFailure(f"could not write mask {folder / Path(name).stem}.png")
 
 
 def _write_init_points(path: Path, cloud_path: Path) -> None:
@@ -695,6 +735,8 @@ def inputs_hash(views: ViewSet, cfg: Config) -> str:
     extra: list[Any] = [io.hash_inputs(views.depth_nhw.tobytes())] if views.depth_nhw is not None else []
     if views.cloud_path is not None and cfg.method == "splatfacto" and cfg.init_points:
         extra.append(views.cloud_path)
+    if views.masks_path is not None:
+        extra.append(views.masks_path)
     return io.hash_inputs(dataclasses.asdict(cfg), cams.names, arrays, *views.image_paths, *extra)
 
 
@@ -716,7 +758,8 @@ def run(
     """
     validate(cfg)
     device_type = _device_type(device, cfg.method)
-    views = load_views(Path(source), data=data, method=cfg.method)  # the input first: its errors are the user's
+    # the input first: its errors are the user's
+    views = load_views(Path(source), data=data, method=cfg.method, use_masks=cfg.use_masks)
     split_views(len(views.cameras.names), cfg.eval_every)  # too few views: fail before writing
     if cfg.lpips:
         check_offline_assets()
@@ -778,6 +821,7 @@ def run(
         "lpips_weights": {"path": str(alexnet_weights_path()), "sha256": io.hash_file(alexnet_weights_path())}
         if cfg.lpips
         else None,
+        "masks": str(views.masks_path) if views.masks_path is not None else "none",
         "export": {
             "points": int(len(points)),
             "frame": "the input's world frame (dataparser transform undone)",

@@ -84,6 +84,17 @@ def drop_row(key: str) -> Callable[[Path], None]:
     return spoil
 
 
+def out_of_range(key: str) -> Callable[[Path], None]:
+    def spoil(path: Path) -> None:
+        def change(tensors):
+            tensors[key] = tensors[key].copy()
+            tensors[key].reshape(-1)[0] = 9
+
+        edit_record(path, change)
+
+    return spoil
+
+
 def first_image(root: Path) -> Path:
     return sorted(p for p in root.rglob("*.png") if "groundtruth" not in p.parts)[0]
 
@@ -191,7 +202,16 @@ CASES: list[tuple[str, str, Build]] = [
         {**RECORD_SPOILS, "Inf depth": nan_in("depth", np.inf), "a row short": drop_row("depth")},
         *ALIGN_TO_DEPTH,
     ),  # fmt: skip
+    *per_data("masks", "--preset", "tiny", "--device", "cpu", "--no-cache"),
+    *per_work(
+        "align", "masks.safetensors", {**RECORD_SPOILS, "a row short": drop_row("classes")}, *ALIGN_TO_DEPTH
+    ),  # fmt: skip
     *per_missing_work("cloud"),
+    *per_work(
+        "cloud",
+        "masks.safetensors",
+        {**RECORD_SPOILS, "a row short": drop_row("classes"), "a class out of range": out_of_range("classes")},
+    ),  # fmt: skip
     *per_work("cloud", "aligned.safetensors", {**RECORD_SPOILS, "a row short": drop_row("depth")}),
     *per_work("cloud", "poses.safetensors", {"NaN in R": nan_in("R")}),
     *per_missing_work("triplets", "--out", "{out}/triplets.safetensors"),

@@ -9,13 +9,13 @@ import pytest
 from stages import fetch
 from stages.core.errors import ModelError
 
-PAPER = ("Intel/dpt-large", "ViT-B-32-quickgelu@openai", "kxic/zero123-xl", "alexnet-owt-7be5be79.pth",
+PAPER = ("Intel/dpt-large", "jonathandinu/face-parsing", "ViT-B-32-quickgelu@openai", "kxic/zero123-xl", "alexnet-owt-7be5be79.pth",
          "weights-inception-2015-12-05")  # fmt: skip
 
 
 def test_the_paper_preset_lists_every_weight_a_stage_loads():
     listed = {w.name: w.source for w in fetch.weights("paper")}
-    assert list(listed) == ["depth", "clip", "diffusion", "lpips-alexnet", "fid-inception"]
+    assert list(listed) == ["depth", "masks", "clip", "diffusion", "lpips-alexnet", "fid-inception"]
     assert all(any(name in source for source in listed.values()) for name in PAPER)
 
 
@@ -49,8 +49,9 @@ def test_an_unreachable_network_fails_fast_too(tmp_path, monkeypatch):
 def test_tiny_preset_builds_checks_offline_and_prints_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("NVF_CACHE", str(tmp_path / "elsewhere"))  # restored after the test
     result = fetch.run("tiny", tmp_path / "cache")
-    assert result.statuses == {"depth-tiny": "built", "clip-tiny": "built", "diffusion-tiny": "built"}
-    assert result.checks == {"depth-tiny": "ok", "clip-tiny": "ok", "diffusion-tiny": "ok"}  # a fresh offline process
+    tiny = ("depth-tiny", "clip-tiny", "diffusion-tiny", "masks-tiny")
+    assert result.statuses == dict.fromkeys(tiny, "built")
+    assert result.checks == dict.fromkeys(tiny, "ok")  # a fresh offline process
     assert result.env["NVF_CACHE"] == str(tmp_path / "cache" / "nvf") and result.env["HF_HUB_OFFLINE"] == "1"
     assert (tmp_path / "cache" / "nvf" / "tiny").is_dir()
     again = fetch.run("tiny", tmp_path / "cache", check=False)

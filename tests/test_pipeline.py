@@ -76,8 +76,8 @@ def test_manifest_records_what_ran_and_reruns_only_what_changed(data, tmp_path, 
     out = tmp_path / "work"
     first = pipeline.run(data, out, TINY, device="cpu")
     assert first == pipeline.read_manifest(out) and first["status"] == "done"
-    main = ("scan", "poses", "depth", "align", "cloud", "embed", "triplets")
-    assert [first["stages"][s]["status"] for s in main] == ["done"] * 7
+    main = ("scan", "poses", "depth", "masks", "align", "cloud", "embed", "triplets")
+    assert [first["stages"][s]["status"] for s in main] == ["done"] * 8
     assert {first["stages"][s]["status"] for s in ("train", "sample", "reconstruct", "evaluate")} == {"not-configured"}
     depth_entry = first["stages"]["depth"]
     assert (
@@ -89,9 +89,12 @@ def test_manifest_records_what_ran_and_reruns_only_what_changed(data, tmp_path, 
     assert depth_entry["bytes_written"] == depth_entry["bytes_total"] == on_disk
     assert first["versions"]["nvf"] and "torch" in first["versions"]["libraries"] and first["dataset"]["captures"] == 4
     stamp = (out / first["captures"][0] / "depth.safetensors").stat().st_mtime_ns
+    assert first["stages"]["masks"]["config"]["model_preset"] == "tiny"
+    metrics = io.read_json(out / first["captures"][0] / "cloud_metrics.json")  # the tiny masks reached the cloud
+    assert metrics["mask"]["kind"] == "masks_record" and metrics["mask"]["path"].endswith("masks.safetensors")
 
     again = pipeline.run(data, out, TINY, device="cpu")
-    assert [again["stages"][s]["status"] for s in main] == ["up-to-date"] * 7
+    assert [again["stages"][s]["status"] for s in main] == ["up-to-date"] * 8
     assert (out / first["captures"][0] / "depth.safetensors").stat().st_mtime_ns == stamp
 
     changed = dataclasses.replace(TINY, stages={"cloud": {"voxel_pixels": 2.0}})
@@ -101,7 +104,8 @@ def test_manifest_records_what_ran_and_reruns_only_what_changed(data, tmp_path, 
     real_versions = pipeline.versions()
     monkeypatch.setattr(pipeline, "versions", lambda: {**real_versions, "hash": "another-torch"})
     fourth = pipeline.run(data, out, dataclasses.replace(changed, until="depth"), device="cpu")
-    assert _statuses(fourth)["depth"] == "done" and _statuses(fourth)["align"] == "not-run"
+    assert _statuses(fourth)["depth"] == "done" and _statuses(fourth)["masks"] == "not-run"
+    assert _statuses(fourth)["align"] == "not-run"
     assert fourth["stages"]["align"]["reason"] == "after --until depth"
 
     unwritten = tuple(dataclasses.replace(s, module="stages.not_written_yet") if s.name == "sample" else s

@@ -36,6 +36,9 @@ def align(
     ] = True,
     ransac_threshold: Annotated[float, typer.Option(help="RANSAC inlier threshold, relative.")] = 0.03,
     seed: Annotated[int, typer.Option(help="Seed of subsampling and RANSAC.")] = 0,
+    masks: Annotated[
+        bool, typer.Option("--masks/--no-masks", help="Sample inside the head mask of masks.safetensors when present.")
+    ] = True,
     shard: Shard = None,
     captures: Captures = None,
     overwrite: Overwrite = False,
@@ -51,7 +54,7 @@ def align(
     reference = "view" if reference_view else "depth" if reference_depth else "sparse"
     cfg = stage.Config(reference=reference, reference_view=reference_view,
                        reference_depth=str(reference_depth) if reference_depth else None, robust=robust,
-                       ransac_threshold=ransac_threshold, seed=seed, prefilter=prefilter)  # fmt: skip
+                       ransac_threshold=ransac_threshold, seed=seed, prefilter=prefilter, use_masks=masks)  # fmt: skip
     ids = worktree.read_capture_ids(captures) if captures else None
     with progress_bar("align") as progress:
         written = stage.run(work, cfg, shard=worktree.Shard.parse(shard), capture_ids=ids, overwrite=overwrite,

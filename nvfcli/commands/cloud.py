@@ -45,6 +45,10 @@ def cloud(
     uniformity_radius: Annotated[Optional[float], typer.Option(help="Thinning radius in median spacings.")] = None,
     depth_range: Annotated[Optional[str], typer.Option(help="Foreground z-depth range MIN,MAX (scene units).")] = None,
     mask_dir: Annotated[Optional[Path], typer.Option(help="Folder of foreground masks named like the images.")] = None,
+    masks: Annotated[
+        Optional[bool],
+        typer.Option("--masks/--no-masks", help="Keep the head mask of WORK/<capture>/masks.safetensors when present."),
+    ] = None,
     consistency: Annotated[
         Optional[int],
         typer.Option(help="Keep points whose depth agrees with >= K other views (0 = off) [default: 2].", min=0),
@@ -83,6 +87,7 @@ def cloud(
         "voxel_pixels": voxel, "voxel_size": voxel_size, "uniformity": uniformity,
         "uniformity_radius": uniformity_radius,
         "depth_range": _range(depth_range), "mask_dir": str(mask_dir) if mask_dir else None,
+        "use_masks": masks,
         "consistency": None if consistency is None else consistency > 0, "consistency_views": consistency or None,
         "min_quality": min_quality, "smooth_px": smooth, "edge_filter": edges,
         "consistency_tolerance": consistency_tolerance, "reference": str(reference) if reference else None,

@@ -42,6 +42,10 @@ def evaluate(
     mask: Annotated[
         Optional[stage.MaskMode], typer.Option(help="none, alpha (GT alpha) or depth (GT depth > 0).")
     ] = None,
+    depth_mask: Annotated[
+        Optional[stage.DepthMask],
+        typer.Option(help="Score depth inside the head masks beside it: auto, masks or none."),
+    ] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Longer side of views when scored (0: native).")] = None,
     lpips: Annotated[
         Optional[stage.LpipsChoice], typer.Option(help="auto (alex if cached), alex, vgg, squeeze, off.")
@@ -69,8 +73,9 @@ def evaluate(
     """
     if preset not in stage.PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}: {', '.join(stage.PRESETS)}")
-    changes = {"depth_alignment": depth_alignment, "pairing": pairing, "mask": mask, "lpips": lpips,
-               "clip_model": clip_model, "closed_loop": closed_loop, "face_identity": face_identity}  # fmt: skip
+    changes = {"depth_alignment": depth_alignment, "pairing": pairing, "mask": mask, "depth_mask": depth_mask,
+               "lpips": lpips, "clip_model": clip_model, "closed_loop": closed_loop,
+               "face_identity": face_identity}  # fmt: skip
     changes = {k: v for k, v in changes.items() if v is not None}
     if resolution is not None:
         changes["resolution"] = resolution or None

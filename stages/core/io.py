@@ -277,6 +277,8 @@ SCHEMAS: dict[str, dict[str, tuple[int | str, ...]]] = {
         "inliers": ("N",),
     },
     "embed": {"embedding": ("N", "D")},
+    # head masks: a class per pixel (`stages.core.masks.CLASSES`) at image resolution, each view's image size
+    "masks": {"classes": ("N", "H", "W"), "image_hw": ("N", 2)},
 }
 
 

@@ -2,7 +2,8 @@
 
 Two presets, one per row of `PRESETS`:
 
-- `paper`: what NVF-360 uses. Depth: DPT-Large (`Intel/dpt-large`, relative inverse depth).
+- `paper`: what NVF-360 uses (and, for head masks, which the paper does not name, the face-parsing
+  SegFormer `jonathandinu/face-parsing`). Depth: DPT-Large (`Intel/dpt-large`, relative inverse depth).
   CLIP: ViT-B/32 with OpenAI's weights through open_clip, named `ViT-B-32-quickgelu` because
   those weights were trained with QuickGELU and open_clip (2.32 and 3.3 checked) no longer
   special-cases `openai`: plain `ViT-B-32` + `openai` builds GELU layers and only warns. Diffusion: Zero123-XL in
@@ -38,8 +39,8 @@ from stages.core.errors import InputError, ModelError
 
 log = logging.getLogger("nvf")
 
-Role = Literal["depth", "clip", "diffusion"]
-ROLES: tuple[Role, ...] = ("depth", "clip", "diffusion")
+Role = Literal["depth", "clip", "diffusion", "masks"]
+ROLES: tuple[Role, ...] = ("depth", "clip", "diffusion", "masks")
 
 TINY_SEED = 0
 TINY_VERSION = 1  # bump when a tiny config changes, so stale cached builds are not reused
@@ -84,6 +85,11 @@ PRESETS: dict[str, dict[str, ModelRef]] = {
             note="CLIP ViT-B/32, OpenAI weights, 512-D embeddings, QuickGELU activations; MIT",
         ),
         "diffusion": ModelRef("diffusion", "kxic/zero123-xl", note=PAPER_DIFFUSION_NOTE),
+        "masks": ModelRef(
+            "masks",
+            "jonathandinu/face-parsing",
+            note="SegFormer-B5 face parsing (CelebAMask-HQ, 19 labels: skin, hair, ears, ...); not in the paper",
+        ),
     },
     "tiny": {role: ModelRef(role, f"tiny:{role}", note="random weights built locally; tests only") for role in ROLES},
 }
@@ -235,6 +241,27 @@ def load_depth_model(
     except _hub_errors() as err:
         raise _load_failed(ref, err) from err
     # cast after loading: the dtype keyword was renamed (torch_dtype -> dtype) across transformers
+    return model.to(device=device, dtype=dtype).eval(), processor
+
+
+def load_segmentation_model(
+    ref: ModelRef, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, Any]:
+    """(model in eval mode on `device`, image processor) for a transformers semantic segmentation model.
+
+    The model maps `pixel_values` [B, 3, h, w] to `logits` [B, L, h', w'] (SegFormer: h' = h / 4) over
+    the labels of `model.config.id2label`.
+    """
+    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+    folder = _local_folder(ref)
+    source = str(folder) if folder else ref.id
+    kwargs = _from_pretrained_kwargs(ref)
+    try:
+        processor = AutoImageProcessor.from_pretrained(source, **kwargs)
+        model = AutoModelForSemanticSegmentation.from_pretrained(source, **kwargs)
+    except _hub_errors() as err:
+        raise _load_failed(ref, err) from err
     return model.to(device=device, dtype=dtype).eval(), processor
 
 
@@ -458,10 +485,47 @@ def build_tiny_diffusion(folder: Path | str) -> Path:
     return folder
 
 
+FACE_PARSING_LABELS: tuple[str, ...] = (
+    "background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear", "mouth",
+    "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth",
+)  # fmt: skip
+"""The 19 CelebAMask-HQ labels of `jonathandinu/face-parsing`, in id order (eye_g: glasses, ear_r:
+earring, neck_l: necklace)."""
+
+
+def build_tiny_masks(folder: Path | str) -> Path:
+    """A 2-stage SegFormer (hidden 8/16, decoder 16, ~7 k parameters, 64x64 input) with the
+    face-parsing label set (`FACE_PARSING_LABELS` as id2label) + its processor, in `folder`."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    folder = Path(folder)
+    config = SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        num_labels=len(FACE_PARSING_LABELS),
+        id2label=dict(enumerate(FACE_PARSING_LABELS)),
+        label2id={label: i for i, label in enumerate(FACE_PARSING_LABELS)},
+    )
+    with _seeded():
+        model = SegformerForSemanticSegmentation(config)
+    model.save_pretrained(folder)
+    # the face-parsing model's preprocessing (ImageNet mean/std), at 64x64
+    SegformerImageProcessor(size={"height": 64, "width": 64}, do_reduce_labels=False).save_pretrained(folder)
+    return folder
+
+
 _TINY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "depth": build_tiny_depth,
     "clip": build_tiny_clip,
     "diffusion": build_tiny_diffusion,
+    "masks": build_tiny_masks,
 }
 
 

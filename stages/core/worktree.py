@@ -1,6 +1,6 @@
 """The work tree every per-capture stage reads and writes, and how a stage walks its captures.
 
-Layout: ``WORK/<capture>/<kind>.safetensors`` (poses, sparse, depth, aligned, embed) plus the PLYs
+Layout: ``WORK/<capture>/<kind>.safetensors`` (poses, sparse, depth, masks, aligned, embed) plus the PLYs
 and JSON a stage adds there. A stage processes the captures of a `DatasetIndex`, restricted to a
 shard and optionally to a list of capture ids, and skips a capture whose output already carries
 the same input hash (inputs + config) unless told to overwrite.
@@ -29,6 +29,7 @@ RECORD_FILES = {
     "depth": "depth.safetensors",
     "aligned": "aligned.safetensors",
     "embed": "embed.safetensors",
+    "masks": "masks.safetensors",
 }
 
 

@@ -30,11 +30,11 @@ def test_run_prints_the_manifest_and_reruns_as_up_to_date(data, tmp_path):
     result = _run(str(data), str(tmp_path / "w"), "--until", "align", "--json")
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
-    assert [manifest["stages"][s]["status"] for s in ("scan", "poses", "depth", "align", "cloud")] == [
-        "done", "done", "done", "done", "not-run"]  # fmt: skip
+    assert [manifest["stages"][s]["status"] for s in ("scan", "poses", "depth", "masks", "align", "cloud")] == [
+        "done", "done", "done", "done", "done", "not-run"]  # fmt: skip
     assert json.loads((tmp_path / "w" / "manifest.json").read_text())["stages"] == manifest["stages"]
     table = _run(str(data), str(tmp_path / "w"), "--until", "align")
-    assert table.exit_code == 0 and table.stdout.count("up-to-date") == 4
+    assert table.exit_code == 0 and table.stdout.count("up-to-date") == 5
 
 
 def test_slurm_array_shards_then_merge(data, tmp_path):

@@ -1,0 +1,387 @@
+"""Stage `masks`: batched head masks (head, hair, background) for every view of every capture.
+
+Any transformers semantic segmentation model (`AutoModelForSemanticSegmentation` + its image
+processor) runs over a dataset's images in batches of equal-size images, as `stages.depth` does:
+images decoded by worker threads ahead of the model, the model's own processor on a uint8 batch
+tensor, the logits resampled bilinearly to the image size *before* the argmax over labels, each
+label mapped to a class by name (`stages.core.masks.label_classes`: face parts and ears -> head,
+hair and hat -> hair, neck, clothes and the rest -> background).
+
+The batching, cache, shard and resume contract is depth's: a capture's batches are its own views
+only (`batching.capture_batches`: `--batch-size` views, or with the auto batch size the whole
+capture up to 32 views on a CPU, 256 on a GPU), so its record is the same bits in any run or
+shard; a batch that memory splits (auto batch size, out-of-memory halving) gives maps equal up to
+float ties and is not cached. Maps are cached on disk (``<nvf cache>/masks-cache``) keyed by the
+image bytes, the model, the label mapping and the batch the map was computed in. A capture whose
+record carries the same input hash (image bytes + settings) is skipped unless `overwrite`.
+
+Output per capture: ``WORK/<capture>/masks.safetensors`` (kind ``masks``, format in
+`stages.core.masks`): ``classes`` [V, H, W] uint8 (0 background, 1 head, 2 hair) at image
+resolution and ``image_hw`` [V, 2]. `nvf align`, `nvf cloud`, `nvf reconstruct` and `nvf evaluate`
+use the head mask (head ∪ hair) when the record is there.
+
+Models: `paper` preset `jonathandinu/face-parsing` (SegFormer-B5 trained on CelebAMask-HQ, 19
+labels); `tiny` a random 2-stage SegFormer with the same label set (tests only). A local folder or
+another hub id works through `--model` when its labels name face parts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.core import batching, dataset, io, models, worktree
+from stages.core import masks as headmasks
+from stages.core.batching import ProgressFn, effective_precision
+from stages.core.cache import ArrayCache, CaptureAssembler, Prefetcher
+from stages.core.digests import image_digests
+from stages.core.models import model_fingerprint
+
+log = logging.getLogger("nvf")
+
+STAGE = "masks"
+_CPU_MAX_BATCH = 32
+_GPU_MAX_BATCH = 256
+_MEMORY_CACHE_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Config:
+    """How head masks are predicted."""
+
+    model_preset: str = "paper"
+    """Which models (`stages.core.models.PRESETS`): `paper` (jonathandinu/face-parsing) or `tiny`
+    (random weights, tests). Not the stage preset: `--preset` names one of `PRESETS` below."""
+    model: str | None = None
+    """A hub id or local folder of a face-parsing segmentation model instead of the preset's."""
+    layout: dataset.Layout = "auto"
+    """Dataset layout: `auto`, `multipie` or `folder` (as `nvf scan`)."""
+    precision: batching.Precision = "fp32"
+    """Weights and activations: fp32, fp16 (CUDA only; CPU falls back to fp32) or bf16."""
+    batch_size: int | None = None
+    """Images per forward pass, cut per capture; None: the whole capture (up to 32 on a CPU, 256 on a
+    GPU), split only where free memory cannot hold it (halved on out-of-memory)."""
+    cache: bool = True
+    """Reuse and fill the on-disk masks cache (`<nvf cache>/masks-cache`)."""
+    workers: int = 4
+    """Image-decoding threads running ahead of the model."""
+
+
+PRESETS: dict[str, Config] = {
+    "paper": Config(),
+    "tiny": Config(model_preset="tiny"),
+    "fast": Config(precision="fp16"),
+}
+
+
+def default_cache_folder() -> Path:
+    """``<nvf cache>/masks-cache``."""
+    return models.cache_dir() / "masks-cache"
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+class MaskPredictor:
+    """A loaded segmentation model: uint8 image batches in, class maps (`headmasks.CLASSES`) out.
+
+    `predict(images_b3hw, out_hw)`: images [B, 3, H, W] uint8 -> [B, h, w] uint8 on the model's device.
+    """
+
+    def __init__(self, ref: models.ModelRef, device: torch.device, precision: batching.Precision = "fp32") -> None:
+        self.ref, self.device = ref, device
+        self.dtype = batching.torch_dtype(precision)
+        self.model, self.processor = models.load_segmentation_model(ref, device, self.dtype)
+        self.table_l = headmasks.label_classes(self.model.config.id2label)
+        self._table = torch.from_numpy(self.table_l).to(device)
+        self._input_hw: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def input_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the model input the processor makes from an image of `image_hw`."""
+        if image_hw not in self._input_hw:
+            probe = torch.zeros((1, 3, *image_hw), dtype=torch.uint8)
+            shape = self.processor(images=probe, return_tensors="pt")["pixel_values"].shape
+            self._input_hw[image_hw] = (int(shape[-2]), int(shape[-1]))
+        return self._input_hw[image_hw]
+
+    @torch.inference_mode()
+    def predict(self, images_b3hw: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        """Class maps [B, h, w] uint8 for uint8 images [B, 3, H, W], at `out_hw` = (h, w)."""
+        pixels = self.processor(images=images_b3hw, return_tensors="pt")["pixel_values"]  # [B, 3, h', w']
+        logits = self.model(pixel_values=pixels.to(self.device, self.dtype)).logits  # [B, L, h'/4, w'/4]
+        return headmasks.classes_from_logits(logits, self._table, out_hw)
+
+    def bytes_per_item(self, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+        """Peak extra memory one more image in a batch costs, in bytes: measured with two probe
+        passes on CUDA, estimated from the encoder's feature maps on a CPU."""
+        in_h, in_w = self.input_hw(image_hw)
+        io_bytes = 4 * (3 * image_hw[0] * image_hw[1] + 3 * in_h * in_w) + out_hw[0] * out_hw[1]
+        if self.device.type == "cuda":
+            peaks = []
+            for n in (1, 2):
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+                base = torch.cuda.memory_allocated(self.device)
+                self.predict(torch.zeros((n, 3, *image_hw), dtype=torch.uint8), out_hw)
+                torch.cuda.synchronize(self.device)
+                peaks.append(int(torch.cuda.max_memory_allocated(self.device) - base))
+            return int(max(peaks[1] - peaks[0], io_bytes) * 1.2)
+        config = self.model.config
+        elem = torch.finfo(self.dtype).bits // 8
+        features, stride = 0, 1
+        for hidden, step, ratio, heads in zip(config.hidden_sizes, config.strides, config.sr_ratios,
+                                              config.num_attention_heads, strict=False):  # fmt: skip
+            stride *= step
+            tokens = (in_h // stride) * (in_w // stride)
+            features += 12 * tokens * hidden + 2 * heads * tokens * max(1, tokens // (ratio * ratio))
+        decoder = 6 * config.decoder_hidden_size * (in_h // 4) * (in_w // 4)
+        return int(1.5 * elem * (features + decoder) + io_bytes)
+
+
+_LOADED: dict[tuple, MaskPredictor] = {}
+
+
+def loaded_predictor(ref: models.ModelRef, fingerprint: str, device: torch.device, precision: str) -> MaskPredictor:
+    """A `MaskPredictor`, kept loaded for the next run in this process (one model at a time)."""
+    key = (ref.id, fingerprint, str(device), precision)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = MaskPredictor(ref, device, precision)  # type: ignore[arg-type]
+    return _LOADED[key]
+
+
+def model_labels(ref: models.ModelRef) -> dict[int, str]:
+    """The model's ``id2label``, read from its config alone (no weights)."""
+    from transformers import AutoConfig
+
+    folder = Path(ref.id).expanduser()
+    source = str(folder) if folder.is_dir() else ref.id
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=models.hub_offline())
+    except (OSError, ValueError) as err:
+        raise models._load_failed(ref, err) from err
+    return {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _View:
+    path: Path
+    image_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    key: str
+
+
+@dataclass
+class _CapturePlan:
+    capture: dataset.Capture
+    views: list[_View]
+    batches: list[list[int]]
+    inputs_hash: str
+    out_path: Path
+    missing: set[str]
+
+    @property
+    def keys(self) -> list[str]:
+        return [view.key for view in self.views]
+
+
+def run(
+    data: Path,
+    out: Path,
+    cfg: Config = Config(),
+    *,
+    shard: worktree.Shard = worktree.Shard(),
+    capture_ids: Sequence[str] | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+    cache_folder: Path | None = None,
+) -> list[Path]:
+    """Predict head masks for every view of the selected captures of `data`; write them under `out`.
+
+    Writes ``out/<capture>/masks.safetensors`` per capture and returns those paths (captures whose
+    record is up to date are skipped unless `overwrite`).
+    """
+    torch_device = batching.choose_device(device)
+    precision = effective_precision(cfg.precision, torch_device)
+    index = dataset.scan(data, cfg.layout)
+    selected = worktree.select_captures(index.captures, shard=shard, capture_ids=capture_ids)
+    if not selected:
+        log.warning("masks: no captures in this shard/selection; nothing to do")
+        return []
+    ref = models.resolve_model("masks", cfg.model_preset, cfg.model)
+    labels = model_labels(ref)
+    table_l = headmasks.label_classes(labels)  # a model without face labels fails here, before any work
+    settings = {
+        "stage": STAGE,
+        "model": ref.id,
+        "model_fingerprint": model_fingerprint(ref),
+        "precision": precision,
+        "label_classes": table_l.tolist(),
+    }
+    meta = {
+        "model": ref.id,
+        "model_fingerprint": settings["model_fingerprint"],
+        "precision": precision,
+        "classes": json.dumps(headmasks.CLASSES),
+        "label_classes": headmasks.label_map_json(labels, table_l),
+    }
+    cache = ArrayCache((cache_folder or default_cache_folder()) if cfg.cache else None, _MEMORY_CACHE_BYTES)
+    max_batch = _CPU_MAX_BATCH if torch_device.type == "cpu" else _GPU_MAX_BATCH
+    plans = _plan(Path(data), Path(out), selected, settings, cfg, overwrite, cache, max_batch)
+    log.info("masks: %d of %d capture(s) to write", len(plans), len(selected))
+    if not plans:
+        return []
+    pool = ThreadPoolExecutor(1, thread_name_prefix="nvf-write")
+    written: list[Future[Path]] = []
+
+    def finish(plan: _CapturePlan, maps: list[np.ndarray]) -> None:
+        written.append(pool.submit(_write_record, plan, maps, settings, cfg, meta))
+
+    assembler = CaptureAssembler(plans, finish, cache.get, progress)
+    todo = _unique_batches(plans)
+    try:
+        assembler.flush_ready()
+        if todo:
+            predictor = loaded_predictor(ref, settings["model_fingerprint"], torch_device, precision)
+            for view, classes_hw, whole in _predict_all(predictor, todo, cfg, torch_device, max_batch):
+                if whole:
+                    cache.put(view.key, classes_hw, to_disk=False)
+                    if cfg.cache:
+                        pool.submit(cache.write_disk, view.key, classes_hw)
+                assembler.add(view.key, classes_hw)
+        paths = [future.result() for future in written]
+    finally:
+        pool.shutdown(wait=True)
+    log.info("masks: wrote %d capture(s); %d image(s) computed; cache hits %d memory, %d disk",
+             len(paths), sum(map(len, todo)), cache.hits["memory"], cache.hits["disk"])  # fmt: skip
+    return paths
+
+
+def _plan(
+    data: Path, out: Path, captures: Sequence[dataset.Capture], settings: dict[str, Any], cfg: Config,
+    overwrite: bool, cache: ArrayCache, max_batch: int,
+) -> list[_CapturePlan]:  # fmt: skip
+    """Hash every image, skip the captures whose record is up to date, cut the others into their
+    batches and list the maps the cache lacks (as `stages.depth`)."""
+    workers = min(8, max(1, cfg.workers))
+    per_capture = image_digests(data, out, captures, workers=workers)
+    plans: list[_CapturePlan] = []
+    for capture, c_hashes in zip(captures, per_capture, strict=True):
+        inputs_hash = io.hash_inputs(settings, list(zip(capture.names, c_hashes, strict=False)))
+        out_path = headmasks.masks_path(out, capture.id)
+        if not overwrite and worktree.is_up_to_date(out_path, inputs_hash):
+            log.debug("masks: %s is up to date, skipped", capture.id)
+            continue
+        c_paths = [data / image.path for image in capture.images]
+        sizes = [_image_hw(path) for path in c_paths]
+        capture_hw = sizes[0]
+        if len(set(sizes)) > 1:
+            log.warning("masks: capture %s mixes image sizes %s; its masks are all stored at %dx%d",
+                        capture.id, sorted(set(sizes)), capture_hw[1], capture_hw[0])  # fmt: skip
+        groups: dict[tuple[int, int], list[int]] = {}
+        for row, hw in enumerate(sizes):
+            groups.setdefault(hw, []).append(row)
+        batches = [[rows[i] for i in piece] for rows in groups.values()
+                   for piece in batching.capture_batches(len(rows), cfg.batch_size, max_batch)]  # fmt: skip
+        keys = [""] * len(c_paths)
+        for batch in batches:  # a map's key names its whole batch: the same key, the same bits
+            context = [(c_hashes[row], sizes[row]) for row in batch]
+            for position, row in enumerate(batch):
+                keys[row] = io.hash_inputs(settings, context, capture_hw, position)
+        views = [_View(p, hw, capture_hw, key) for p, hw, key in zip(c_paths, sizes, keys, strict=True)]
+        missing = {v.key for v in views if not cache.contains(v.key)}
+        plans.append(_CapturePlan(capture, views, batches, inputs_hash, out_path, missing))
+    return plans
+
+
+def _image_hw(path: Path) -> tuple[int, int]:
+    width, height = io.image_size(path)
+    return int(height), int(width)
+
+
+def _unique_batches(plans: Sequence[_CapturePlan]) -> list[list[_View]]:
+    """The planned batches that hold a map the cache lacks, each once (a batch's keys name it)."""
+    found: dict[tuple[str, ...], list[_View]] = {}
+    for plan in plans:
+        for rows in plan.batches:
+            views = [plan.views[row] for row in rows]
+            if any(view.key in plan.missing for view in views):
+                found.setdefault(tuple(view.key for view in views), views)
+    return list(found.values())
+
+
+def _predict_all(
+    predictor: MaskPredictor, batches: list[list[_View]], cfg: Config, device: torch.device, max_batch: int
+) -> Iterator[tuple[_View, np.ndarray, bool]]:
+    """Yield (view, classes [h, w] uint8, whole) for every view of the planned batches, each batch run
+    whole unless memory forbids (`batching.run_planned_batches`)."""
+    views = [view for batch in batches for view in batch]
+    prefetcher = Prefetcher([v.path for v in views], io.read_image, cfg.workers)
+    fits: dict[tuple[tuple[int, int], tuple[int, int]], int] = {}
+
+    def fit(positions: Sequence[int]) -> int:
+        view = views[positions[0]]
+        size_key = (view.image_hw, view.out_hw)
+        if size_key not in fits:
+            fits[size_key] = max_batch
+            if cfg.batch_size is None:
+                per_item = predictor.bytes_per_item(view.image_hw, view.out_hw)
+                fits[size_key] = batching.auto_batch_size(device, per_item, max_batch=max_batch)
+        return fits[size_key]
+
+    def forward(positions: Sequence[int]) -> torch.Tensor:
+        images = prefetcher.get(positions, lookahead=len(positions))  # [H, W, 3] each
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [B, 3, H, W] uint8
+        return predictor.predict(batch, views[positions[0]].out_hw).cpu()
+
+    planned, start = [], 0
+    for batch in batches:
+        planned.append(range(start, start + len(batch)))
+        start += len(batch)
+    try:
+        prefetcher.prefetch(2 * max((len(b) for b in batches), default=1))
+        for positions, classes_bhw, whole in batching.run_planned_batches(forward, planned, limit=fit):
+            for position, classes_hw in zip(positions, classes_bhw.numpy(), strict=True):
+                yield views[position], classes_hw, whole
+    finally:
+        prefetcher.close()
+
+
+def _write_record(
+    plan: _CapturePlan, maps: list[np.ndarray | None], settings: dict[str, Any], cfg: Config, meta: dict[str, str]
+) -> Path:
+    if any(m is None for m in maps):  # evicted from memory with no disk cache: cannot happen by design
+        raise RuntimeError(f"mask of capture {plan.capture.id} lost before writing")
+    classes_vhw = np.stack(maps).astype(np.uint8)  # type: ignore[arg-type]
+    image_hw = np.asarray([v.image_hw for v in plan.views], dtype=np.int32)  # [V, 2]
+    config = {**settings, "model_preset": cfg.model_preset, "batch_size": cfg.batch_size, "layout": cfg.layout}
+    path = io.save_record(
+        plan.out_path,
+        {"classes": classes_vhw, "image_hw": image_hw},
+        kind=headmasks.KIND,
+        stage=STAGE,
+        capture=plan.capture.id,
+        names=plan.capture.names,
+        config=config,
+        inputs_hash=plan.inputs_hash,
+        extra={**meta, "subject": plan.capture.subject, "source": "prediction"},
+    )
+    head = float(headmasks.head_mask(classes_vhw).mean())
+    log.info("masks: wrote %s (head mask covers %.1f%% of the pixels)", path, 100 * head)
+    return path
