@@ -28,14 +28,9 @@ demo: install
 	rm -rf $(DEMO)
 	$(NVF) synth $(DEMO)/data --subjects 2 --resolution 192
 	$(NVF) scan $(DEMO)/data --protocol P --list
-	@if HF_HUB_OFFLINE=1 $(NVF) fetch-models --preset paper --no-check >/dev/null 2>&1; then preset=paper; else preset=tiny; \
-	  echo "warning: the paper's models are not in the cache (run 'nvf fetch-models' where the model hub is reachable)," \
-	       "so this demo uses the tiny random-weight models: every stage runs end to end, but depth maps, embeddings" \
-	       "and clouds carry no meaning. Poses come from real SfM either way." >&2; fi; \
-	set -x; $(NVF) run $(DEMO)/data $(DEMO)/work --preset $$preset
-	$(NVF) evaluate --out $(DEMO)/report --poses $(DEMO)/work/001_01_01_00/poses.safetensors \
-	  --poses-ref $(DEMO)/data/groundtruth/001_01_01_00/poses.safetensors
-	sed -n '/^## Poses/,/^Protocol/p' $(DEMO)/report/report.md
+	HF_HUB_OFFLINE=1 $(NVF) run $(DEMO)/data $(DEMO)/work --config examples/demo.toml
+	sed -n '/^## Poses/,/^Protocol/p' $(DEMO)/work/report/report.md
+	@echo "report: $(DEMO)/work/report/report.md, figures in $(DEMO)/work/report/figures/"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -848,7 +848,7 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
             "source_depth_kind": space,
             "fit_space": space,
             "reference": cfg.reference,
-            "sample_mask": str(masks_path) if use_masks else "none",
+            "sample_mask": masks_path.relative_to(work).as_posix() if use_masks else "none",  # in the work tree
             "subject": record.extra.get("subject", capture),
             "failed_views": json.dumps(failed),
             "quality_levels": json.dumps(QUALITY),

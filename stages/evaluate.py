@@ -53,7 +53,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stages import evaluate_views
+from stages import evaluate_plots, evaluate_recon, evaluate_views
 from stages.core import dataset, geometry, image_metrics, io
 from stages.core import masks as headmasks
 from stages.core.errors import InputError, ModelError
@@ -104,6 +104,8 @@ class Inputs:
     """Poses of the ground-truth views (for pairing by pose and azimuth buckets of non-Multi-PIE names)."""
     input_image: Path | None = None
     """The photo the views were generated from (identity I2O)."""
+    reconstruction: Path | None = None
+    """`nvf reconstruct` output (recon_metrics.json) or a tree of <capture>/recon_metrics.json: held-out PSNR/SSIM/LPIPS."""
     compare: Path | None = None
     """Another report folder to put side by side with this one."""
 
@@ -147,6 +149,8 @@ class Config:
     """Views with |azimuth| up to this many degrees are 'frontal', the rest 'back'."""
     sheet_views: int = 12
     """Most views in the contact sheet and depth figure."""
+    label: str = ""
+    """A line under the report's title saying what the run is (e.g. a smoke run on random-weight models)."""
     overwrite: bool = False
     """Evaluate again even when OUT/metrics.json was made from the same inputs and config."""
 
@@ -1074,12 +1078,16 @@ def compare_rows(this: list[dict], other: list[dict]) -> list[dict]:
 
 def render_report(doc: dict, figure_files: dict[str, str]) -> str:
     """The markdown report: inputs, one table per section with its protocol, figures, skips, comparison."""
-    lines = ["# nvf evaluation report", "", f"nvf {doc['nvf_version']}; inputs:", ""]
+    lines = ["# nvf evaluation report", ""]
+    if doc["config"].get("label"):
+        lines += [f"**{doc['config']['label']}**", ""]
+    lines += [f"nvf {doc['nvf_version']}; inputs:", ""]
     lines += [f"- {k}: `{v}`" for k, v in doc["inputs"].items() if v]
     by_section: dict[str, list[dict]] = {}
     for row in doc["figures"]:
         by_section.setdefault(row["section"], []).append(row)
     titles = {"poses": "Poses", "depth": "Depth", "clouds": "Point clouds", "views": "Novel views",
+              "reconstruction": "Reconstruction (held-out views)",
               **evaluate_views.SECTION_TITLES}  # fmt: skip
     for section, rows in by_section.items():
         lines += ["", f"## {titles.get(section, section)}", "", "| metric | bucket | value | n | unit | better |",
@@ -1152,10 +1160,12 @@ def run(inputs: Inputs, out: Path, cfg: Config = Config(), *, device: str = "aut
         if (est is None) != (ref is None):
             raise InputError(f"{name}: give both the estimate and its reference (got only the "
                              f"{'estimate' if ref is None else 'reference'})")  # fmt: skip
-    if not any(est is not None for est, _ in sections.values()):
+    if not any(est is not None for est, _ in sections.values()) and inputs.reconstruction is None:
         raise InputError(
-            "nothing to evaluate: give at least one pair (poses, depth, clouds or views) and its reference"
+            "nothing to evaluate: give at least one pair (poses, depth, clouds or views) and its reference, "
+            "generated views, or a reconstruction"
         )
+    found_reconstructions = _tree(inputs.reconstruction, (evaluate_recon.METRICS_FILE,), "reconstructions")
     fingerprint = _inputs_fingerprint(inputs, cfg)
     metrics_path = out / "metrics.json"
     if not (overwrite or cfg.overwrite) and metrics_path.is_file():
@@ -1181,11 +1191,20 @@ def run(inputs: Inputs, out: Path, cfg: Config = Config(), *, device: str = "aut
         plots["depth"] = lambda p: plot_depth_maps(maps, p, cfg.sheet_views)
     if inputs.cloud is not None:
         doc["clouds"] = _cloud_section(inputs, cfg, figures, pose_results)
+        renders = evaluate_plots.cloud_renders(_tree(inputs.cloud, ("cloud.ply",), "clouds"))
+        if renders:
+            plots["clouds"] = lambda p: evaluate_plots.plot_cloud_renders(renders, p)
     if inputs.views is not None and inputs.views_ref is not None:
         doc["views"], sheet = _views_section(inputs, cfg, figures, device, skipped, progress)
         plots["views"] = lambda p: plot_contact_sheet(sheet, p, cfg.sheet_views)
     if inputs.views is not None:
         _generated_views_sections(inputs, cfg, figures, device, skipped, doc)
+        generated = evaluate_plots.generated_sheet(inputs.views, doc.get("closed_loop"), doc.get("identity"))
+        section = "identity" if "identity" in doc else "closed_loop" if "closed_loop" in doc else None
+        if generated and section is not None:
+            plots[section] = lambda p: evaluate_plots.plot_generated_sheet(generated, p)
+    if found_reconstructions:
+        doc["reconstruction"] = evaluate_recon.reconstruction_section(found_reconstructions, figures)
     doc["figures"] = figures.rows
     doc["skipped"] = skipped
     if inputs.compare is not None:
@@ -1197,7 +1216,14 @@ def run(inputs: Inputs, out: Path, cfg: Config = Config(), *, device: str = "aut
             "other": str(other_path.parent),
             "rows": compare_rows(_finite_json(figures.rows), other["figures"]),
         }
-    plot_names = {"poses": "poses_top.png", "depth": "depth.png", "views": "contact_sheet.png"}
+    plot_names = {
+        "poses": "poses_top.png",
+        "depth": "depth.png",
+        "views": "contact_sheet.png",
+        "clouds": "cloud_renders.png",
+        "identity": "generated_views.png",
+        "closed_loop": "generated_views.png",
+    }
     with io.atomic_dir(out) as tmp:
         (tmp / "figures").mkdir()
         for section, plot in plots.items():

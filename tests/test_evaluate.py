@@ -139,7 +139,8 @@ def test_run_writes_report_with_figures(data, gt, tmp_path, monkeypatch):
     cfg = evaluate.PRESETS["tiny"]
     written = evaluate.run(inputs, tmp_path / "report", cfg, device="cpu")
     report = tmp_path / "report"
-    assert {p.name for p in written} == {"report.md", "metrics.json", "poses_top.png", "depth.png", "contact_sheet.png"}
+    assert {p.name for p in written} == {"report.md", "metrics.json", "poses_top.png", "depth.png", "contact_sheet.png",
+                                         "cloud_renders.png", "generated_views.png"}  # fmt: skip
     for png in (report / "figures").glob("*.png"):
         with Image.open(png) as image:
             image.verify()
@@ -166,6 +167,7 @@ def test_run_writes_report_with_figures(data, gt, tmp_path, monkeypatch):
     assert "alexnet-owt-7be5be79.pth" in skipped["lpips"] and "fid" in skipped and "arcface" in skipped
     md = (report / "report.md").read_text()
     assert "| rotation_error_deg | all |" in md and "figures/contact_sheet.png" in md and "## Skipped" in md
+    assert "figures/cloud_renders.png" in md and "figures/generated_views.png" in md
     # unchanged inputs: up to date, nothing written
     assert evaluate.run(inputs, report, cfg, device="cpu") == []
 

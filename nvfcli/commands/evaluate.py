@@ -33,6 +33,9 @@ def evaluate(
     input_image: Annotated[
         Optional[Path], typer.Option("--input", help="Photo the views came from (CLIP I2O).")
     ] = None,
+    reconstruction: Annotated[
+        Optional[Path], typer.Option(help="nvf reconstruct output (or a tree of them): held-out PSNR/SSIM/LPIPS.")
+    ] = None,
     compare: Annotated[Optional[Path], typer.Option(help="Another report folder to show side by side.")] = None,
     preset: Annotated[str, typer.Option(help="default, or tiny (random CLIP, native resolution: tests).")] = "default",
     depth_alignment: Annotated[
@@ -60,6 +63,9 @@ def evaluate(
     face_identity: Annotated[
         Optional[stage.Switch], typer.Option(help="dlib face identity of --views (nvf[face]): auto, on, off.")
     ] = None,
+    label: Annotated[
+        Optional[str], typer.Option(help="A line under the report's title saying what the run is.")
+    ] = None,
     device: Device = "auto",
     overwrite: Overwrite = False,
     json_out: Json = False,
@@ -75,14 +81,14 @@ def evaluate(
         raise typer.BadParameter(f"unknown preset {preset!r}: {', '.join(stage.PRESETS)}")
     changes = {"depth_alignment": depth_alignment, "pairing": pairing, "mask": mask, "depth_mask": depth_mask,
                "lpips": lpips, "clip_model": clip_model, "closed_loop": closed_loop,
-               "face_identity": face_identity}  # fmt: skip
+               "face_identity": face_identity, "label": label}  # fmt: skip
     changes = {k: v for k, v in changes.items() if v is not None}
     if resolution is not None:
         changes["resolution"] = resolution or None
     cfg = dataclasses.replace(stage.PRESETS[preset], **changes)
     inputs = stage.Inputs(poses=poses, poses_ref=poses_ref, depth=depth, depth_ref=depth_ref, cloud=cloud,
                           cloud_ref=cloud_ref, views=views, views_ref=views_ref, views_ref_poses=views_ref_poses,
-                          input_image=input_image, compare=compare)  # fmt: skip
+                          input_image=input_image, reconstruction=reconstruction, compare=compare)  # fmt: skip
     with progress_bar("evaluate") as progress:
         written = stage.run(inputs, out, cfg, device=device, overwrite=overwrite, progress=progress)
     print_paths(written, json_out)
