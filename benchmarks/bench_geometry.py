@@ -12,10 +12,12 @@ in one process with the sides interleaved:
   aligned maps and true masks.
 
 Goal of issue 17: the new defaults no slower than 1.2x the previous ones (ratio <= 1.2). Measured on
-a shared 2-core CPU: align 0.22 s vs 0.15 s (1.43x: the prefilter's per-sample checks, ~5 ms a
-view; the goal is missed), cloud 11.8 s vs 14.8 s (0.80x: consistency drops a third of the points
-before the costly outlier, thinning and normal steps); fit error 0.16 % vs 1.9 %, cloud 0.46 % /
-1.0 % (mean / p95 of the head's size) vs 1.35 % / 3.6 %. Extra
+this project's 2-core CPU (2026-12-04, after LMedS ranked its hypotheses on 1000 float32 samples a
+view): align 0.200 s vs 0.145 s (1.38x; the goal is missed: the prefilter's per-sample edge and salt
+checks cost ~2.5 ms a view, 33 ms a capture, and LMedS's medians 18 ms more than RANSAC's counts), cloud
+9.22 s vs 9.13 s (1.01x: consistency drops a third of the points before the costly outlier, thinning
+and normal steps); fit error 0.16 % vs 1.86 %, cloud 0.46 % / 1.02 % (mean / p95 of the head's
+size) vs 1.35 % / 3.62 %. Extra
 figures: the fit error (AbsRel vs the ideal alignment) and the cloud's mean / p95 distance from
 the true surface (fraction of the head's size) of each side.
 """
