@@ -171,8 +171,42 @@ def _reference_depth_path(cfg: Config, capture: str) -> Path:
     return path / capture / worktree.RECORD_FILES["depth"] if path.is_dir() else path
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """The records one capture's alignment reads, each checked to exist."""
+
+    files: list[Path]  # what the output's input hash covers, in order: depth, poses, sparse, reference depth
+    poses: Path | None  # the poses record, when the reference needs poses
+    sparse: Path | None  # the sparse record, when the reference reads it
+    masks: Path | None  # the head masks record the samples are read inside (`use_masks`), when present
+
+
 def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = False) -> Path | None:
     """Align one capture; returns the path written, or None when its output was up to date."""
+    found = _capture_inputs(work, capture, cfg)
+    out_path = worktree.record_path(work, capture, "aligned")
+    inputs_hash = io.hash_inputs(STAGE, cfg, *found.files, *([found.masks] if found.masks is not None else []))
+    if not overwrite and worktree.is_up_to_date(out_path, inputs_hash):
+        log.debug("align: %s is up to date, skipped", capture)
+        return None
+
+    record = io.load_record(found.files[0], kind="depth", capture=capture)
+    space: FitSpace = "disparity" if record.extra.get("depth_kind") == "disparity" else "depth"
+    views, output_valid = _prepared_views(record, found, cfg, work, capture)
+    samples, fixed = _reference_samples(views, found, space, cfg, capture)
+    if views.prefilter is not None:  # the noise is known once the samples are read
+        _sample_noise(views)
+    result = align_views(views.depth_nhw, output_valid, samples, space, cfg, fixed, views.noise)
+    failed = _failed_views(result, views, samples, capture)
+    sample_mask = found.masks.relative_to(work).as_posix() if found.masks is not None else "none"  # in the work tree
+    path = _save_aligned(out_path, result, views, record, cfg, capture, inputs_hash, space, sample_mask, failed)
+    log.info("align: %s: %d view(s), median residual %.4g, wrote %s", capture, len(views.names),
+             float(np.nanmedian(result.residual_rms[np.isfinite(result.residual_rms)])), path)  # fmt: skip
+    return path
+
+
+def _capture_inputs(work: Path, capture: str, cfg: Config) -> _Inputs:
+    """The records `cfg.reference` needs (InputError, with how to make it, for one that is missing)."""
     depth_path = worktree.record_path(work, capture, "depth")
     poses_path = worktree.record_path(work, capture, "poses")
     sparse_path = worktree.record_path(work, capture, "sparse")
@@ -193,17 +227,17 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
                 else ("pass --reference-depth as a depth record or a folder holding <capture>/depth.safetensors")
             )
             raise InputError(f"{path}: not found; {hint or 'check the path'}")
-    out_path = worktree.record_path(work, capture, "aligned")
-    inputs_hash = io.hash_inputs(STAGE, cfg, *inputs, *([masks_path] if use_masks else []))
-    if not overwrite and worktree.is_up_to_date(out_path, inputs_hash):
-        log.debug("align: %s is up to date, skipped", capture)
-        return None
+    return _Inputs(inputs, poses_path if poses_path in inputs else None, sparse_path if sparse_path in inputs else None,
+                   masks_path if use_masks else None)  # fmt: skip
 
-    record = io.load_record(depth_path, kind="depth", capture=capture)
-    space: FitSpace = "disparity" if record.extra.get("depth_kind") == "disparity" else "depth"
-    views = _load_views(record, poses_path if poses_path in inputs else None, capture)
+
+def _prepared_views(record: io.Record, found: _Inputs, cfg: Config, work: Path,
+                    capture: str) -> tuple[_Views, np.ndarray]:  # fmt: skip
+    """(the views to sample, with the head masks and the prefilter set up; the valid pixels the
+    aligned maps cover, which the masks do not narrow)."""
+    views = _load_views(record, found.poses, capture)
     output_valid = views.valid_nhw
-    if use_masks:
+    if found.masks is not None:
         views.valid_nhw = _sample_mask(views, work, capture)
     if cfg.prefilter:
         views.prefilter = cfg
@@ -213,32 +247,48 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
         else:  # SfM points or a reference view: from the pixels their blocks read anyway (`read_block`)
             views.noise_raw = np.full(len(views.names), np.nan)
         views.rejected = np.zeros(len(views.names), dtype=np.int64)
+    return views, output_valid
+
+
+def _reference_samples(
+    views: _Views, found: _Inputs, space: FitSpace, cfg: Config, capture: str
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[int, tuple[float, float]]]:
+    """(samples per view, fixed (s, b) by row) of `cfg.reference`: sparse points, a view or given depth."""
     fixed: dict[int, tuple[float, float]] = {}
     if cfg.reference == "sparse":
-        samples = sparse_samples(views, io.load_record(sparse_path, kind="sparse", capture=capture), cfg)
+        samples = sparse_samples(views, io.load_record(found.sparse, kind="sparse", capture=capture), cfg)
     elif cfg.reference == "view":
         if cfg.reference_view not in views.names:
             raise InputError(f"--reference-view {cfg.reference_view}: not a view of capture {capture} "
                              f"(views: {', '.join(views.names[:5])}{', ...' * (len(views.names) > 5)})")  # fmt: skip
         row = views.names.index(cfg.reference_view)
-        s, b, own = _reference_view_fit(views, row, space, cfg, sparse_path if sparse_path in inputs else None, capture)
+        s, b, own = _reference_view_fit(views, row, space, cfg, found.sparse, capture)
         fixed[row] = (s, b)
         z_ref, _ = apply_fit(views.depth_nhw[row : row + 1], views.valid_nhw[row : row + 1],
                              np.array([s]), np.array([b]), space)  # fmt: skip
         samples = view_samples(views, row, z_ref[0], cfg)
         samples[row] = own  # its figures come from its own fit: the sparse points, or none
     else:
-        reference = io.load_record(inputs[-1], kind="depth")
+        reference = io.load_record(found.files[-1], kind="depth")
         if reference.capture and reference.capture != capture:
             raise InputError(f"{reference.path}: belongs to capture '{reference.capture}', not '{capture}'; "
                              "records of different captures cannot be combined")  # fmt: skip
         samples = depth_samples(views, reference, cfg)
-    if views.prefilter is not None:  # the noise is known once the samples are read
-        views.noise_raw = np.nan_to_num(views.noise_raw, nan=0.0)  # views without samples: not fitted anyway
-        # what samples read: a 3 x 3 median, or one pixel bilinear over 4 (noise x 2/3 on average)
-        median = np.array([views.reads_median(row) for row in range(len(views.names))])
-        views.noise = views.noise_raw * np.where(median, depthmaps.MEDIAN_NOISE, 2.0 / 3.0)
-    result = align_views(views.depth_nhw, output_valid, samples, space, cfg, fixed, views.noise)
+    return samples, fixed
+
+
+def _sample_noise(views: _Views) -> None:
+    """Set `views.noise`, the relative noise of what the samples read, once their reads are done."""
+    views.noise_raw = np.nan_to_num(views.noise_raw, nan=0.0)  # views without samples: not fitted anyway
+    # what samples read: a 3 x 3 median, or one pixel bilinear over 4 (noise x 2/3 on average)
+    median = np.array([views.reads_median(row) for row in range(len(views.names))])
+    views.noise = views.noise_raw * np.where(median, depthmaps.MEDIAN_NOISE, 2.0 / 3.0)
+
+
+def _failed_views(result: Aligned, views: _Views, samples: Sequence[tuple[np.ndarray, np.ndarray]],
+                  capture: str) -> list[str]:  # fmt: skip
+    """The names of the views that could not be fitted (StageFailure when none could); warns of
+    those and of masked non-positive pixels."""
     failed = [name for name, s in zip(views.names, result.scale, strict=False) if not np.isfinite(s)]
     if len(failed) == len(views.names):
         counts = [len(x) for x, _ in samples]
@@ -250,7 +300,13 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
     if result.nonpositive.sum():
         log.warning("align: %s: %d pixel(s) had a non-positive aligned value and were masked",
                     capture, int(result.nonpositive.sum()))  # fmt: skip
-    path = io.save_record(
+    return failed
+
+
+def _save_aligned(out_path: Path, result: Aligned, views: _Views, record: io.Record, cfg: Config, capture: str,
+                  inputs_hash: str, space: FitSpace, sample_mask: str, failed: list[str]) -> Path:  # fmt: skip
+    """Write the aligned record (tensors and metadata as the module docstring lists them)."""
+    return io.save_record(
         out_path,
         {
             "depth": result.depth_nhw,
@@ -279,7 +335,7 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
             "source_depth_kind": space,
             "fit_space": space,
             "reference": cfg.reference,
-            "sample_mask": masks_path.relative_to(work).as_posix() if use_masks else "none",  # in the work tree
+            "sample_mask": sample_mask,
             "subject": record.extra.get("subject", capture),
             "failed_views": json.dumps(failed),
             "quality_levels": json.dumps(QUALITY),
@@ -288,9 +344,6 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
             ),
         },  # fmt: skip
     )
-    log.info("align: %s: %d view(s), median residual %.4g, wrote %s", capture, len(views.names),
-             float(np.nanmedian(result.residual_rms[np.isfinite(result.residual_rms)])), path)  # fmt: skip
-    return path
 
 
 _HOW_TO_MAKE = {
