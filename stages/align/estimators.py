@@ -123,37 +123,9 @@ def fit_scale_shift(
         scale, shift, ok = solve_normal_equations(x, y, valid.astype(np.float64))
         inliers = valid
     elif cfg.robust == "lmeds":
-        scale, shift, inliers, ok = _lmeds(x, y, valid, floor, cfg)
-        for _ in range(cfg.iterations):
-            residual = _residual(x, y, scale, shift)
-            sigma = _robust_sigma(residual, valid, floor)[:, None]
-            with np.errstate(over="ignore", invalid="ignore"):
-                weights = valid * np.clip(1.0 - (residual / (_TUKEY_C * sigma)) ** 2, 0.0, None) ** 2
-            scale, shift, ok = solve_normal_equations(x, y, weights)
-        residual = _residual(x, y, scale, shift)
-        inliers = valid & (np.abs(residual) <= 3.0 * _robust_sigma(residual, valid, floor)[:, None])
-        weights = inliers.astype(np.float64)
-        if cfg.errors_in_variables and x_noise is not None:
-            scale, shift, ok = solve_errors_in_variables(x, y, weights, np.asarray(x_noise, np.float64))
-        else:
-            scale, shift, ok = solve_normal_equations(x, y, weights)
+        scale, shift, inliers, ok = _fit_lmeds(x, y, valid, floor, cfg, x_noise)
     elif cfg.robust in ("huber", "tukey"):
-        if cfg.robust == "huber":  # convex: plain least squares is as good a start as any
-            scale, shift, ok = solve_normal_equations(x, y, valid.astype(np.float64))
-        else:  # redescending: start from RANSAC's fit, near the majority
-            scale, shift, _, ok = _ransac(x, y, valid, y_level, cfg)
-        for _ in range(cfg.iterations):
-            residual = _residual(x, y, scale, shift)
-            sigma = _robust_sigma(residual, valid, floor)[:, None]
-            if cfg.robust == "huber":
-                weights = valid * np.minimum(1.0, cfg.huber_k * sigma / np.maximum(np.abs(residual), 1e-300))
-            else:
-                with np.errstate(over="ignore", invalid="ignore"):
-                    weights = valid * np.clip(1.0 - (residual / (_TUKEY_C * sigma)) ** 2, 0.0, None) ** 2
-            scale, shift, ok = solve_normal_equations(x, y, weights)
-        residual = _residual(x, y, scale, shift)
-        inliers = valid & (np.abs(residual) <= 3.0 * _robust_sigma(residual, valid, floor)[:, None])
-        scale, shift, ok = solve_normal_equations(x, y, inliers.astype(np.float64))
+        scale, shift, inliers, ok = _fit_irls(x, y, valid, floor, y_level, cfg)
     elif cfg.robust == "ransac":
         scale, shift, inliers, ok = _ransac(x, y, valid, y_level, cfg)
     else:
@@ -162,6 +134,52 @@ def fit_scale_shift(
     ok = ok & (counts >= max(2, cfg.min_samples)) & (scale > 0)
     inliers = inliers & ok[:, None]
     return Fit(np.where(ok, scale, np.nan), np.where(ok, shift, np.nan), inliers, ok)
+
+
+def _fit_lmeds(
+    x: np.ndarray, y: np.ndarray, valid: np.ndarray, floor: np.ndarray, cfg: Config, x_noise: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(scale, shift, inliers, ok) of `lmeds` (steps 1-3 of `fit_scale_shift`): the LMedS seed, biweight
+    IRLS, then errors in variables (or least squares) on the 3-sigma inliers."""
+    scale, shift, inliers, ok = _lmeds(x, y, valid, floor, cfg)
+    for _ in range(cfg.iterations):
+        residual = _residual(x, y, scale, shift)
+        sigma = _robust_sigma(residual, valid, floor)[:, None]
+        with np.errstate(over="ignore", invalid="ignore"):
+            weights = valid * np.clip(1.0 - (residual / (_TUKEY_C * sigma)) ** 2, 0.0, None) ** 2
+        scale, shift, ok = solve_normal_equations(x, y, weights)
+    residual = _residual(x, y, scale, shift)
+    inliers = valid & (np.abs(residual) <= 3.0 * _robust_sigma(residual, valid, floor)[:, None])
+    weights = inliers.astype(np.float64)
+    if cfg.errors_in_variables and x_noise is not None:
+        scale, shift, ok = solve_errors_in_variables(x, y, weights, np.asarray(x_noise, np.float64))
+    else:
+        scale, shift, ok = solve_normal_equations(x, y, weights)
+    return scale, shift, inliers, ok
+
+
+def _fit_irls(
+    x: np.ndarray, y: np.ndarray, valid: np.ndarray, floor: np.ndarray, y_level: np.ndarray, cfg: Config
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(scale, shift, inliers, ok) of `huber` (IRLS from least squares) or `tukey` (biweight IRLS from
+    RANSAC), then least squares on the 3-sigma inliers."""
+    if cfg.robust == "huber":  # convex: plain least squares is as good a start as any
+        scale, shift, ok = solve_normal_equations(x, y, valid.astype(np.float64))
+    else:  # redescending: start from RANSAC's fit, near the majority
+        scale, shift, _, ok = _ransac(x, y, valid, y_level, cfg)
+    for _ in range(cfg.iterations):
+        residual = _residual(x, y, scale, shift)
+        sigma = _robust_sigma(residual, valid, floor)[:, None]
+        if cfg.robust == "huber":
+            weights = valid * np.minimum(1.0, cfg.huber_k * sigma / np.maximum(np.abs(residual), 1e-300))
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                weights = valid * np.clip(1.0 - (residual / (_TUKEY_C * sigma)) ** 2, 0.0, None) ** 2
+        scale, shift, ok = solve_normal_equations(x, y, weights)
+    residual = _residual(x, y, scale, shift)
+    inliers = valid & (np.abs(residual) <= 3.0 * _robust_sigma(residual, valid, floor)[:, None])
+    scale, shift, ok = solve_normal_equations(x, y, inliers.astype(np.float64))
+    return scale, shift, inliers, ok
 
 
 def _residual(x: np.ndarray, y: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
