@@ -305,7 +305,7 @@ def _failed_views(result: Aligned, views: _Views, samples: Sequence[tuple[np.nda
 
 def _save_aligned(out_path: Path, result: Aligned, views: _Views, record: io.Record, cfg: Config, capture: str,
                   inputs_hash: str, space: FitSpace, sample_mask: str, failed: list[str]) -> Path:  # fmt: skip
-    """Write the aligned record (tensors and metadata as the module docstring lists them)."""
+    """Write the aligned record (tensors and metadata as the `stages.align` docstring lists them)."""
     return io.save_record(
         out_path,
         {

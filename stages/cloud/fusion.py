@@ -51,7 +51,7 @@ def foreground_mask(views: Views, cfg: Config, masks_vhw: np.ndarray | None = No
 
 def build_cloud(views: Views, cfg: Config = Config(), masks_vhw: np.ndarray | None = None,
                 label: str = "capture", device: Any = None, mask_source: str | None = None) -> Fused:  # fmt: skip
-    """Steps 1-7 of the module docstring, in that order; StageFailure when a step leaves no point.
+    """Steps 1-7 of the `stages.cloud` docstring, in that order; StageFailure when a step leaves no point.
 
     `device`: where step 1 (back-projection) runs, as in `fuse_views`; the filters run on the CPU.
     `mask_source` names where `masks_vhw` came from (recorded in the foreground step; default `mask_dir`).
