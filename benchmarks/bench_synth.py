@@ -15,6 +15,7 @@ import numpy as np
 
 from benchmarks.harness import Result, Side, compare
 from stages import synth
+from stages.core import batching
 
 SIZE = 256
 
@@ -51,7 +52,7 @@ def run() -> list[Result]:
         return scene.cast_rays(rays)["t_hit"].numpy()
 
     def nvf_depth() -> np.ndarray:
-        with synth._one_blas_thread():
+        with batching.one_blas_thread():  # as render_capture runs
             return synth.trace_depth(shape, R, T, K, SIZE)
 
     exact = nvf_depth().reshape(-1)  # Open3D t_hit is the same ray parameter, so also z-depth

@@ -242,11 +242,6 @@ def default_cache_folder() -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# Image decoding ahead of the model
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------
 
@@ -539,12 +534,3 @@ def _write_record(
     )
     log.info("depth: wrote %s", path)
     return path
-
-
-def load_depth(path: Path, capture: str | None = None) -> tuple[io.Record, str]:
-    """A depth record and its `depth_kind` (`disparity` or `depth`); checks kind and capture."""
-    record = io.load_record(path, kind="depth", capture=capture)
-    kind = record.extra.get("depth_kind", "depth")
-    if kind not in ("disparity", "depth"):
-        raise InputError(f"{path}: unknown depth_kind {kind!r} (expected disparity or depth); rerun nvf depth")
-    return record, kind

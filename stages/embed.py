@@ -197,11 +197,6 @@ def default_cache_folder() -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding ahead of the model
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------
 
@@ -391,8 +386,3 @@ def _write_record(plan: _CapturePlan, rows_nd1: np.ndarray, settings: dict[str, 
     )
     log.info("embed: wrote %s", path)
     return path
-
-
-def load_embed(path: Path, capture: str | None = None) -> io.Record:
-    """An embed record (checks kind, capture and that `embedding` is [N, D])."""
-    return io.load_record(path, kind="embed", capture=capture)

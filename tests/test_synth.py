@@ -1,4 +1,4 @@
-"""Tests for stages/synth.py: ground truth consistent with the analytic surface, determinism,
+"""Tests for stages/synth/: ground truth consistent with the analytic surface, determinism,
 identity across sessions, the Multi-PIE file layout, and pycolmap registering a whole ring."""
 
 from __future__ import annotations

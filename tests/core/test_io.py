@@ -74,7 +74,7 @@ def test_long_name_lists_go_into_tensors_and_load_back(tmp_path, monkeypatch):
                "width": np.zeros(50, np.int32), "height": np.zeros(50, np.int32)}  # fmt: skip
     small = io.save_record(tmp_path / "small.safetensors", tensors, kind="poses", stage="s", capture="c", names=names)
     assert "names_storage" not in io.read_record_metadata(small)  # fits: as before, in the header
-    monkeypatch.setattr(io, "NAMES_IN_HEADER_MAX", 100)  # as a 2M-image index would exceed 100 MB
+    monkeypatch.setattr(io.records, "NAMES_IN_HEADER_MAX", 100)  # as a 2M-image index would exceed 100 MB
     path = io.save_record(tmp_path / "big.safetensors", tensors, kind="poses", stage="s", capture="c", names=names)
     meta = io.read_record_metadata(path)
     assert meta["names_storage"] == "tensors" and meta["names"] == "[]"
