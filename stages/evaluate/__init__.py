@@ -41,8 +41,9 @@ side table against another report folder.
 
 Modules: `sources` (reading and pairing inputs), `poses`, `depth`, `clouds`, `views` (vs ground
 truth), `generated` (closed loop, identity), `recon`, `plots`, `report` (markdown, compare);
-`common` holds the shared helpers. This module holds Inputs, Config, PRESETS and `run`; every name
-the former single module had is re-exported here.
+`common` holds the shared helpers. This module holds Inputs, Config, PRESETS and `run`, and
+re-exports the public names of the former single module (its satellite modules under their old
+names `evaluate_views`, `evaluate_plots`, `evaluate_recon`).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ nerfacto defaults to spawns worker processes, a poor fit on CPU and inside other
 
 Modules: `inputs` (view sets, split, the nerfstudio dataset), `training` (offline checks, trainer
 config, in-process training), `export` (points, mesh, held-out metrics); this module holds Config,
-PRESETS and `run`, and re-exports the names the former single module had.
+PRESETS and `run`, and re-exports the public names of the former single module.
 """
 
 from __future__ import annotations
