@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from stages import evaluate, evaluate_plots, evaluate_recon, synth
+from stages import evaluate, synth
 from stages.core import io
 from stages.core.errors import InputError
+from stages.evaluate import plots as evaluate_plots
+from stages.evaluate import recon as evaluate_recon
 
 
 def test_splat_points_keeps_the_nearest_point_of_each_pixel_and_drops_what_is_behind():

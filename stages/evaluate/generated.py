@@ -21,13 +21,19 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stages import closed_loop
 from stages.core import faces, image_metrics, io
 from stages.core.errors import ModelError
+from stages.evaluate.common import Figures, view_azimuth_deg
+from stages.evaluate.sources import _images_by_name, _input_frames
+from stages.evaluate.views import _identity_embedder
+
+if TYPE_CHECKING:
+    from stages.evaluate import Config, Inputs
 
 log = logging.getLogger("nvf")
 
@@ -79,8 +85,6 @@ def closed_loop_section(views: Path, mode: str, figures: Any, skipped: list[dict
 
 def _frames(views: Path) -> tuple[list[Path], list[float | None], set[str]]:
     """(image paths, azimuth per image or None, names of input frames) of a views folder."""
-    from stages.evaluate import _images_by_name, _input_frames, view_azimuth_deg  # (evaluate imports this module)
-
     views = Path(views)
     inputs = _input_frames(views)
     transforms = views / "transforms.json"
@@ -201,3 +205,25 @@ def _add_identity_figures(rows: list[dict], o2o: dict[str, float], protocol: dic
         if metric in o2o:
             figures.add("identity", metric, o2o[metric], protocol=protocol, n=len(rows), unit=unit,
                         better=better)  # fmt: skip
+
+
+def _generated_views_sections(inputs: Inputs, cfg: Config, figures: Figures, device: str, skipped: list[dict],
+                              doc: dict) -> None:  # fmt: skip
+    """Closed loop and identity of generated views (this module), into `doc`."""
+    if cfg.face_identity == "on" and (reason := faces.unavailable_reason()) is not None:
+        raise ModelError(reason)  # before the SfM work, not after it
+    section = closed_loop_section(inputs.views, cfg.closed_loop, figures, skipped)
+    if section is not None:
+        doc["closed_loop"] = section
+    arcface = None
+    if cfg.arcface != "off":
+        reason = image_metrics.arcface_unavailable()
+        if reason is None:
+            arcface = image_metrics.ArcFaceEmbedder()
+        elif cfg.arcface == "on":
+            raise ModelError(reason)
+    clip = _identity_embedder(cfg, device, skipped)
+    section = identity_section(inputs.views, inputs.input_image, cfg.face_identity, cfg.frontal_max_azimuth,
+                               figures, skipped, clip, arcface)  # fmt: skip
+    if section is not None:
+        doc["identity"] = section
