@@ -66,9 +66,19 @@ class _OptionsTable(Table):
         self._nvf_rows: list[tuple[Text, RenderableType]] = []
 
     def add_row(self, *cells: Any, **kwargs: Any) -> None:
-        *labels, help_cell = cells
-        parts = [Text(c) if isinstance(c, str) else c for c in labels]
-        label = Text(" ").join(p for p in parts if isinstance(p, Text) and p.plain.strip())
+        *labels, help_cell = (Text(c) if isinstance(c, str) else c for c in cells)
+        if len(labels) == 6:  # typer's required marker first
+            required, *labels = labels
+        else:
+            required = Text("")
+        long, short, negative, negative_short, kind = labels
+        label = Text("")
+        for part, joint in ((required, ""), (long, " " if required.plain else ""), (short, ", "),
+                            (negative, "/"), (negative_short, ", ")):  # fmt: skip
+            if part.plain:
+                label.append_text(Text(joint) + part if label.plain else part)
+        if kind.plain and kind.plain != "<bool>":  # a flag's type says nothing
+            label.append_text(Text(" ") + kind)
         self._nvf_rows.append((label, help_cell))
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:

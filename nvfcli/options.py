@@ -71,7 +71,7 @@ class Opt:
 
     ``decls``: option names (``"--voxel"``, ``"--masks/--no-masks"``, ``"-o"``); ``type``: the command-line
     type when it is not the field's (e.g. ``str`` for text that ``parse`` turns into a tuple); ``parse``:
-    command-line value -> field value, None (not given) or a dict of field changes; ``hint``: command-line
+    command-line value -> field value, None (not given) or a dict of field changes (set as given, None included); ``hint``: command-line
     syntax appended to the docstring's sentence; ``default``: the option's default (None: not given);
     ``covers``: further fields this option sets (not offered on their own); ``option``: more
     `typer.Option` arguments (``min=1``)."""
@@ -155,7 +155,7 @@ def config_options(cls: type, table: dict[str, Opt] | None = None, exclude: tupl
     table = table or {}
     hints = {f.name: f.type for f in dataclasses.fields(cls)}
     module = sys.modules[cls.__module__]
-    panel = panel or f"Settings ({cls.__module__}.{cls.__qualname__}; override --preset)"
+    panel = panel or f"Settings ({cls.__module__}.{cls.__qualname__})"
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         signature = inspect.signature(command, eval_str=True)
@@ -194,8 +194,8 @@ def config_options(cls: type, table: dict[str, Opt] | None = None, exclude: tupl
                 value = kwargs.pop(name)
                 if value is not None and spec.parse is not None:
                     value = spec.parse(value)
-                if isinstance(value, dict):
-                    changes.update({k: v for k, v in value.items() if v is not None})
+                if isinstance(value, dict):  # several fields, set as given
+                    changes.update(value)
                 elif value is not None:
                     changes[name] = value
             return command(**kwargs, **changes)
