@@ -72,11 +72,12 @@ class _OptionsTable(Table):
         else:
             required = Text("")
         long, short, negative, negative_short, kind = labels
-        label = Text("")
-        for part, joint in ((required, ""), (long, " " if required.plain else ""), (short, ", "),
-                            (negative, "/"), (negative_short, ", ")):  # fmt: skip
-            if part.plain:
-                label.append_text(Text(joint) + part if label.plain else part)
+        label = Text(", ").join(p for p in (long, short) if p.plain)
+        negatives = Text(", ").join(p for p in (negative, negative_short) if p.plain)
+        if negatives.plain:
+            label.append_text(Text("/") + negatives)
+        if required.plain:
+            label = required + Text(" ") + label
         if kind.plain and kind.plain != "<bool>":  # a flag's type says nothing
             label.append_text(Text(" ") + kind)
         self._nvf_rows.append((label, help_cell))
