@@ -75,3 +75,77 @@ def test_options_override_the_preset_and_nothing_else(monkeypatch, tmp_path):
     result = runner.invoke(app, ["depth", str(tmp_path), "--out", str(tmp_path / "w"), "--preset", "tiny"])
     assert result.exit_code == 0, result.output
     assert seen["cfg"] == stage.PRESETS["tiny"]
+
+
+def test_every_command_with_a_stage_config_builds_its_options_from_it():
+    assert set(_configured()) == set(COMMANDS) - {"info", "fetch-models", "merge"}
+
+
+def _configs_run(monkeypatch, module):
+    seen = []
+    monkeypatch.setattr(
+        module, "run", lambda *args, **kwargs: seen.extend(a for a in args if isinstance(a, module.Config)) or []
+    )
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("command", "module", "preset", "argv", "expected"),
+    [
+        ("cloud", "cloud", "default", ["--consistency", "0", "--no-outliers", "--depth-range", "1,2"],
+         {"consistency": False, "outlier_removal": False, "depth_range": (1.0, 2.0)}),
+        ("cloud", "cloud", "strict", ["--consistency", "3", "--smooth", "1"],
+         {"consistency": True, "consistency_views": 3, "smooth_px": 1}),
+        ("evaluate", "evaluate", "tiny", ["--resolution", "0", "--lpips", "off"], {"resolution": None, "lpips": "off"}),
+        ("reconstruct", "reconstruct", "cpu", ["--ns", "pipeline.model.num_nerf_samples_per_ray=32", "--mesh"],
+         {"mesh": True}),
+        ("synth", "synth", "tiny", ["--neutral-only", "--sessions", "1-2", "--textureless", "130,050"],
+         {"recordings": "neutral", "sessions": (1, 2), "textureless_cameras": ("130", "050")}),
+        ("poses", "poses", "colmap", ["--fixed-focal", "--export", "transforms", "--colmap", "mapping.mapper.init_min_tri_angle=8"],
+         {"refine_focal": False, "export": ("transforms",)}),
+        ("train", "train", "tiny", ["--batch-size", "3", "--random-batches", "--wandb"],
+         {"batch_size": 3, "person_aware": False, "wandb": True}),
+        ("sample", "sample", "tiny", ["--azimuths", "-30,30", "--fov", "40", "--no-ema"],
+         {"azimuths": (-30.0, 30.0), "fov_deg": 40.0, "use_ema": False}),
+    ],
+)  # fmt: skip
+def test_options_given_replace_those_fields_of_the_preset(
+    monkeypatch, tmp_path, command, module, preset, argv, expected
+):
+    import importlib
+
+    stage = importlib.import_module(f"stages.{module}")
+    seen = _configs_run(monkeypatch, stage)
+    paths = {"cloud": [str(tmp_path)], "evaluate": ["--out", str(tmp_path / "r")],
+             "reconstruct": [str(tmp_path), "--out", str(tmp_path / "r")], "synth": [str(tmp_path / "s")],
+             "poses": [str(tmp_path), "--out", str(tmp_path / "w")], "train": [str(tmp_path / "t"), "--out", str(tmp_path / "r")],
+             "sample": [str(tmp_path), "--image", str(tmp_path / "a.png"), "--out", str(tmp_path / "v")]}  # fmt: skip
+    result = runner.invoke(app, [command, *paths[command], "--preset", preset, *argv])
+    assert result.exit_code == 0, result.output
+    (cfg,) = seen
+    base = stage.PRESETS[preset]
+    for name, value in expected.items():
+        assert getattr(cfg, name) == value, name
+    if command == "reconstruct":
+        assert cfg.ns == base.ns + (("pipeline.model.num_nerf_samples_per_ray", "32"),)
+        expected["ns"] = cfg.ns
+    if command == "poses":
+        expected["colmap"] = cfg.colmap
+        assert cfg.colmap[-1] == ("mapping.mapper.init_min_tri_angle", "8")
+    assert cfg == dataclasses.replace(base, **expected)  # every other field: the preset's
+
+
+def test_align_and_triplets_options_build_the_config(monkeypatch, tmp_path):
+    from stages import align, triplets
+
+    seen = _configs_run(monkeypatch, align)
+    assert runner.invoke(app, ["align", str(tmp_path), "--robust", "tukey", "--no-masks"]).exit_code == 0
+    assert seen[-1] == align.Config(robust="tukey", use_masks=False)
+    assert runner.invoke(app, ["align", str(tmp_path), "--reference-depth", str(tmp_path)]).exit_code == 0
+    assert seen[-1] == align.Config(reference="depth", reference_depth=str(tmp_path))
+    seen = _configs_run(monkeypatch, triplets)
+    result = runner.invoke(app, ["triplets", str(tmp_path), "--subject", "1-2", "--camera", "51", "--protocol", "p",
+                                 "--seed", "3", "--exclude-interp"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert seen[-1] == triplets.Config(subjects=("001", "002"), cameras=("051",), protocol="P", seed=3,
+                                       exclude_interp=True)  # fmt: skip
