@@ -59,8 +59,8 @@ class Opt:
 
     ``decls``: option names (``"--voxel"``, ``"--masks/--no-masks"``, ``"-o"``); ``type``: the command-line
     type when it is not the field's (e.g. ``str`` for text that ``parse`` turns into a tuple); ``parse``:
-    command-line value -> field value, None (not given) or a dict of field changes (set as given, None included); ``hint``: command-line
-    syntax appended to the docstring's sentence; ``default``: the option's default (None: not given);
+    command-line value -> field value, None (not given) or a dict of field changes (set as given, None
+    included); ``hint``: command-line syntax appended to the docstring's sentence; ``default``: the option's default (None: not given);
     ``covers``: further fields this option sets (not offered on their own); ``option``: more
     `typer.Option` arguments (``min=1``)."""
 
@@ -98,8 +98,8 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def first_sentence(doc: str) -> str:
-    """The docstring's first sentence on one line (up to a full stop followed by a space and no lower-case letter
-    or the end; abbreviations such as e.g. and Eq. do not end it)."""
+    """The docstring's first sentence on one line: up to a full stop at the end or followed by a space
+    and no lower-case letter (abbreviations such as e.g. and Eq. do not end it)."""
     text = " ".join(doc.split())
     for match in re.finditer(r"\.(\s+|$)", text):
         end = match.start() + 1
@@ -142,6 +142,9 @@ def config_options(cls: type, table: dict[str, Opt] | None = None, exclude: tupl
     The wrapped command's ``config_fields`` names the fields it offers (for tests)."""
     table = table or {}
     hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = set(table) | set(exclude) | {f for opt in table.values() for f in opt.covers}
+    if unknown - set(hints):
+        raise TypeError(f"{cls.__qualname__} has no fields {sorted(unknown - set(hints))}")
     module = sys.modules[cls.__module__]
     panel = panel or f"Settings ({cls.__module__}.{cls.__qualname__})"
 
