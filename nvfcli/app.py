@@ -21,7 +21,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from nvfcli.console import err_console, setup_logging
+from nvfcli.console import err_console, readable_help, setup_logging
 from stages import __version__
 from stages.core.errors import NvfError
 
@@ -98,6 +98,8 @@ class NvfGroup(TyperGroup):
             err_console.print("[red]interrupted[/]: finished outputs are kept, rerun to continue")
             raise typer.Exit(130) from None
 
+
+readable_help()
 
 app = typer.Typer(
     name="nvf",

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from nvfcli.console import print_paths, progress_bar
-from nvfcli.options import Captures, Device, Json, Overwrite, Shard
+from nvfcli.options import Captures, Device, Json, Opt, Overwrite, Shard, config_options, preset_help
 from stages import cloud as stage
 from stages.core import worktree
 
@@ -24,56 +24,35 @@ def _range(text: Optional[str]) -> Optional[tuple[float, float]]:
     return near, far
 
 
+def _consistency(k: int) -> dict[str, Any]:
+    return {"consistency": True, "consistency_views": k} if k else {"consistency": False}
+
+
+@config_options(stage.Config, {
+    "outlier_removal": Opt(("--outliers/--no-outliers",)),
+    "outlier_std_ratio": Opt(("--outlier-std",)),
+    "voxel_pixels": Opt(("--voxel",)),
+    "depth_range": Opt(type=str, parse=_range, hint="Give MIN,MAX."),
+    "mask_dir": Opt(type=Path, parse=str),
+    "use_masks": Opt(("--masks/--no-masks",)),
+    "consistency": Opt(type=int, parse=_consistency,
+                       covers=("consistency_views",), option={"min": 0}, hint="Give K (0 = off) [default: 2]."),
+    "smooth_px": Opt(("--smooth",), option={"min": 1}),
+    "edge_filter": Opt(("--edges/--no-edges",)),
+    "reference": Opt(type=Path, parse=str),
+})  # fmt: skip
 def cloud(
     work: Annotated[
         Path, typer.Argument(help="Work folder holding <capture>/aligned.safetensors + poses.", show_default=False)
     ],
     data: Annotated[Optional[Path], typer.Option(help="The dataset the work tree was made from (colours).")] = None,
-    preset: Annotated[str, typer.Option(help=f"Starting point: {', '.join(stage.PRESETS)}.")] = "default",
-    outliers: Annotated[
-        Optional[bool], typer.Option("--outliers/--no-outliers", help="Statistical outlier removal.")
-    ] = None,
-    outlier_neighbors: Annotated[Optional[int], typer.Option(help="Neighbours of the outlier test.")] = None,
-    outlier_std: Annotated[
-        Optional[float], typer.Option(help="Outlier threshold in std of the mean neighbour distance.")
-    ] = None,
-    voxel: Annotated[Optional[float], typer.Option(help="Voxel edge in pixel footprints (0 = off).")] = None,
-    voxel_size: Annotated[Optional[float], typer.Option(help="Voxel edge in scene units (overrides --voxel).")] = None,
-    uniformity: Annotated[
-        Optional[bool], typer.Option("--uniformity/--no-uniformity", help="Poisson-disk thinning of dense regions.")
-    ] = None,
-    uniformity_radius: Annotated[Optional[float], typer.Option(help="Thinning radius in median spacings.")] = None,
-    depth_range: Annotated[Optional[str], typer.Option(help="Foreground z-depth range MIN,MAX (scene units).")] = None,
-    mask_dir: Annotated[Optional[Path], typer.Option(help="Folder of foreground masks named like the images.")] = None,
-    masks: Annotated[
-        Optional[bool],
-        typer.Option("--masks/--no-masks", help="Keep the head mask of WORK/<capture>/masks.safetensors when present."),
-    ] = None,
-    consistency: Annotated[
-        Optional[int],
-        typer.Option(help="Keep points whose depth agrees with >= K other views (0 = off) [default: 2].", min=0),
-    ] = None,
-    min_quality: Annotated[
-        Optional[str], typer.Option(help="Fuse views whose align quality is at least: failed, weak or good.")
-    ] = None,
-    smooth: Annotated[Optional[int], typer.Option(help="Median window (pixels) before fusion; 1 = off.", min=1)] = None,
-    edges: Annotated[
-        Optional[bool], typer.Option("--edges/--no-edges", help="Drop depth-edge (flying) and salt pixels.")
-    ] = None,
-    consistency_tolerance: Annotated[
-        Optional[float], typer.Option(help="Relative depth tolerance of agreement.")
-    ] = None,
-    reference: Annotated[
-        Optional[Path], typer.Option(help="Reference PLY, or a folder of <capture>/surface.ply: Chamfer, F-score.")
-    ] = None,
-    fscore_threshold: Annotated[
-        Optional[float], typer.Option(help="F-score threshold, scene units [default: 1% of the reference's size].")
-    ] = None,
+    preset: Annotated[str, typer.Option(help=preset_help(stage, "Starting point"))] = "default",
     device: Device = "auto",
     shard: Shard = None,
     captures: Captures = None,
     overwrite: Overwrite = False,
     json_out: Json = False,
+    **changes: Any,
 ) -> None:
     """Fuse every capture's aligned depth into WORK/<capture>/cloud.ply + cloud_metrics.json.
 
@@ -82,18 +61,7 @@ def cloud(
     """
     if preset not in stage.PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(stage.PRESETS)}")
-    changes = {
-        "outlier_removal": outliers, "outlier_neighbors": outlier_neighbors, "outlier_std_ratio": outlier_std,
-        "voxel_pixels": voxel, "voxel_size": voxel_size, "uniformity": uniformity,
-        "uniformity_radius": uniformity_radius,
-        "depth_range": _range(depth_range), "mask_dir": str(mask_dir) if mask_dir else None,
-        "use_masks": masks,
-        "consistency": None if consistency is None else consistency > 0, "consistency_views": consistency or None,
-        "min_quality": min_quality, "smooth_px": smooth, "edge_filter": edges,
-        "consistency_tolerance": consistency_tolerance, "reference": str(reference) if reference else None,
-        "fscore_threshold": fscore_threshold,
-    }  # fmt: skip
-    cfg = dataclasses.replace(stage.PRESETS[preset], **{k: v for k, v in changes.items() if v is not None})
+    cfg = dataclasses.replace(stage.PRESETS[preset], **changes)
     ids = worktree.read_capture_ids(captures) if captures else None
     with progress_bar("cloud") as progress:
         written = stage.run(work, cfg, data=data, shard=worktree.Shard.parse(shard), capture_ids=ids,

@@ -3,73 +3,49 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 
 from nvfcli.console import print_paths, progress_bar
 from nvfcli.options import (
-    BatchSize,
-    Cache,
     Captures,
     DataDir,
     Device,
     Json,
-    Layout,
+    Opt,
     Overwrite,
-    PresetPrecision,
     Shard,
-    Workers,
+    config_options,
+    preset_help,
     stage_preset,
 )
 from stages import depth as stage
 from stages.core import worktree
 
 
+@config_options(stage.Config, {
+    "model": Opt(hint="(Depth-Anything-V2 Base/Large: non-commercial.)"),
+    "store_dtype": Opt(("--dtype",)),
+    "workers": Opt(option={"min": 1}),
+})  # fmt: skip
 def depth(
     data: DataDir,
     out: Annotated[Path, typer.Option("--out", "-o", help="Work folder: writes OUT/<capture>/depth.safetensors.")],
-    preset: Annotated[
-        str,
-        typer.Option(help="Stage preset: paper (Intel/dpt-large), fast (Depth-Anything-V2-Small, fp16 maps) or tiny."),
-    ] = "paper",
-    model: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Hub id, local folder or depth-anything-v2-small instead "
-            "of the preset's (DA-V2 Base/Large: non-commercial)."
-        ),
-    ] = None,
-    layout: Layout = "auto",
-    precision: PresetPrecision = None,
-    batch_size: BatchSize = None,
-    max_res: Annotated[Optional[int], typer.Option(help="Store maps with the longer side at most this.")] = None,
-    interpolation: Annotated[
-        Optional[stage.Interpolation], typer.Option(help="Resampling to the stored size [default: bicubic].")
-    ] = None,
-    store_dtype: Annotated[
-        Optional[stage.StoreDtype],
-        typer.Option("--dtype", help="Stored values: float32 or float16 [default: the preset's]."),
-    ] = None,
-    depth_kind: Annotated[
-        Optional[stage.DepthKind], typer.Option(help="What the model predicts [default: auto, from its config].")
-    ] = None,
-    cache: Cache = True,
-    workers: Workers = 4,
+    preset: Annotated[str, typer.Option(help=preset_help(stage))] = "paper",
     device: Device = "auto",
     shard: Shard = None,
     captures: Captures = None,
     overwrite: Overwrite = False,
     json_out: Json = False,
+    **changes: Any,
 ) -> None:
     """Predict depth for every image of DATA, batched on the GPU, into OUT/<capture>/depth.safetensors.
 
     Examples: `nvf depth data/multipie --out work`; `nvf depth data --out work --precision fp16 --max-res 384`;
     `nvf depth data --out work --preset fast --shard 0/8`.
     """
-    cfg = stage_preset(stage, preset, dict(model=model, layout=layout, precision=precision, batch_size=batch_size,
-                                           max_res=max_res, interpolation=interpolation, store_dtype=store_dtype,
-                                           depth_kind=depth_kind, cache=cache, workers=workers))  # fmt: skip
+    cfg = stage_preset(stage, preset, changes)
     ids = worktree.read_capture_ids(captures) if captures else None
     with progress_bar("depth") as progress:
         written = stage.run(data, out, cfg, shard=worktree.Shard.parse(shard), capture_ids=ids, overwrite=overwrite,

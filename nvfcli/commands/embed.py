@@ -3,57 +3,45 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 
 from nvfcli.console import print_paths, progress_bar
 from nvfcli.options import (
-    BatchSize,
-    Cache,
     Captures,
     DataDir,
     Device,
     Json,
-    Layout,
+    Opt,
     Overwrite,
-    PresetPrecision,
     Shard,
-    Workers,
+    config_options,
+    preset_help,
     stage_preset,
 )
 from stages import embed as stage
 from stages.core import worktree
 
 
+@config_options(stage.Config, {"workers": Opt(option={"min": 1})})
 def embed(
     data: DataDir,
     out: Annotated[Path, typer.Option("--out", "-o", help="Work folder: writes OUT/<capture>/embed.safetensors.")],
-    preset: Annotated[
-        str, typer.Option(help="Stage preset: paper (ViT-B/32 openai), fast (fp16 on a GPU) or tiny (tests).")
-    ] = "paper",
-    model: Annotated[
-        Optional[str],
-        typer.Option(help="open_clip NAME@TAG (e.g. ViT-L-14@laion2b_s32b_b82k), hf-hub:org/repo or a local folder."),
-    ] = None,
-    layout: Layout = "auto",
-    precision: PresetPrecision = None,
-    batch_size: BatchSize = None,
-    cache: Cache = True,
-    workers: Workers = 4,
+    preset: Annotated[str, typer.Option(help=preset_help(stage))] = "paper",
     device: Device = "auto",
     shard: Shard = None,
     captures: Captures = None,
     overwrite: Overwrite = False,
     json_out: Json = False,
+    **changes: Any,
 ) -> None:
     """Embed every image of DATA with CLIP (unit-norm rows) into OUT/<capture>/embed.safetensors.
 
     Examples: `nvf embed data/multipie --out work`; `nvf embed data --out work --precision fp16 --shard 0/8`;
     `nvf embed data --out work --model ViT-L-14@laion2b_s32b_b82k`.
     """
-    cfg = stage_preset(stage, preset, dict(model=model, layout=layout, precision=precision, batch_size=batch_size,
-                                           cache=cache, workers=workers))  # fmt: skip
+    cfg = stage_preset(stage, preset, changes)
     ids = worktree.read_capture_ids(captures) if captures else None
     with progress_bar("embed") as progress:
         written = stage.run(data, out, cfg, shard=worktree.Shard.parse(shard), capture_ids=ids, overwrite=overwrite,

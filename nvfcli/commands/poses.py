@@ -4,41 +4,33 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 
 from nvfcli.console import print_paths, progress_bar
-from nvfcli.options import Captures, DataDir, Json, Layout, Overwrite, Shard
+from nvfcli.options import Captures, DataDir, Json, Opt, Overwrite, Shard, config_options, preset_help
 from stages import poses as stage
 from stages.core import worktree
 from stages.core.errors import InputError
 
 
+@config_options(stage.Config, {
+    "camera_model": Opt(type=str, hint="One of SIMPLE_PINHOLE, PINHOLE, SIMPLE_RADIAL, RADIAL, OPENCV."),
+    "focal_px": Opt(("--focal",)),
+    "refine_focal": Opt(("--fixed-focal",), type=bool, default=False, parse=lambda fixed: False if fixed else None,
+                        hint="--fixed-focal turns it off."),
+    "matcher": Opt(type=str, hint="exhaustive or sequential."),
+    "mapper": Opt(type=str, hint="incremental or global."),
+    "colmap": Opt(type=list[str], parse=lambda items: stage.parse_overrides(items) or None,
+                  hint="Give KEY=VALUE (repeatable), e.g. extraction.sift.peak_threshold=0.001."),
+    "export": Opt(type=str, parse=lambda text: tuple(e.strip() for e in text.split(",") if e.strip()) or None,
+                  hint="Comma separated."),
+})  # fmt: skip
 def poses(
     data: DataDir,
     out: Annotated[Path, typer.Option("--out", "-o", help="Work tree: writes OUT/<capture>/poses.safetensors.")],
-    preset: Annotated[str, typer.Option(help=f"Starting point: {', '.join(stage.PRESETS)}.")] = "default",
-    layout: Layout = "auto",
-    camera_model: Annotated[
-        Optional[str], typer.Option(help="COLMAP camera model, e.g. SIMPLE_RADIAL, SIMPLE_PINHOLE.")
-    ] = None,
-    focal: Annotated[Optional[float], typer.Option(help="Prior focal length in pixels.")] = None,
-    fixed_focal: Annotated[bool, typer.Option("--fixed-focal", help="Keep --focal fixed (a calibration).")] = False,
-    matcher: Annotated[Optional[str], typer.Option(help="exhaustive or sequential.")] = None,
-    mapper: Annotated[Optional[str], typer.Option(help="incremental or global.")] = None,
-    colmap: Annotated[
-        Optional[list[str]],
-        typer.Option(help="COLMAP option KEY=VALUE (repeatable), e.g. extraction.sift.peak_threshold=0.001."),
-    ] = None,  # fmt: skip
-    rig: Annotated[
-        str,
-        typer.Option(
-            help="Rig mode: auto (Multi-PIE: solve each session's rig, pose views SfM "
-            "missed through it), on, off, or a saved WORK/rig_<session>.safetensors to reuse."
-        ),
-    ] = "auto",
-    export: Annotated[Optional[str], typer.Option(help="Extra outputs, comma separated: transforms,colmap.")] = None,
+    preset: Annotated[str, typer.Option(help=preset_help(stage, "Starting point"))] = "default",
     captures_at_once: Annotated[
         int, typer.Option(min=1, help="Captures in SfM at a time: one's single-threaded mapping overlaps another's.")
     ] = 2,
@@ -46,6 +38,7 @@ def poses(
     captures: Captures = None,
     overwrite: Overwrite = False,
     json_out: Json = False,
+    **changes: Any,
 ) -> None:
     """Estimate camera poses of every capture under DATA (SfM, then SLERP fallback for the rest).
 
@@ -55,16 +48,14 @@ def poses(
     """
     if preset not in stage.PRESETS:
         raise InputError(f"unknown preset '{preset}'; choose one of: {', '.join(stage.PRESETS)}")
-    choices = {"camera_model": (camera_model, stage.CAMERA_MODELS), "matcher": (matcher, ("exhaustive", "sequential")),
-               "mapper": (mapper, ("incremental", "global"))}  # fmt: skip
-    for name, (value, allowed) in choices.items():
-        if value is not None and value not in allowed:
-            raise InputError(f"unknown --{name.replace('_', '-')} '{value}'; choose one of: {', '.join(allowed)}")
-    changes = {"layout": layout, "camera_model": camera_model, "focal_px": focal, "matcher": matcher, "mapper": mapper,
-               "rig": rig, "colmap": stage.parse_overrides(colmap or []) or None,
-               "export": tuple(e.strip() for e in export.split(",") if e.strip()) if export else None,
-               "refine_focal": False if fixed_focal else None}  # fmt: skip
-    cfg = dataclasses.replace(stage.PRESETS[preset], **{k: v for k, v in changes.items() if v is not None})
+    choices = {"camera_model": stage.CAMERA_MODELS, "matcher": ("exhaustive", "sequential"),
+               "mapper": ("incremental", "global")}  # fmt: skip
+    for name, allowed in choices.items():
+        if name in changes and changes[name] not in allowed:
+            raise InputError(
+                f"unknown --{name.replace('_', '-')} '{changes[name]}'; choose one of: {', '.join(allowed)}"
+            )
+    cfg = dataclasses.replace(stage.PRESETS[preset], **changes)
     ids = worktree.read_capture_ids(captures) if captures else None
     with progress_bar("posing captures") as progress:
         written = stage.run(data, out, cfg, shard=worktree.Shard.parse(shard), captures=ids, overwrite=overwrite,

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from nvfcli.console import print_paths, progress_bar
-from nvfcli.options import Json, Overwrite
+from nvfcli.options import Json, Opt, Overwrite, config_options, preset_help
 from stages import reconstruct as stage
 from stages.core.errors import InputError
 
 
+@config_options(stage.Config, {
+    "bounded": Opt(("--bounded/--unbounded",)),
+    "mesh": Opt(("--mesh",), type=bool, default=False, parse=lambda on: on or None),
+    "use_masks": Opt(("--masks/--no-masks",)),
+    "ns": Opt(type=list[str], parse=lambda items: stage.parse_overrides(items) or None,
+              hint="Give KEY=VALUE (repeatable), e.g. pipeline.model.num_nerf_samples_per_ray=32; added to the preset's."),
+})  # fmt: skip
 def reconstruct(
     source: Annotated[
         Path,
@@ -26,33 +33,11 @@ def reconstruct(
     data: Annotated[
         Optional[Path], typer.Option(help="Dataset folder `nvf poses` read (where the images are).")
     ] = None,
-    preset: Annotated[str, typer.Option(help=f"Starting point: {', '.join(stage.PRESETS)}.")] = "default",
-    method: Annotated[Optional[str], typer.Option(help="nerfacto, depth-nerfacto or splatfacto (CUDA).")] = None,
-    iterations: Annotated[Optional[int], typer.Option(help="Training iterations.")] = None,
-    rays_per_batch: Annotated[Optional[int], typer.Option(help="Rays per training batch.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Hold out every k-th view for the metrics.")] = None,
-    bounded: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--bounded/--unbounded", help="Object in a box (plain background) or nerfstudio's unbounded scene."
-        ),
-    ] = None,  # fmt: skip
-    export_opacity: Annotated[Optional[float], typer.Option(help="Opacity a pixel needs to give a point.")] = None,
-    masks: Annotated[
-        Optional[bool],
-        typer.Option("--masks/--no-masks", help="Give nerfstudio the capture's head masks (masks.safetensors)."),
-    ] = None,
-    mesh: Annotated[bool, typer.Option("--mesh", help="Also write mesh.ply (Poisson on the points).")] = False,
-    lpips: Annotated[
-        bool, typer.Option("--lpips/--no-lpips", help="Score LPIPS too (AlexNet weights in the torch cache).")
-    ] = True,
-    ns: Annotated[
-        Optional[list[str]],
-        typer.Option(help="nerfstudio config KEY=VALUE (repeatable), e.g. pipeline.model.num_nerf_samples_per_ray=32."),
-    ] = None,  # fmt: skip
+    preset: Annotated[str, typer.Option(help=preset_help(stage, "Starting point"))] = "default",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     overwrite: Overwrite = False,
     json_out: Json = False,
+    **changes: Any,
 ) -> None:
     """Train nerfstudio on the views of SOURCE; write OUT/points.ply in the input's frame and OUT/recon_metrics.json.
 
@@ -63,11 +48,8 @@ def reconstruct(
     if preset not in stage.PRESETS:
         raise InputError(f"unknown preset '{preset}'; choose one of: {', '.join(stage.PRESETS)}")
     base = stage.PRESETS[preset]
-    changes = {"method": method, "iterations": iterations, "rays_per_batch": rays_per_batch, "eval_every": eval_every,
-               "bounded": bounded, "export_opacity": export_opacity, "mesh": mesh or None, "use_masks": masks,
-               "lpips": None if lpips else False}  # fmt: skip
-    cfg = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None},
-                              ns=base.ns + stage.parse_overrides(ns or []))  # fmt: skip
+    extra_ns = changes.pop("ns", ())  # --ns adds to the preset's overrides
+    cfg = dataclasses.replace(base, **changes, ns=base.ns + extra_ns)
     with progress_bar("training") as progress:
         written = stage.run(source, out, cfg, data=data, overwrite=overwrite, device=device, progress=progress)
     print_paths(written, json_out)

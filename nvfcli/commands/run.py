@@ -6,36 +6,37 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
 from nvfcli.console import out_console, progress_bar
-from nvfcli.options import DataDir, Json, Overwrite
+from nvfcli.options import DataDir, Json, Opt, Overwrite, config_options
 from stages import pipeline as stage
 from stages.core import worktree
 
 
+@config_options(stage.Config, {
+    "until": Opt(hint=f"One of: {', '.join(stage.STEP_NAMES)}."),
+    "poses_source": Opt(("--poses-from-groundtruth",), type=bool, default=False,
+                        parse=lambda copy: "groundtruth" if copy else None, hint="This flag: groundtruth."),
+})  # fmt: skip
 def run(
     data: DataDir,
     out: Annotated[Path, typer.Argument(help="Work tree: OUT/<capture>/..., OUT/manifest.json.", show_default=False)],
-    until: Annotated[Optional[str], typer.Option(help=f"Stop after this stage: {', '.join(stage.STEP_NAMES)}.")] = None,
     preset: Annotated[
         str, typer.Option(help="paper (the paper's models) or tiny (local tiny models: smoke runs).")
     ] = "paper",
     config: Annotated[
         Optional[Path], typer.Option(help="TOML or JSON file: top-level settings, and a stages.NAME table per stage.")
     ] = None,
-    poses_from_groundtruth: Annotated[
-        bool,
-        typer.Option("--poses-from-groundtruth", help="Synth data only: copy the ground-truth poses instead of SfM."),
-    ] = False,  # fmt: skip
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     shard: Annotated[Optional[str], typer.Option(help="Shard K/N of the subjects (default: SLURM array task).")] = None,
     captures: Annotated[Optional[str], typer.Option(help="File of capture ids (one per line), or - for stdin.")] = None,
     overwrite: Overwrite = False,
     json_out: Json = False,
+    **changes: Any,
 ) -> None:
     """Run every stage over DATA into OUT; each stage redoes only what changed (inputs, config, versions).
 
@@ -44,10 +45,7 @@ def run(
     `nvf synth s --preset tiny && nvf run s w --preset tiny --poses-from-groundtruth`.
     """
     cfg = stage.load_config(config, stage.PRESETS.get(preset, stage.Config(preset=preset)))  # type: ignore[arg-type]
-    changes = {"until": until or cfg.until, "overwrite": overwrite or cfg.overwrite}
-    if poses_from_groundtruth:
-        changes["poses_source"] = "groundtruth"
-    cfg = dataclasses.replace(cfg, **changes)
+    cfg = dataclasses.replace(cfg, **changes, overwrite=overwrite or cfg.overwrite)
     ids = worktree.read_capture_ids(captures) if captures else None
     with progress_bar("run") as bar:
         manifest = stage.run(data, out, cfg, shard=worktree.Shard.parse(shard), capture_ids=ids, device=device,

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
 from nvfcli.console import out_console
-from nvfcli.options import DataDir, Json, Layout
+from nvfcli.options import DataDir, Json, config_options
 from stages import scan as stage
 from stages.core import dataset
 
 IdList = Optional[list[str]]
 
 
+@config_options(stage.Config, exclude=("filters",))  # the filters are the options above
 def scan(
     data: DataDir,
-    layout: Layout = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the full index as JSON here.")] = None,
     list_ids: Annotated[bool, typer.Option("--list", help="Print capture ids, one per line.")] = False,
     json_out: Json = False,
@@ -29,6 +29,7 @@ def scan(
     expression: Annotated[IdList, typer.Option(help="Expressions to keep: neutral, smile, surprise, ...")] = None,
     illumination: Annotated[IdList, typer.Option(help="Shots to keep: 0 = no flash, 1-18 flashes.")] = None,
     protocol: Annotated[Optional[str], typer.Option(help="Multi-PIE protocol: E, P, M or U (paper §III.E).")] = None,
+    **changes: Any,
 ) -> None:
     """Find the captures under DATA and report subjects, sessions and cameras.
 
@@ -43,7 +44,7 @@ def scan(
         shots=dataset.parse_ids(illumination or [], 2, "illumination"),
         protocol=protocol.upper() if protocol else None,
     )
-    cfg = stage.Config(layout=layout, filters=filters)
+    cfg = stage.Config(filters=filters, **changes)
     found = stage.index(data, cfg)
     written = stage.write_index(out, found, cfg) if out else None
     if list_ids:
