@@ -63,6 +63,7 @@ from stages.poses.options import (
 from stages.poses.rig import RIG_CONVENTION, RIG_SCHEMA, Rig, rig_path, solve_rig
 from stages.poses.sfm import (
     CheckedImages,
+    _bundle_adjust,
     _quiet_colmap,
     cancellation_token,
     capture_contrast,
@@ -94,6 +95,7 @@ __all__ = [
     "build_options",
     "parse_overrides",
     "_quiet_colmap",
+    "_bundle_adjust",
     "run_sfm",
     "fast_pass",
     "contrast_peak_threshold",
