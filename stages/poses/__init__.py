@@ -36,6 +36,10 @@ Convention: COLMAP's ``cam_from_world`` is world-to-camera with the +0.5 pixel-c
 the same as nvf's, so poses and K are copied without change (the SfM world frame is arbitrary:
 compare with a similarity, `geometry.similarity_align_poses`). ``poses.safetensors`` is written
 last and carries the input hash (image bytes + config), so it marks a capture as complete.
+
+Modules: `options` (Config, PRESETS, pycolmap options), `sfm` (pycolmap passes, with `sift_matching`),
+`rig`, `capture` (one capture: SfM, then the rig and ring fallbacks), `write` (records and exports),
+`entry` (`run`); the pose geometry they share is `stages.core.pose_math`. This package re-exports them.
 """
 
 from __future__ import annotations

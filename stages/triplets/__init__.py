@@ -38,6 +38,10 @@ head-height cameras); targets are every view that passes the other filters. So p
 Output: ``triplets.safetensors`` (kind ``triplets``, `SCHEMA`) and a CSV view beside it
 (``<stem>.csv``, one row per pair, and ``<stem>.images.csv``, one row per image) that pandas opens.
 Paths inside both are relative to the folder of the output file.
+
+Modules: `config` (Config, PRESETS, SCHEMA), `codes` (capture frame, pairs, pose codes), `splits`,
+`rows` (one capture's rows), `write` (record and CSV views), `load` (`TripletSet`), `entry` (`run`);
+this package re-exports them.
 """
 
 from __future__ import annotations
