@@ -109,7 +109,7 @@ def _extracted(data: Path, database: Path) -> dict:
 def _matching(name: str, data: Path, work: Path) -> Result:
     import pycolmap
 
-    from stages import sift_matching
+    from stages.poses import sift_matching
 
     work.mkdir(parents=True)
     features = work / "features.db"

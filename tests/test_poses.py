@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages import poses, sift_matching, synth
+from stages import poses, synth
 from stages.core import dataset, geometry, io, worktree
 from stages.core.errors import InputError
+from stages.poses import sift_matching
 from tests.helpers import write_tiny_png
 
 RADIUS = synth.Config().radius
@@ -237,7 +238,7 @@ def test_fewer_than_two_registered_views_names_the_capture(tmp_path, monkeypatch
     data = tmp_path / "data" / "cap"
     for i in range(3):
         io.write_image(data / f"v{i}.png", np.full((32, 32, 3), 40 * i, np.uint8))
-    monkeypatch.setattr(poses, "run_sfm", lambda *args, **kwargs: (None, 0))
+    monkeypatch.setattr(poses.capture, "run_sfm", lambda *args, **kwargs: (None, 0))
     with pytest.raises(InputError, match=r"capture cap: SfM registered 0 of 3 views"):
         poses.run(tmp_path / "data", tmp_path / "work", poses.Config())
     assert not (tmp_path / "work" / "cap").exists()
@@ -320,8 +321,8 @@ def test_contrast_scales_the_peak_threshold_between_the_face_and_colmap_values()
 @pytest.mark.parametrize("scaled", [True, False])
 def test_only_the_fast_pass_takes_the_contrast_scaled_threshold(monkeypatch, scaled):
     passes = []
-    monkeypatch.setattr(poses, "capture_contrast", lambda root, names: 2 * poses.FACE_CONTRAST)
-    monkeypatch.setattr(poses, "_sfm_pass", lambda root, names, cfg, *_: (passes.append(cfg), (None, 0))[1])
+    monkeypatch.setattr(poses.sfm, "capture_contrast", lambda root, names: 2 * poses.FACE_CONTRAST)
+    monkeypatch.setattr(poses.sfm, "_sfm_pass", lambda root, names, cfg, *_: (passes.append(cfg), (None, 0))[1])
     cfg = poses.Config(contrast_threshold=scaled)
     assert poses.run_sfm(Path("."), ["a.png", "b.png"], cfg, [(64, 64)] * 2) == (None, 0)
     fast, tuned = passes  # nothing registered, so the tuned pass ran too
@@ -347,7 +348,7 @@ def test_final_adjustment_stops_on_convergence_and_skips_a_needless_second_solve
     import pycolmap
 
     seen = []
-    monkeypatch.setattr(poses, "_bundle_adjust", lambda pycolmap, rec, options: seen.append(options))
+    monkeypatch.setattr(poses.sfm, "_bundle_adjust", lambda pycolmap, rec, options: seen.append(options))
 
     class Filter:
         def __init__(self, rec):
@@ -641,8 +642,8 @@ def test_an_error_cancels_the_captures_still_in_sfm(textureless, tmp_path, monke
     def fail(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(poses, "cancellation_token", token)
-    monkeypatch.setattr(poses, "complete_capture", fail)
+    monkeypatch.setattr(poses.entry, "cancellation_token", token)
+    monkeypatch.setattr(poses.entry, "complete_capture", fail)
     with pytest.raises(RuntimeError, match="boom"):
         poses.run(data, tmp_path, poses.Config())
     assert len(tokens) == 1 and (tokens[0] is None or tokens[0].is_cancelled)

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages import poses, sift_matching, synth
+from stages import poses, synth
+from stages.poses import sift_matching
 
 
 def _one_way_reference(dist_nm: np.ndarray, max_ratio: float, max_distance: float) -> list[int]:
