@@ -34,7 +34,7 @@ CC-BY-NC-4.0 (non-commercial use only). A local folder with a saved model works 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -322,7 +322,7 @@ def run(
     if not plans:
         return []
     writer = _RecordWriter(plans, cache, settings, cfg, progress)
-    todo = _unique_batches(plans)
+    todo = batching.unique_batches(plans)
     try:
         if todo:
             predictor = loaded_predictor(ref, settings["model_fingerprint"], torch_device, precision, cfg)
@@ -416,7 +416,7 @@ def _plan(
             continue
         c_paths = [data / image.path for image in capture.images]
         with ThreadPoolExecutor(workers, thread_name_prefix="nvf-size") as pool:
-            c_sizes = list(pool.map(_image_hw, c_paths))  # image headers only
+            c_sizes = list(pool.map(io.image_hw, c_paths))  # image headers only
         capture_hw = stored_hw(c_sizes[0], cfg.max_res)
         if len(set(c_sizes)) > 1:
             log.warning(
@@ -446,22 +446,6 @@ def _capture_batches(sizes: list[tuple[int, int]], batch_size: int | None, max_b
         for rows in groups.values()
         for piece in batching.capture_batches(len(rows), batch_size, max_batch)
     ]
-
-
-def _image_hw(path: Path) -> tuple[int, int]:
-    width, height = io.image_size(path)
-    return int(height), int(width)
-
-
-def _unique_batches(plans: Iterable[_CapturePlan]) -> list[list[_View]]:
-    """The planned batches that hold a map the cache lacks, each once (a batch's keys name it)."""
-    batches: dict[tuple[str, ...], list[_View]] = {}
-    for plan in plans:
-        for rows in plan.batches:
-            views = [plan.views[row] for row in rows]
-            if any(view.key in plan.missing for view in views):
-                batches.setdefault(tuple(view.key for view in views), views)
-    return list(batches.values())
 
 
 def _predict_all(

@@ -254,7 +254,7 @@ def run(
         written.append(pool.submit(_write_record, plan, maps, settings, cfg, meta))
 
     assembler = CaptureAssembler(plans, finish, cache.get, progress)
-    todo = _unique_batches(plans)
+    todo = batching.unique_batches(plans)
     try:
         assembler.flush_ready()
         if todo:
@@ -289,7 +289,7 @@ def _plan(
             log.debug("masks: %s is up to date, skipped", capture.id)
             continue
         c_paths = [data / image.path for image in capture.images]
-        sizes = [_image_hw(path) for path in c_paths]
+        sizes = [io.image_hw(path) for path in c_paths]
         capture_hw = sizes[0]
         if len(set(sizes)) > 1:
             log.warning("masks: capture %s mixes image sizes %s; its masks are all stored at %dx%d",
@@ -308,22 +308,6 @@ def _plan(
         missing = {v.key for v in views if not cache.contains(v.key)}
         plans.append(_CapturePlan(capture, views, batches, inputs_hash, out_path, missing))
     return plans
-
-
-def _image_hw(path: Path) -> tuple[int, int]:
-    width, height = io.image_size(path)
-    return int(height), int(width)
-
-
-def _unique_batches(plans: Sequence[_CapturePlan]) -> list[list[_View]]:
-    """The planned batches that hold a map the cache lacks, each once (a batch's keys name it)."""
-    found: dict[tuple[str, ...], list[_View]] = {}
-    for plan in plans:
-        for rows in plan.batches:
-            views = [plan.views[row] for row in rows]
-            if any(view.key in plan.missing for view in views):
-                found.setdefault(tuple(view.key for view in views), views)
-    return list(found.values())
 
 
 def _predict_all(

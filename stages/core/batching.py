@@ -194,6 +194,20 @@ def capture_batches(n: int, requested: int | None, max_batch: int) -> list[range
     return [range(start, min(n, start + size)) for start in range(0, n, size)]
 
 
+def unique_batches(plans: Iterable[Any]) -> list[list[Any]]:
+    """The planned batches that hold an item the cache lacks, each once (a batch's keys name it).
+
+    `plans` are per-capture plans with ``batches`` (lists of rows), ``views`` (items with a ``key``)
+    and ``missing`` (the keys the cache lacks), as depth and masks plan them."""
+    found: dict[tuple[str, ...], list[Any]] = {}
+    for plan in plans:
+        for rows in plan.batches:
+            views = [plan.views[row] for row in rows]
+            if any(view.key in plan.missing for view in views):
+                found.setdefault(tuple(view.key for view in views), views)
+    return list(found.values())
+
+
 def _release_cuda_memory() -> None:
     """Drop garbage and hand PyTorch's cached CUDA blocks back after an OOM."""
     import torch

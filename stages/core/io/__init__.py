@@ -42,7 +42,15 @@ from stages.core.io.cameras import (
     write_colmap_text,
     write_transforms,
 )
-from stages.core.io.images import IMAGE_SUFFIXES, image_size, read_gray, read_image, read_image_alpha, write_image
+from stages.core.io.images import (
+    IMAGE_SUFFIXES,
+    image_hw,
+    image_size,
+    read_gray,
+    read_image,
+    read_image_alpha,
+    write_image,
+)
 from stages.core.io.jsonio import hash_file, hash_inputs, read_json, to_jsonable, write_json
 from stages.core.io.ply import PointCloud, import_open3d, read_ply, write_ply
 from stages.core.io.records import (
@@ -84,6 +92,7 @@ __all__ = [
     "foreign_files",
     "hash_file",
     "hash_inputs",
+    "image_hw",
     "image_size",
     "import_open3d",
     "load_record",

@@ -76,6 +76,12 @@ def read_gray(path: str | os.PathLike, reduce: int = 1) -> np.ndarray:
         raise InputError(f"{path}: corrupt or unreadable image ({exc}); replace or remove the file") from None
 
 
+def image_hw(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, reading only the header (`image_size` in array order)."""
+    width, height = image_size(path)
+    return int(height), int(width)
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) after EXIF orientation, reading only the header."""
     from PIL import Image, UnidentifiedImageError
