@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from benchmarks.harness import LogCatcher, Result, Side, compare, synth_image_folders, where_time_goes
+from stages.core.contract import Context
 
 N_IMAGES = 64
 RESOLUTION = 128
@@ -66,7 +67,7 @@ def run() -> list[Result]:
         runs = iter(range(10**6))
 
         def nvf_depth() -> None:
-            depth.run(tmp / "data", tmp / f"work{next(runs)}", cfg, device=str(device))
+            depth.run(Context(tmp / f"work{next(runs)}", data=tmp / "data", device=str(device)), cfg)
 
         pipe = pipeline("depth-estimation", model=str(model_dir), device=device)
 
@@ -131,7 +132,7 @@ def _dpt_large_on_gpu(tmp: Path, device: torch.device, pipeline) -> list[Result]
     def nvf_depth(precision: str, work: Path | None = None) -> Path:
         work = work or tmp / f"large{next(runs)}"
         cfg = depth.Config(model=str(model_dir), layout="folder", cache=False, precision=precision)
-        depth.run(tmp / "data-large", work, cfg, device=str(device))
+        depth.run(Context(work, data=tmp / "data-large", device=str(device)), cfg)
         torch.cuda.synchronize()
         return work
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import LogCatcher, Result, Side, compare, synth_image_folders
+from stages.core.contract import Context
 
 N_IMAGES = 64
 RESOLUTION = 128
@@ -70,7 +71,7 @@ def run() -> list[Result]:
         runs = iter(range(10**6))
 
         def nvf_embed() -> None:
-            embed.run(tmp / "data", tmp / f"work{next(runs)}", cfg, device=str(device))
+            embed.run(Context(tmp / f"work{next(runs)}", data=tmp / "data", device=str(device)), cfg)
 
         nvf_embed()  # loads the model once (kept loaded for later runs in this process)
         ref = models.ModelRef("clip", str(model_dir))
@@ -107,7 +108,7 @@ def _on_gpu(tmp: Path, device: torch.device, architecture: str) -> Result:
         cfg = embed.Config(
             model=str(model_dir), layout="folder", cache=False, precision=precision, batch_size=batch_size
         )
-        embed.run(data, tmp / f"work-{architecture}-{next(runs)}", cfg, device=str(device))
+        embed.run(Context(tmp / f"work-{architecture}-{next(runs)}", data=data, device=str(device)), cfg)
         torch.cuda.synchronize()
 
     figures: dict[str, float | list[int]] = {}

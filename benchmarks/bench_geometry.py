@@ -33,6 +33,7 @@ import numpy as np
 from benchmarks.harness import Result, Side, compare
 from stages import align, cloud, poses, synth
 from stages.core import io, worktree
+from stages.core.contract import Context
 
 SIZE = 512
 CAPTURE = "001_01_01_00"
@@ -44,7 +45,7 @@ def run() -> list[Result]:
     synth.run(root / "data", cfg)
     calibrated = dataclasses.replace(poses.PRESETS["calibrated"], focal_px=float(synth.intrinsics(cfg)[0, 0]))
     work = root / "work"
-    poses.run(root / "data", work, calibrated)
+    poses.run(Context(work, data=root / "data"), calibrated)
     gt = synth.groundtruth_dir(root / "data", CAPTURE)
     truth = io.load_record(gt / "depth.safetensors")
     z = np.asarray(truth["depth"], np.float64)

@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.harness import Result, Side, compare
+from stages.core.contract import Context
 
 SHARED_KERMIT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kermit"
 
@@ -59,7 +60,7 @@ def _nvf(data: Path, out: Path) -> dict:
 
     registered = 0
     try:
-        written = poses.run(data, out, poses.Config(), overwrite=True)
+        written = poses.run(Context(out, data=data, overwrite=True), poses.Config())
     except InputError as exc:  # fewer than 2 views registered
         return {"registered": 0, "failed": str(exc)}
     for path in written:
@@ -144,7 +145,10 @@ def _throughput(root: Path) -> Result:
     cfg = poses.Config(rig="off")
 
     def posed(at_once: int):
-        return lambda: poses.run(data, root / f"at-once-{at_once}", cfg, overwrite=True, captures_at_once=at_once)
+        return lambda: poses.run(
+            Context(root / f"at-once-{at_once}", data=data, overwrite=True),
+            dataclasses.replace(cfg, captures_at_once=at_once),
+        )
 
     return compare("poses-throughput/synth-4-captures-256", Side("2 captures at a time", posed(2)),
                    Side("one by one", posed(1)), repeats=3, warmup=1, goal="ratio < 1")  # fmt: skip

@@ -49,6 +49,21 @@ def stage_preset(module: Any, name: str, changes: dict[str, Any]) -> Any:
     return dataclasses.replace(presets[name], **{k: v for k, v in changes.items() if v is not None})
 
 
+def stage_context(work: Path, *, data: Path | None = None, shard: str | None = None, captures: str | None = None,
+                  device: str = "auto", overwrite: bool = False, progress: Any = None,
+                  paths: dict[str, Any] | None = None) -> Any:  # fmt: skip
+    """The stage contract's `Context` from a command's options (``--shard K/N``, ``--captures FILE``
+    read here; named paths that are None are left to the stage's defaults)."""
+    from stages.core import worktree
+    from stages.core.contract import Context
+
+    parsed = worktree.Shard.parse(shard)
+    ids = worktree.read_capture_ids(captures) if captures else None
+    given = {name: Path(value) for name, value in (paths or {}).items() if value is not None}
+    return Context(Path(work), data=data, captures=ids, shard=parsed, device=device, overwrite=overwrite,
+                   progress=progress, paths=given, partial=ids is not None or parsed.count > 1)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------
 # Options built from a stage's Config: the field's docstring is the option's help (issue 20).
 

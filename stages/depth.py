@@ -34,8 +34,7 @@ CC-BY-NC-4.0 (non-commercial use only). A local folder with a saved model works 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,12 +42,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from stages.core import batching, dataset, io, models, worktree
-from stages.core.batching import ProgressFn, effective_precision
-from stages.core.cache import ArrayCache, CaptureAssembler, Prefetcher
-from stages.core.digests import image_digests
+from stages.core import batching, dataset, io, models, view_batches
+from stages.core.batching import effective_precision
+from stages.core.cache import ArrayCache, Prefetcher
+from stages.core.contract import Context, require_data
 from stages.core.errors import InputError
 from stages.core.models import model_fingerprint
+from stages.core.view_batches import CapturePlan, View
 
 log = logging.getLogger("nvf")
 
@@ -246,30 +246,6 @@ def default_cache_folder() -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _View:
-    """One image to process: its file, size, the size its map is stored at, and its cache key."""
-
-    path: Path
-    image_hw: tuple[int, int]
-    out_hw: tuple[int, int]
-    key: str
-
-
-@dataclass
-class _CapturePlan:
-    capture: dataset.Capture
-    views: list[_View]
-    batches: list[list[int]]  # the capture's planned batches, as row indices (`_capture_batches`)
-    inputs_hash: str
-    out_path: Path
-    missing: set[str]
-
-    @property
-    def keys(self) -> list[str]:
-        return [view.key for view in self.views]
-
-
 def stored_hw(image_hw: tuple[int, int], max_res: int | None) -> tuple[int, int]:
     """(h, w) a map is stored at: the image size, shrunk so its longer side is at most `max_res`."""
     h, w = image_hw
@@ -279,35 +255,27 @@ def stored_hw(image_hw: tuple[int, int], max_res: int | None) -> tuple[int, int]
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def run(
-    data: Path,
-    out: Path,
-    cfg: Config = Config(),
-    *,
-    shard: worktree.Shard = worktree.Shard(),
-    capture_ids: Sequence[str] | None = None,
-    overwrite: bool = False,
-    device: str = "auto",
-    progress: ProgressFn | None = None,
-    cache_folder: Path | None = None,
-) -> list[Path]:
-    """Predict depth for every view of the selected captures of `data`; write them under `out`.
+PATHS = {"cache": "<nvf cache>/depth-cache"}
+"""Named paths `Context.paths` may set: ``cache``, the on-disk depth cache folder."""
 
-    Writes ``out/<capture>/depth.safetensors`` per capture and returns those paths (captures whose
-    record is up to date are skipped unless `overwrite`). `cache_folder` defaults to
+
+def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
+    """Predict depth for every view of the selected captures of ``ctx.data``; write them into ``ctx.work``.
+
+    Writes ``WORK/<capture>/depth.safetensors`` per capture and returns those paths (captures whose
+    record is up to date are skipped unless ``ctx.overwrite``). ``ctx.paths["cache"]`` defaults to
     `default_cache_folder()`; `cfg.cache = False` neither reads nor writes it.
     """
     if cfg.max_res is not None and cfg.max_res < 1:
         raise InputError(f"--max-res must be a positive number of pixels, got {cfg.max_res}")
-    torch_device = batching.choose_device(device)
+    torch_device = batching.choose_device(ctx.device)
     precision = effective_precision(cfg.precision, torch_device)
     ref = models.resolve_model("depth", cfg.model_preset, cfg.model)
-    index = dataset.scan(data, cfg.layout)
-    selected = worktree.select_captures(index.captures, shard=shard, capture_ids=capture_ids)
+    selected = ctx.select(dataset.scan(require_data(ctx, STAGE), cfg.layout).captures)
     if not selected:
         log.warning("depth: no captures in this shard/selection; nothing to do")
         return []
-    cache = ArrayCache((cache_folder or default_cache_folder()) if cfg.cache else None, _MEMORY_CACHE_BYTES)
+    cache = ArrayCache((ctx.path("cache") or default_cache_folder()) if cfg.cache else None, _MEMORY_CACHE_BYTES)
     settings = {
         "stage": STAGE,
         "model": ref.id,
@@ -317,65 +285,21 @@ def run(
         **{name: getattr(cfg, name) for name in _OUTPUT_FIELDS},
     }
     max_batch = _CPU_MAX_BATCH if torch_device.type == "cpu" else _GPU_MAX_BATCH
-    plans = _plan(Path(data), Path(out), selected, settings, cfg, overwrite, cache, max_batch)
-    log.info("depth: %d of %d capture(s) to write", len(plans), len(selected))
-    if not plans:
-        return []
-    writer = _RecordWriter(plans, cache, settings, cfg, progress)
-    todo = batching.unique_batches(plans)
-    try:
-        if todo:
-            predictor = loaded_predictor(ref, settings["model_fingerprint"], torch_device, precision, cfg)
-            writer.meta.update(depth_kind=predictor.depth_kind, model=ref.id, precision=precision)
-            writer.flush_ready()
-            for view, depth_hw, whole in _predict_all(predictor, todo, cfg, torch_device):
-                writer.add(view.key, depth_hw, cacheable=whole)
-        else:
-            writer.meta.update(depth_kind=_config_depth_kind(ref, cfg), model=ref.id, precision=precision)
-            writer.flush_ready()
-        paths = writer.results()
-    finally:
-        writer.close()
-    log.info(
-        "depth: wrote %d capture(s); %d image(s) computed; cache hits %d memory, %d disk",
-        len(paths), sum(map(len, todo)), cache.hits["memory"], cache.hits["disk"],
-    )  # fmt: skip
-    return paths
+    how = view_batches.Batching(cfg.batch_size, max_batch, cfg.workers, stored_hw=lambda hw: stored_hw(hw, cfg.max_res))
+    plans = view_batches.plan(ctx, STAGE, "depth", selected, settings, how, cache)
+    meta = {"model": ref.id, "precision": precision}
 
+    def load() -> Callable[[list[list[View]]], view_batches.Computed]:
+        predictor = loaded_predictor(ref, settings["model_fingerprint"], torch_device, precision, cfg)
+        meta["depth_kind"] = predictor.depth_kind
+        return lambda batches: _predict_all(predictor, batches, cfg, torch_device)
 
-class _RecordWriter:
-    """Writes each capture's record (in a writer thread) once all its maps are known
-    (`CaptureAssembler`); disk-cache writes go through the same thread, so the model never waits
-    on the disk."""
+    def write(plan: CapturePlan, maps: list[np.ndarray]) -> Path:
+        if "depth_kind" not in meta:  # nothing ran: what the model predicts, from its config alone
+            meta["depth_kind"] = _config_depth_kind(ref, cfg)
+        return _write_record(plan, maps, settings, cfg, meta)
 
-    def __init__(
-        self, plans: list[_CapturePlan], cache: ArrayCache, settings: dict[str, Any], cfg: Config,
-        progress: ProgressFn | None,
-    ) -> None:  # fmt: skip
-        self.cache, self.settings, self.cfg = cache, settings, cfg
-        self.meta: dict[str, str] = {}
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="nvf-write")
-        self._written: list[Future[Path]] = []
-        self._assembler = CaptureAssembler(plans, self._submit, cache.get, progress)
-        self.flush_ready = self._assembler.flush_ready
-
-    def _submit(self, plan: _CapturePlan, maps: list[np.ndarray]) -> None:
-        self._written.append(self._pool.submit(_write_record, plan, maps, self.settings, self.cfg, dict(self.meta)))
-
-    def add(self, key: str, depth_hw: np.ndarray, *, cacheable: bool = True) -> None:
-        """A computed map; `cacheable` False (a split batch: not the planned batch's bits) keeps it
-        out of the caches, so it reaches only this run's record."""
-        if cacheable:
-            self.cache.put(key, depth_hw, to_disk=False)
-            if self.cfg.cache:
-                self._pool.submit(self.cache.write_disk, key, depth_hw)
-        self._assembler.add(key, depth_hw)
-
-    def results(self) -> list[Path]:
-        return [future.result() for future in self._written]
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    return view_batches.drive(STAGE, plans, cache, load, write, ctx.progress)
 
 
 def _config_depth_kind(ref: models.ModelRef, cfg: Config) -> str:
@@ -393,64 +317,9 @@ def _config_depth_kind(ref: models.ModelRef, cfg: Config) -> str:
     return infer_depth_kind(config)
 
 
-def _plan(
-    data: Path,
-    out: Path,
-    captures: Sequence[dataset.Capture],
-    settings: dict[str, Any],
-    cfg: Config,
-    overwrite: bool,
-    cache: ArrayCache,
-    max_batch: int,
-) -> list[_CapturePlan]:
-    """Hash every image (in threads), skip the captures whose record is up to date, cut each other
-    capture into its batches and list the maps the cache lacks."""
-    workers = min(8, max(1, cfg.workers))
-    per_capture = image_digests(data, out, captures, workers=workers)
-    plans: list[_CapturePlan] = []
-    for capture, c_hashes in zip(captures, per_capture, strict=True):
-        inputs_hash = io.hash_inputs(settings, list(zip(capture.names, c_hashes, strict=False)))
-        out_path = worktree.record_path(out, capture.id, "depth")
-        if not overwrite and worktree.is_up_to_date(out_path, inputs_hash):
-            log.debug("depth: %s is up to date, skipped", capture.id)
-            continue
-        c_paths = [data / image.path for image in capture.images]
-        with ThreadPoolExecutor(workers, thread_name_prefix="nvf-size") as pool:
-            c_sizes = list(pool.map(io.image_hw, c_paths))  # image headers only
-        capture_hw = stored_hw(c_sizes[0], cfg.max_res)
-        if len(set(c_sizes)) > 1:
-            log.warning(
-                "depth: capture %s mixes image sizes %s; its maps are all stored at %dx%d (image_hw keeps each size)",
-                capture.id, sorted(set(c_sizes)), capture_hw[1], capture_hw[0],
-            )  # fmt: skip
-        batches = _capture_batches(c_sizes, cfg.batch_size, max_batch)
-        keys: list[str] = [""] * len(c_paths)
-        for batch in batches:  # a map's key names its whole batch: the same key, the same bits
-            context = [(c_hashes[row], c_sizes[row]) for row in batch]
-            for position, row in enumerate(batch):
-                keys[row] = io.hash_inputs(settings, context, capture_hw, position)
-        views = [_View(path, hw, capture_hw, key) for path, hw, key in zip(c_paths, c_sizes, keys, strict=True)]
-        missing = {v.key for v in views if not cache.contains(v.key)}
-        plans.append(_CapturePlan(capture, views, batches, inputs_hash, out_path, missing))
-    return plans
-
-
-def _capture_batches(sizes: list[tuple[int, int]], batch_size: int | None, max_batch: int) -> list[list[int]]:
-    """A capture's batches as row indices: its views grouped by image size (first-seen order), each
-    group cut by `batching.capture_batches`. Depends on the capture and the config alone."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for row, hw in enumerate(sizes):
-        groups.setdefault(hw, []).append(row)
-    return [
-        [rows[i] for i in piece]
-        for rows in groups.values()
-        for piece in batching.capture_batches(len(rows), batch_size, max_batch)
-    ]
-
-
 def _predict_all(
-    predictor: DepthPredictor, batches: list[list[_View]], cfg: Config, device: torch.device
-) -> Iterator[tuple[_View, np.ndarray, bool]]:
+    predictor: DepthPredictor, batches: list[list[View]], cfg: Config, device: torch.device
+) -> view_batches.Computed:
     """Yield (view, depth [h, w] numpy in the stored dtype, whole) for every view of the planned
     batches, each batch run whole unless memory forbids (`batching.run_planned_batches`; `whole`
     is False for the views of a split batch).
@@ -484,13 +353,9 @@ def _predict_all(
         depth = predictor.predict(batch, out_hw)  # [B, h, w] float32 on the device
         return depth.to(store_dtype).cpu()
 
-    planned: list[range] = []
-    start = 0
-    for batch in batches:
-        planned.append(range(start, start + len(batch)))
-        start += len(batch)
     try:
         prefetcher.prefetch(2 * max((len(b) for b in batches), default=1))
+        planned = view_batches.planned_ranges(batches)
         for positions, depth_bhw, whole in batching.run_planned_batches(forward, planned, limit=fit):
             for position, depth_hw in zip(positions, depth_bhw.numpy(), strict=True):
                 yield views[position], depth_hw, whole
@@ -499,11 +364,9 @@ def _predict_all(
 
 
 def _write_record(
-    plan: _CapturePlan, maps: list[np.ndarray | None], settings: dict[str, Any], cfg: Config, meta: dict[str, str]
+    plan: CapturePlan, maps: list[np.ndarray], settings: dict[str, Any], cfg: Config, meta: dict[str, str]
 ) -> Path:
-    if any(m is None for m in maps):  # evicted from memory with no disk cache: cannot happen by design
-        raise RuntimeError(f"depth map of capture {plan.capture.id} lost before writing")
-    depth_nhw = np.stack(maps)  # type: ignore[arg-type]
+    depth_nhw = np.stack(maps)  # [N, h, w]
     image_hw = np.asarray([v.image_hw for v in plan.views], dtype=np.int32)  # [N, 2]
     path = io.save_record(
         plan.out_path,

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,12 +43,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.core import batching, dataset, io, models, worktree
-from stages.core.batching import ProgressFn, effective_precision
-from stages.core.cache import ArrayCache, CaptureAssembler, Prefetcher
-from stages.core.digests import image_digests
+from stages.core import batching, dataset, io, models, view_batches
+from stages.core.batching import effective_precision
+from stages.core.cache import ArrayCache, Prefetcher
+from stages.core.contract import Context, require_data
 from stages.core.errors import InputError
 from stages.core.models import model_fingerprint
+from stages.core.view_batches import CapturePlan, View
 
 log = logging.getLogger("nvf")
 
@@ -201,41 +202,23 @@ def default_cache_folder() -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _CapturePlan:
-    capture: dataset.Capture
-    keys: list[str]  # cache key per view, in row order
-    batches: list[range]  # the capture's planned batches, as row ranges (`batching.capture_batches`)
-    inputs_hash: str
-    out_path: Path
-    missing: set[str]
+PATHS = {"cache": "<nvf cache>/embed-cache"}
+"""Named paths `Context.paths` may set: ``cache``, the on-disk embedding cache folder."""
 
 
-def run(
-    data: Path,
-    out: Path,
-    cfg: Config = Config(),
-    *,
-    shard: worktree.Shard = worktree.Shard(),
-    capture_ids: Sequence[str] | None = None,
-    overwrite: bool = False,
-    device: str = "auto",
-    progress: ProgressFn | None = None,
-    cache_folder: Path | None = None,
-) -> list[Path]:
-    """Embed every view of the selected captures of `data`; write ``out/<capture>/embed.safetensors``.
+def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
+    """Embed every view of the selected captures of ``ctx.data``; write ``WORK/<capture>/embed.safetensors``.
 
-    Returns the paths written (captures whose record is up to date are skipped unless `overwrite`).
-    `cache_folder` defaults to `default_cache_folder()`; `cfg.cache = False` neither reads nor writes it.
+    Returns the paths written (captures whose record is up to date are skipped unless ``ctx.overwrite``).
+    ``ctx.paths["cache"]`` defaults to `default_cache_folder()`; `cfg.cache = False` neither reads nor writes it.
     """
     if cfg.workers < 1:
         raise InputError(f"--workers must be at least 1, got {cfg.workers}")
-    torch_device = batching.choose_device(device)
+    torch_device = batching.choose_device(ctx.device)
     precision = effective_precision(cfg.precision, torch_device)
     ref = models.resolve_model("clip", cfg.model_preset, cfg.model)
-    data, out = Path(data), Path(out)
-    index = dataset.scan(data, cfg.layout)
-    selected = worktree.select_captures(index.captures, shard=shard, capture_ids=capture_ids)
+    data = require_data(ctx, STAGE)
+    selected = ctx.select(dataset.scan(data, cfg.layout).captures)
     if not selected:
         log.warning("embed: no captures in this shard/selection; nothing to do")
         return []
@@ -247,84 +230,31 @@ def run(
         "precision": precision,
         "rows": "unit embedding + norm",  # what the cache holds per image: [D + 1]
     }
-    cache = ArrayCache((cache_folder or default_cache_folder()) if cfg.cache else None)
+    cache = ArrayCache((ctx.path("cache") or default_cache_folder()) if cfg.cache else None)
     max_batch = _CPU_MAX_BATCH if torch_device.type == "cpu" else _GPU_MAX_BATCH
-    plans, paths_by_key = _plan(data, out, selected, settings, cfg, overwrite, max_batch)
-    log.info("embed: %d of %d capture(s) to write", len(plans), len(selected))
-    if not plans:
-        return []
-    vectors: dict[str, np.ndarray] = {}
-    for key in {key for plan in plans for key in plan.missing}:
-        cached = cache.get(key)
-        if cached is not None:
-            vectors[key] = cached
-    for plan in plans:
-        plan.missing -= vectors.keys()
-    todo: dict[tuple[str, ...], list[str]] = {}  # the planned batches that hold a missing row, each once
-    for plan in plans:
-        for rows in plan.batches:
-            keys = [plan.keys[row] for row in rows]
-            if plan.missing.intersection(keys):
-                todo.setdefault(tuple(keys), keys)
-    written: list[Path] = []
+    how = view_batches.Batching(cfg.batch_size, max_batch, cfg.workers, sized=False)
+    plans = view_batches.plan(ctx, STAGE, "embed", selected, settings, how, cache)
 
-    def finish(plan: _CapturePlan, rows: list[np.ndarray]) -> None:
-        rows_nd1 = np.stack(rows).astype(np.float32)  # [N, D + 1]: unit rows ‖ norms
-        written.append(_write_record(plan, rows_nd1, settings, cfg, data))
-
-    assembler = CaptureAssembler(plans, finish, vectors.__getitem__, progress)
-    assembler.flush_ready()
-    if todo:
+    def load() -> Callable[[list[list[View]]], view_batches.Computed]:
         embedder = loaded_embedder(ref, settings["model_fingerprint"], torch_device, precision)
-        for key, vector, whole in _embed_all(embedder, list(todo.values()), paths_by_key, cfg, torch_device):
-            if whole:  # a split batch's rows are not the planned batch's bits: this record only
-                cache.put(key, vector)
-            assembler.add(key, vector)
-    log.info("embed: wrote %d capture(s); %d image(s) embedded, %d from the cache",
-             len(written), sum(map(len, todo.values())), cache.hits["disk"])  # fmt: skip
-    return written
+        return lambda batches: _embed_all(embedder, batches, cfg, torch_device)
 
+    def write(plan: CapturePlan, rows: list[np.ndarray]) -> Path:
+        rows_nd1 = np.stack(rows).astype(np.float32)  # [N, D + 1]: unit rows ‖ norms
+        return _write_record(plan, rows_nd1, settings, cfg, data)
 
-def _plan(
-    data: Path,
-    out: Path,
-    captures: Sequence[dataset.Capture],
-    settings: dict[str, Any],
-    cfg: Config,
-    overwrite: bool,
-    max_batch: int,
-) -> tuple[list[_CapturePlan], dict[str, Path]]:
-    """Hash every image (in threads), skip captures whose record is up to date, cut the others into
-    their batches and key each view by its batch."""
-    per_capture = image_digests(data, out, captures, workers=min(8, cfg.workers))
-    plans: list[_CapturePlan] = []
-    paths_by_key: dict[str, Path] = {}
-    for capture, c_digests in zip(captures, per_capture, strict=True):
-        c_paths = [data / image.path for image in capture.images]
-        inputs_hash = io.hash_inputs(settings, list(zip(capture.names, c_digests, strict=True)))
-        out_path = worktree.record_path(out, capture.id, "embed")
-        if not overwrite and worktree.is_up_to_date(out_path, inputs_hash):
-            log.debug("embed: %s is up to date, skipped", capture.id)
-            continue
-        batches = batching.capture_batches(len(c_paths), cfg.batch_size, max_batch)
-        keys: list[str] = []
-        for rows in batches:  # a row's key names its whole batch: the same key, the same bits
-            context = [c_digests[row] for row in rows]
-            keys += [io.hash_inputs(settings, context, position) for position in range(len(rows))]
-        paths_by_key.update(zip(keys, c_paths, strict=True))
-        plans.append(_CapturePlan(capture, keys, batches, inputs_hash, out_path, set(keys)))
-    return plans, paths_by_key
+    return view_batches.drive(STAGE, plans, cache, load, write, ctx.progress)
 
 
 def _embed_all(
-    embedder: ClipEmbedder, batches: list[list[str]], paths_by_key: dict[str, Path], cfg: Config, device: torch.device
-) -> Iterator[tuple[str, np.ndarray, bool]]:
+    embedder: ClipEmbedder, batches: list[list[View]], cfg: Config, device: torch.device
+) -> view_batches.Computed:
     """Yield (key, [unit vector ‖ norm] [D + 1] float32, whole) for every row of the planned
     batches (keys), each batch run whole unless memory forbids (`batching.run_planned_batches`;
     `whole` is False for the rows of a split batch). Decoding runs ahead in threads."""
     from PIL import Image
 
-    keys = [key for batch in batches for key in batch]
+    views = [view for batch in batches for view in batch]
     max_batch = _CPU_MAX_BATCH if device.type == "cpu" else _GPU_MAX_BATCH
     fits: list[int] = []
 
@@ -336,7 +266,7 @@ def _embed_all(
     def load(path: Path) -> torch.Tensor:  # [3, S, S] float32: open_clip's transform of the decoded image
         return embedder.preprocess(Image.fromarray(io.read_image(path)))
 
-    decoder = Prefetcher([paths_by_key[key] for key in keys], load, cfg.workers)
+    decoder = Prefetcher([view.path for view in views], load, cfg.workers)
     decoder.prefetch(2 * max((len(b) for b in batches), default=1))
 
     def forward(positions: Sequence[int]) -> torch.Tensor:
@@ -345,21 +275,18 @@ def _embed_all(
             pixels = pixels.pin_memory()
         return embedder.embed_with_norm(pixels)  # [B, D + 1]
 
-    planned: list[range] = []
-    for batch in batches:
-        start = planned[-1].stop if planned else 0
-        planned.append(range(start, start + len(batch)))
+    planned = view_batches.planned_ranges(batches)
     try:
         for positions, vectors_bd, whole in batching.run_planned_batches(
             forward, planned, limit=fit if cfg.batch_size is None else None
         ):
             for position, vector in zip(positions, vectors_bd.numpy(), strict=True):
-                yield keys[position], vector, whole
+                yield views[position], vector, whole
     finally:
         decoder.close()
 
 
-def _write_record(plan: _CapturePlan, rows_nd1: np.ndarray, settings: dict[str, Any], cfg: Config,
+def _write_record(plan: CapturePlan, rows_nd1: np.ndarray, settings: dict[str, Any], cfg: Config,
                   data: Path) -> Path:  # fmt: skip
     capture = plan.capture
     embedding_nd, norm_n = rows_nd1[:, :-1], rows_nd1[:, -1]

@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.core import batching, dataset, io, models, worktree
+from stages.core import batching, dataset, io, models, view_batches
 from stages.core import masks as headmasks
-from stages.core.batching import ProgressFn, effective_precision
-from stages.core.cache import ArrayCache, CaptureAssembler, Prefetcher
-from stages.core.digests import image_digests
+from stages.core.batching import effective_precision
+from stages.core.cache import ArrayCache, Prefetcher
+from stages.core.contract import Context, require_data
 from stages.core.models import model_fingerprint
+from stages.core.view_batches import CapturePlan, View
 
 log = logging.getLogger("nvf")
 
@@ -178,49 +178,19 @@ def model_labels(ref: models.ModelRef) -> dict[int, str]:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _View:
-    path: Path
-    image_hw: tuple[int, int]
-    out_hw: tuple[int, int]
-    key: str
+PATHS = {"cache": "<nvf cache>/masks-cache"}
+"""Named paths `Context.paths` may set: ``cache``, the on-disk masks cache folder."""
 
 
-@dataclass
-class _CapturePlan:
-    capture: dataset.Capture
-    views: list[_View]
-    batches: list[list[int]]
-    inputs_hash: str
-    out_path: Path
-    missing: set[str]
+def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
+    """Predict head masks for every view of the selected captures of ``ctx.data``; write them into ``ctx.work``.
 
-    @property
-    def keys(self) -> list[str]:
-        return [view.key for view in self.views]
-
-
-def run(
-    data: Path,
-    out: Path,
-    cfg: Config = Config(),
-    *,
-    shard: worktree.Shard = worktree.Shard(),
-    capture_ids: Sequence[str] | None = None,
-    overwrite: bool = False,
-    device: str = "auto",
-    progress: ProgressFn | None = None,
-    cache_folder: Path | None = None,
-) -> list[Path]:
-    """Predict head masks for every view of the selected captures of `data`; write them under `out`.
-
-    Writes ``out/<capture>/masks.safetensors`` per capture and returns those paths (captures whose
-    record is up to date are skipped unless `overwrite`).
+    Writes ``WORK/<capture>/masks.safetensors`` per capture and returns those paths (captures whose
+    record is up to date are skipped unless ``ctx.overwrite``).
     """
-    torch_device = batching.choose_device(device)
+    torch_device = batching.choose_device(ctx.device)
     precision = effective_precision(cfg.precision, torch_device)
-    index = dataset.scan(data, cfg.layout)
-    selected = worktree.select_captures(index.captures, shard=shard, capture_ids=capture_ids)
+    selected = ctx.select(dataset.scan(require_data(ctx, STAGE), cfg.layout).captures)
     if not selected:
         log.warning("masks: no captures in this shard/selection; nothing to do")
         return []
@@ -241,78 +211,24 @@ def run(
         "classes": json.dumps(headmasks.CLASSES),
         "label_classes": headmasks.label_map_json(labels, table_l),
     }
-    cache = ArrayCache((cache_folder or default_cache_folder()) if cfg.cache else None, _MEMORY_CACHE_BYTES)
+    cache = ArrayCache((ctx.path("cache") or default_cache_folder()) if cfg.cache else None, _MEMORY_CACHE_BYTES)
     max_batch = _CPU_MAX_BATCH if torch_device.type == "cpu" else _GPU_MAX_BATCH
-    plans = _plan(Path(data), Path(out), selected, settings, cfg, overwrite, cache, max_batch)
-    log.info("masks: %d of %d capture(s) to write", len(plans), len(selected))
-    if not plans:
-        return []
-    pool = ThreadPoolExecutor(1, thread_name_prefix="nvf-write")
-    written: list[Future[Path]] = []
+    how = view_batches.Batching(cfg.batch_size, max_batch, cfg.workers)
+    plans = view_batches.plan(ctx, STAGE, headmasks.KIND, selected, settings, how, cache)
 
-    def finish(plan: _CapturePlan, maps: list[np.ndarray]) -> None:
-        written.append(pool.submit(_write_record, plan, maps, settings, cfg, meta))
+    def load() -> Callable[[list[list[View]]], view_batches.Computed]:
+        predictor = loaded_predictor(ref, settings["model_fingerprint"], torch_device, precision)
+        return lambda batches: _predict_all(predictor, batches, cfg, torch_device, max_batch)
 
-    assembler = CaptureAssembler(plans, finish, cache.get, progress)
-    todo = batching.unique_batches(plans)
-    try:
-        assembler.flush_ready()
-        if todo:
-            predictor = loaded_predictor(ref, settings["model_fingerprint"], torch_device, precision)
-            for view, classes_hw, whole in _predict_all(predictor, todo, cfg, torch_device, max_batch):
-                if whole:
-                    cache.put(view.key, classes_hw, to_disk=False)
-                    if cfg.cache:
-                        pool.submit(cache.write_disk, view.key, classes_hw)
-                assembler.add(view.key, classes_hw)
-        paths = [future.result() for future in written]
-    finally:
-        pool.shutdown(wait=True)
-    log.info("masks: wrote %d capture(s); %d image(s) computed; cache hits %d memory, %d disk",
-             len(paths), sum(map(len, todo)), cache.hits["memory"], cache.hits["disk"])  # fmt: skip
-    return paths
+    def write(plan: CapturePlan, maps: list[np.ndarray]) -> Path:
+        return _write_record(plan, maps, settings, cfg, meta)
 
-
-def _plan(
-    data: Path, out: Path, captures: Sequence[dataset.Capture], settings: dict[str, Any], cfg: Config,
-    overwrite: bool, cache: ArrayCache, max_batch: int,
-) -> list[_CapturePlan]:  # fmt: skip
-    """Hash every image, skip the captures whose record is up to date, cut the others into their
-    batches and list the maps the cache lacks (as `stages.depth`)."""
-    workers = min(8, max(1, cfg.workers))
-    per_capture = image_digests(data, out, captures, workers=workers)
-    plans: list[_CapturePlan] = []
-    for capture, c_hashes in zip(captures, per_capture, strict=True):
-        inputs_hash = io.hash_inputs(settings, list(zip(capture.names, c_hashes, strict=False)))
-        out_path = headmasks.masks_path(out, capture.id)
-        if not overwrite and worktree.is_up_to_date(out_path, inputs_hash):
-            log.debug("masks: %s is up to date, skipped", capture.id)
-            continue
-        c_paths = [data / image.path for image in capture.images]
-        sizes = [io.image_hw(path) for path in c_paths]
-        capture_hw = sizes[0]
-        if len(set(sizes)) > 1:
-            log.warning("masks: capture %s mixes image sizes %s; its masks are all stored at %dx%d",
-                        capture.id, sorted(set(sizes)), capture_hw[1], capture_hw[0])  # fmt: skip
-        groups: dict[tuple[int, int], list[int]] = {}
-        for row, hw in enumerate(sizes):
-            groups.setdefault(hw, []).append(row)
-        batches = [[rows[i] for i in piece] for rows in groups.values()
-                   for piece in batching.capture_batches(len(rows), cfg.batch_size, max_batch)]  # fmt: skip
-        keys = [""] * len(c_paths)
-        for batch in batches:  # a map's key names its whole batch: the same key, the same bits
-            context = [(c_hashes[row], sizes[row]) for row in batch]
-            for position, row in enumerate(batch):
-                keys[row] = io.hash_inputs(settings, context, capture_hw, position)
-        views = [_View(p, hw, capture_hw, key) for p, hw, key in zip(c_paths, sizes, keys, strict=True)]
-        missing = {v.key for v in views if not cache.contains(v.key)}
-        plans.append(_CapturePlan(capture, views, batches, inputs_hash, out_path, missing))
-    return plans
+    return view_batches.drive(STAGE, plans, cache, load, write, ctx.progress)
 
 
 def _predict_all(
-    predictor: MaskPredictor, batches: list[list[_View]], cfg: Config, device: torch.device, max_batch: int
-) -> Iterator[tuple[_View, np.ndarray, bool]]:
+    predictor: MaskPredictor, batches: list[list[View]], cfg: Config, device: torch.device, max_batch: int
+) -> view_batches.Computed:
     """Yield (view, classes [h, w] uint8, whole) for every view of the planned batches, each batch run
     whole unless memory forbids (`batching.run_planned_batches`)."""
     views = [view for batch in batches for view in batch]
@@ -334,12 +250,9 @@ def _predict_all(
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [B, 3, H, W] uint8
         return predictor.predict(batch, views[positions[0]].out_hw).cpu()
 
-    planned, start = [], 0
-    for batch in batches:
-        planned.append(range(start, start + len(batch)))
-        start += len(batch)
     try:
         prefetcher.prefetch(2 * max((len(b) for b in batches), default=1))
+        planned = view_batches.planned_ranges(batches)
         for positions, classes_bhw, whole in batching.run_planned_batches(forward, planned, limit=fit):
             for position, classes_hw in zip(positions, classes_bhw.numpy(), strict=True):
                 yield views[position], classes_hw, whole
@@ -348,11 +261,9 @@ def _predict_all(
 
 
 def _write_record(
-    plan: _CapturePlan, maps: list[np.ndarray | None], settings: dict[str, Any], cfg: Config, meta: dict[str, str]
+    plan: CapturePlan, maps: list[np.ndarray], settings: dict[str, Any], cfg: Config, meta: dict[str, str]
 ) -> Path:
-    if any(m is None for m in maps):  # evicted from memory with no disk cache: cannot happen by design
-        raise RuntimeError(f"mask of capture {plan.capture.id} lost before writing")
-    classes_vhw = np.stack(maps).astype(np.uint8)  # type: ignore[arg-type]
+    classes_vhw = np.stack(maps).astype(np.uint8)  # [V, H, W]
     image_hw = np.asarray([v.image_hw for v in plan.views], dtype=np.int32)  # [V, 2]
     config = {**settings, "model_preset": cfg.model_preset, "batch_size": cfg.batch_size, "layout": cfg.layout}
     path = io.save_record(

@@ -1,9 +1,15 @@
 """`nvf run`: the stages chained over one work tree, with a manifest of what ran.
 
 ``run(data, out, cfg)`` walks the stage registry `STEPS` in order: scan -> poses -> depth -> masks
--> align -> cloud -> embed -> triplets (align, cloud and reconstruct use the head masks), then train / sample / reconstruct / evaluate where the config has a
-section for them. ``out`` is the work tree itself (``OUT/<capture>/*.safetensors``, ``OUT/index.json``,
-``OUT/triplets.safetensors``, ``OUT/train/`` ...), so every single-stage command works on it too.
+-> align -> cloud -> embed -> triplets (align, cloud and reconstruct use the head masks), then
+train / sample / reconstruct / evaluate where the config has a section for them. ``out`` is the
+work tree itself (``OUT/<capture>/*.safetensors``, ``OUT/index.json``, ``OUT/triplets.safetensors``,
+``OUT/train/`` ...), so every single-stage command works on it too.
+
+Every stage is called the same way, through the stage contract (`stages.core.contract`):
+``module.run(Context(OUT, data=DATA, captures=..., device=..., overwrite=..., paths=...), cfg)``,
+``cfg`` the stage's preset with the config section's fields over it, ``paths`` the section's
+named paths (keys the module's ``PATHS`` lists, and an ``inputs`` table).
 
 What reruns: every stage is called on every run and skips the captures whose outputs carry the
 same input hash (content of the inputs + config) -- the stages' own resume logic. The pipeline adds
@@ -26,7 +32,6 @@ import importlib
 import json
 import logging
 import os
-import tempfile
 import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +45,7 @@ import tomllib
 from stages import __version__
 from stages.core import dataset, io, worktree
 from stages.core.batching import ProgressFn
+from stages.core.contract import Context
 from stages.core.environment import library_versions
 from stages.core.errors import InputError, NvfError, StageFailure
 
@@ -95,27 +101,10 @@ STAGE_PRESETS: dict[str, dict[str, str]] = {
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Context:
-    """What a step runs on: the dataset, the work tree, the captures of this run and the options."""
-
-    data: Path
-    out: Path
-    cfg: Config
-    index: dataset.DatasetIndex
-    capture_ids: list[str]
-    partial: bool  # a shard or a --captures subset: global stages need the whole set
-    overwrite: bool
-    device: str
-    progress: ProgressFn | None
-
-
-Runner = Callable[[ModuleType, Any, Context], list[Path]]
-
-
 @dataclass(frozen=True)
 class Step:
-    """One stage in the chain: its module, what it reads and writes, and how to call it."""
+    """One stage in the chain: its module (whose ``run(ctx, cfg)`` is the stage contract,
+    `stages.core.contract`), what it reads and writes, and where it may run."""
 
     name: str
     module: str
@@ -125,113 +114,28 @@ class Step:
     """Steps whose outputs it reads."""
     outputs: tuple[str, ...]
     """Files it writes: per capture (names in OUT/<capture>/) or, global, paths relative to OUT."""
-    runner: Runner
     optional: bool = False
     """Runs only when the config has a section for it."""
-
-
-def _run_scan(module: ModuleType, cfg: Any, ctx: Context) -> list[Path]:
-    """Write OUT/index.json, replacing it only when its content changed (so make-style tools and
-    mtimes see no change on a rerun)."""
-    path = ctx.out / INDEX
-    fd, name = tempfile.mkstemp(prefix=".index.", suffix=".tmp.json", dir=ctx.out)
-    os.close(fd)
-    staging = Path(name)
-    try:
-        module.write_index(staging, module.index(ctx.data, cfg), cfg)
-        if path.is_file() and path.read_bytes() == staging.read_bytes():
-            return []
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
-    return [path]
-
-
-def _run_poses(module: ModuleType, cfg: Any, ctx: Context) -> list[Path]:
-    if ctx.cfg.poses_source == "groundtruth":
-        return copy_groundtruth_poses(ctx.data, ctx.out, ctx.capture_ids, overwrite=ctx.overwrite)
-    return module.run(ctx.data, ctx.out, cfg, captures=ctx.capture_ids, overwrite=ctx.overwrite, device=ctx.device,
-                      progress=ctx.progress)  # fmt: skip
-
-
-def _run_depth_or_embed(module: ModuleType, cfg: Any, ctx: Context) -> list[Path]:
-    return module.run(ctx.data, ctx.out, cfg, capture_ids=ctx.capture_ids, overwrite=ctx.overwrite,
-                      device=ctx.device, progress=ctx.progress)  # fmt: skip
-
-
-def _run_align(module: ModuleType, cfg: Any, ctx: Context) -> list[Path]:
-    return module.run(ctx.out, cfg, capture_ids=ctx.capture_ids, overwrite=ctx.overwrite, progress=ctx.progress)
-
-
-def _run_cloud(module: ModuleType, cfg: Any, ctx: Context) -> list[Path]:
-    return module.run(ctx.out, cfg, data=ctx.data, capture_ids=ctx.capture_ids, overwrite=ctx.overwrite,
-                      progress=ctx.progress, device=ctx.device)  # fmt: skip
-
-
-def _run_triplets(module: ModuleType, cfg: Any, ctx: Context) -> list[Path]:
-    if ctx.partial and not cfg.skip_missing:
-        cfg = dataclasses.replace(cfg, skip_missing=True)  # a --captures subset: index what it made
-    return module.run(ctx.out, ctx.out / TRIPLETS, cfg, data=ctx.data, overwrite=ctx.overwrite, device=ctx.device,
-                      progress=ctx.progress)  # fmt: skip
-
-
-def _run_train(module: ModuleType, cfg: Any, ctx: Context) -> list[Path]:
-    run_dir = ctx.out / "train"
-    resume = "latest" if not ctx.overwrite and any(run_dir.glob("checkpoints/*")) else None
-    return module.run(ctx.out / TRIPLETS, run_dir, cfg, device=ctx.device, resume=resume, overwrite=ctx.overwrite,
-                      progress=ctx.progress)  # fmt: skip
-
-
-def _run_sample(module: ModuleType, cfg: Any, ctx: Context) -> list[Path]:
-    image = ctx.cfg.stages.get("sample", {}).get("image")
-    if not image:
-        raise InputError("the sample stage needs a photo: add image = PATH to the [stages.sample] section of --config")
-    return module.run(ctx.out / "train", Path(str(image).format(data=ctx.data, out=ctx.out)), ctx.out / "samples", cfg,
-                      device=ctx.device, overwrite=ctx.overwrite, progress=ctx.progress)  # fmt: skip
-
-
-def _run_reconstruct(module: ModuleType, cfg: Any, ctx: Context) -> list[Path]:
-    written: list[Path] = []
-    for capture in ctx.capture_ids:
-        written += module.run(worktree.capture_dir(ctx.out, capture), ctx.out / "reconstruct" / capture, cfg,
-                              data=ctx.data, overwrite=ctx.overwrite, device=ctx.device)  # fmt: skip
-    return written
-
-
-def _run_evaluate(module: ModuleType, cfg: Any, ctx: Context) -> list[Path]:
-    truth = ctx.data / "groundtruth"
-    given = dict(ctx.cfg.stages.get("evaluate", {}).get("inputs", {}))
-    if not given:
-        if not truth.is_dir():
-            raise InputError("evaluate: say what to score: add an inputs table (poses/poses_ref, depth/depth_ref, ...) "
-                             "to [stages.evaluate] in --config (defaults exist only for synth data with groundtruth/)")  # fmt: skip
-        given = {"poses": ctx.out, "poses_ref": truth, "depth": ctx.out, "depth_ref": truth}
-    inputs = module.Inputs(**{key: Path(str(value).format(out=ctx.out, data=ctx.data)) for key, value in given.items()})
-    return module.run(inputs, ctx.out / "report", cfg, device=ctx.device, overwrite=ctx.overwrite,
-                      progress=ctx.progress)  # fmt: skip
+    on_a_subset: bool = False
+    """A global step that also runs on a --captures subset (on what was made); never on a shard."""
 
 
 STEPS: tuple[Step, ...] = (
-    Step("scan", "stages.scan", "dataset", (), (INDEX,), _run_scan),
-    Step("poses", "stages.poses", "capture", (), ("poses.safetensors",), _run_poses),
-    Step("depth", "stages.depth", "capture", (), ("depth.safetensors",), _run_depth_or_embed),
-    Step("masks", "stages.masks", "capture", (), ("masks.safetensors",), _run_depth_or_embed),
-    Step("align", "stages.align", "capture", ("poses", "depth"), ("aligned.safetensors",), _run_align),
-    Step("cloud", "stages.cloud", "capture", ("align",), ("cloud.ply", "cloud_metrics.json"), _run_cloud),
-    Step("embed", "stages.embed", "capture", (), ("embed.safetensors",), _run_depth_or_embed),
-    Step(
-        "triplets",
-        "stages.triplets",
-        "global",
-        ("poses", "embed", "align"),
-        (TRIPLETS, "triplets.csv", "triplets.images.csv"),
-        _run_triplets,
-    ),
-    Step("train", "stages.train", "global", ("triplets",), ("train",), _run_train, optional=True),
-    Step("sample", "stages.sample", "global", ("train",), ("samples",), _run_sample, optional=True),
-    Step("reconstruct", "stages.reconstruct", "capture", ("poses", "depth"), (), _run_reconstruct, optional=True),
-    Step("evaluate", "stages.evaluate", "global", ("poses",), ("report",), _run_evaluate, optional=True),
-)
+    Step("scan", "stages.scan", "dataset", (), (INDEX,)),
+    Step("poses", "stages.poses", "capture", (), ("poses.safetensors",)),
+    Step("depth", "stages.depth", "capture", (), ("depth.safetensors",)),
+    Step("masks", "stages.masks", "capture", (), ("masks.safetensors",)),
+    Step("align", "stages.align", "capture", ("poses", "depth"), ("aligned.safetensors",)),
+    Step("cloud", "stages.cloud", "capture", ("align",), ("cloud.ply", "cloud_metrics.json")),
+    Step("embed", "stages.embed", "capture", (), ("embed.safetensors",)),
+    Step("triplets", "stages.triplets", "global", ("poses", "embed", "align"),
+         (TRIPLETS, "triplets.csv", "triplets.images.csv"), on_a_subset=True),
+    Step("train", "stages.train", "global", ("triplets",), ("train",), optional=True),
+    Step("sample", "stages.sample", "global", ("train",), ("samples",), optional=True),
+    Step("reconstruct", "stages.reconstruct", "capture", ("poses", "depth"), (), optional=True),
+    Step("evaluate", "stages.evaluate", "global", ("poses",), ("report",), optional=True),
+)  # fmt: skip
+GROUNDTRUTH_POSES = "stages.groundtruth"  # the poses step's module with poses_source = "groundtruth"
 STEP_NAMES = tuple(step.name for step in STEPS)
 CAPTURE_STEPS = tuple(step.name for step in STEPS if step.scope == "capture")
 
@@ -244,10 +148,18 @@ def step(name: str) -> Step:
     raise InputError(f"unknown stage '{name}': choose one of {', '.join(STEP_NAMES)}")
 
 
-def load_module(item: Step) -> ModuleType | str:
+def module_name(item: Step, cfg: Config) -> str:
+    """The module a step runs: its own, or for poses with ``poses_source = "groundtruth"`` the copy
+    of a synth dataset's ground truth."""
+    return GROUNDTRUTH_POSES if item.name == "poses" and cfg.poses_source == "groundtruth" else item.module
+
+
+def load_module(item: Step, cfg: Config = Config()) -> ModuleType | str:
     """The step's module, or why it cannot be used (not importable yet, or no ``run``)."""
+    name = module_name(item, cfg)
+    item = dataclasses.replace(item, module=name)
     try:
-        module = importlib.import_module(item.module)
+        module = importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name and item.module.startswith(exc.name):
             return f"{item.module} does not exist in this install; this stage is not written or not installed yet"
@@ -268,7 +180,7 @@ def enabled(item: Step, cfg: Config) -> bool:
 # Configs
 # ----------------------------------------------------------------------------------------------
 
-_SECTION_KEYS = {"preset", "image", "inputs"}  # keys of a stage section that are not its Config fields
+_SECTION_KEYS = {"preset", "inputs"}  # keys of a stage section that are not its Config fields
 
 
 def stage_config(item: Step, module: ModuleType, cfg: Config) -> Any:
@@ -287,7 +199,7 @@ def stage_config(item: Step, module: ModuleType, cfg: Config) -> Any:
     fields = {f.name: f for f in dataclasses.fields(base)}
     changes: dict[str, Any] = {}
     for key, value in section.items():
-        if key in _SECTION_KEYS:
+        if key in _SECTION_KEYS or key in getattr(module, "PATHS", {}):
             continue
         if key not in fields:
             raise InputError(f"[stages.{item.name}] has no setting '{key}'; settings: {', '.join(fields)}")
@@ -309,13 +221,29 @@ def _coerce(value: Any, spec: dataclasses.Field, base: Any) -> Any:
     return value
 
 
-def _fill(cfg: Any, ctx: Context) -> Any:
+def stage_paths(item: Step, module: ModuleType, cfg: Config, data: Path, out: Path) -> dict[str, Path]:
+    """The named paths of a stage section (`Context.paths`): its keys the module's ``PATHS`` names
+    (e.g. sample's ``image``) and its ``inputs`` table (e.g. evaluate's), ``{data}``/``{out}`` filled."""
+    section = cfg.stages.get(item.name, {})
+    names = getattr(module, "PATHS", {})
+    given = {key: value for key, value in section.items() if key in names}
+    inputs = section.get("inputs", {})
+    unknown = sorted(set(inputs) - set(names))
+    if unknown:
+        raise InputError(
+            f"[stages.{item.name}.inputs] has no input '{unknown[0]}'; inputs: {', '.join(names) or 'none'}"
+        )
+    given.update(inputs)
+    return {key: Path(str(value).format(data=data, out=out)) for key, value in given.items()}
+
+
+def _fill(cfg: Any, data: Path, out: Path) -> Any:
     """Replace ``{data}`` and ``{out}`` in a stage config's string fields."""
     changes = {}
     for spec in dataclasses.fields(cfg):
         value = getattr(cfg, spec.name)
         if isinstance(value, str) and ("{data}" in value or "{out}" in value):
-            changes[spec.name] = value.format(data=ctx.data, out=ctx.out)
+            changes[spec.name] = value.format(data=data, out=out)
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
@@ -352,34 +280,6 @@ def validate(cfg: Config) -> None:
         raise InputError(f"unknown poses_source '{cfg.poses_source}': use sfm or groundtruth")
     if cfg.until is not None:
         step(cfg.until)
-
-
-# ----------------------------------------------------------------------------------------------
-# Ground-truth poses (synthetic smoke runs)
-# ----------------------------------------------------------------------------------------------
-
-
-def copy_groundtruth_poses(data: Path, out: Path, capture_ids: Sequence[str], *, overwrite: bool = False) -> list[Path]:
-    """WORK/<capture>/poses.safetensors from a synth dataset's DATA/groundtruth/<capture>/poses.safetensors.
-
-    Tagged ``nvf_stage=groundtruth`` so nothing mistakes them for estimated poses; skipped when up to
-    date (input hash = the ground-truth file's bytes).
-    """
-    written = []
-    for capture in capture_ids:
-        source = Path(data) / "groundtruth" / capture / "poses.safetensors"
-        if not source.is_file():
-            raise InputError(f"{source}: no ground-truth poses; poses_source=groundtruth works on `nvf synth` data "
-                             "only, use poses_source=sfm (the default) for real captures")  # fmt: skip
-        target = worktree.record_path(out, capture, "poses")
-        inputs_hash = io.hash_inputs("groundtruth-poses", source)
-        if not overwrite and worktree.is_up_to_date(target, inputs_hash):
-            continue
-        record = io.load_record(source, kind="poses")
-        written.append(io.save_record(target, record.tensors, kind="poses", stage="groundtruth", capture=capture,
-                                      names=record.names, config={"source": str(source)}, inputs_hash=inputs_hash,
-                                      extra={k: v for k, v in record.extra.items() if not k.endswith("_convention")}))  # fmt: skip
-    return written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,24 +434,23 @@ def _run_step(
         blocked[item.name] = f"needs {needs[0]}, which did not run ({blocked[needs[0]]})"
         return {"status": "not-run", "reason": blocked[item.name]}
     sharded = manifest["shard"]["count"] > 1
-    if item.scope == "global" and partial and (sharded or item.name != "triplets"):
+    if item.scope == "global" and partial and (sharded or not item.on_a_subset):
         blocked[item.name] = "needs every capture: merge the shards (nvf merge) and rerun nvf run on the merged tree"
         return {"status": "not-run", "reason": blocked[item.name]}
-    module = load_module(item)
+    module = load_module(item, cfg)
     if isinstance(module, str):
         blocked[item.name] = "unavailable"
         log.warning("run: %s unavailable: %s", item.name, module)
         return {"status": "unavailable", "reason": module}
-    stage_cfg = stage_config(item, module, cfg)
-    ctx = Context(data, out, cfg, index, selected, partial, False, device, None)
-    stage_cfg = _fill(stage_cfg, ctx)
+    stage_cfg = _fill(stage_config(item, module, cfg), data, out)
+    paths = stage_paths(item, module, cfg, data, out)
     # a version change forces a full redo, and keeps forcing it until one run of the stage completes
     changed = bool(before) and before.get("versions_hash") not in (None, current["hash"])
     redo = cfg.overwrite or changed or (before.get("status") in ("running", "failed") and before.get("overwrite"))
     if changed:
         log.info("run: %s: versions changed since it last ran; redoing all its work", item.name)
-    ctx.overwrite = bool(redo)
-    ctx.progress = progress(item.name) if progress is not None else None
+    ctx = Context(out, data=data, captures=selected, device=device, overwrite=bool(redo), paths=paths, partial=partial,
+                  progress=progress(item.name) if progress is not None else None)  # fmt: skip
     entry: dict[str, Any] = {"status": "running", "config": io.to_jsonable(stage_cfg), "overwrite": bool(redo),
                              "versions_hash": before.get("versions_hash") if not redo and before else current["hash"],
                              "started": _now()}  # fmt: skip
@@ -560,7 +459,7 @@ def _run_step(
     log.info("run: %s ...", item.name)
     clock, cpu_clock = time.perf_counter(), time.process_time()
     try:
-        written = [Path(p) for p in item.runner(module, stage_cfg, ctx)]
+        written = [Path(p) for p in module.run(ctx, stage_cfg)]
     except BaseException as exc:
         entry.update(status="failed", seconds=round(time.perf_counter() - clock, 3),
                      error=str(exc) if isinstance(exc, NvfError) else f"{type(exc).__name__}: {exc}")  # fmt: skip

@@ -68,6 +68,7 @@ import torch
 from stages import input_crop
 from stages.core import batching, dataset, geometry, io, models
 from stages.core.batching import ProgressFn
+from stages.core.contract import Context
 from stages.core.errors import InputError, ModelError
 
 log = logging.getLogger("nvf")
@@ -495,8 +496,26 @@ def validate(cfg: Config) -> None:
     plan_views(cfg)
 
 
-def run(model_path: Path, image: Path, out: Path, cfg: Config = Config(), *, mask: Path | None = None,
-        device: str = "auto", overwrite: bool = False, progress: ProgressFn | None = None) -> list[Path]:  # fmt: skip
+PATHS = {"model": "train", "image": None, "mask": None, "out": "samples"}
+"""Named paths `Context.paths` may set: the run or checkpoint ``model`` (default ``WORK/train``), the
+``image`` (required), its ``mask``, and the ``out`` folder (default ``WORK/samples``)."""
+
+
+def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
+    """The stage contract: `sample` from ``ctx.paths["image"]`` with the work tree's run."""
+    image = ctx.path("image")
+    if image is None:
+        raise InputError(
+            "sample needs a photo: give image = PATH (in nvf run: the [stages.sample] section of --config)"
+        )
+    model, out = ctx.path("model", PATHS["model"]), ctx.path("out", PATHS["out"])
+    assert model is not None and out is not None
+    return sample(model, image, out, cfg, mask=ctx.path("mask"), device=ctx.device, overwrite=ctx.overwrite,
+                  progress=ctx.progress)  # fmt: skip
+
+
+def sample(model_path: Path, image: Path, out: Path, cfg: Config = Config(), *, mask: Path | None = None,
+           device: str = "auto", overwrite: bool = False, progress: ProgressFn | None = None) -> list[Path]:  # fmt: skip
     """Sample the views of `cfg` from the photo `image` with the run (or checkpoint) `model_path` into `out`.
 
     Returns [transforms.json, contact_sheet.png, sample.json, views/000.png, ...].

@@ -6,11 +6,14 @@ folder, which they scan the same way) to know what to process.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages import __version__
 from stages.core import dataset, io
+from stages.core.contract import Context, require_data
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,30 @@ def index(data: Path, cfg: Config) -> dataset.DatasetIndex:
     return dataset.scan(data, cfg.layout, cfg.filters)
 
 
-def run(data: Path, out: Path, cfg: Config) -> list[Path]:
-    """Scan ``data`` and write the index JSON to ``out``; returns ``[out]``."""
-    return [write_index(out, index(data, cfg), cfg)]
+PATHS = {"out": "index.json"}
+"""Named paths `Context.paths` may set: ``out``, the index JSON (default ``WORK/index.json``)."""
+
+
+def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
+    """Scan ``ctx.data`` and write the index JSON (``ctx.paths["out"]``, default ``WORK/index.json``).
+
+    The file is replaced only when its content changed, so make-style tools and mtimes see no
+    change on a rerun; returns ``[path]`` when written, else [].
+    """
+    path = ctx.path("out", PATHS["out"])
+    assert path is not None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.json", dir=path.parent)
+    os.close(fd)
+    staging = Path(name)
+    try:
+        write_index(staging, index(require_data(ctx, "scan"), cfg), cfg)
+        if not ctx.overwrite and path.is_file() and path.read_bytes() == staging.read_bytes():
+            return []
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return [path]
 
 
 def write_index(out: Path, found: dataset.DatasetIndex, cfg: Config) -> Path:

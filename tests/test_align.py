@@ -7,6 +7,7 @@ import pytest
 
 from stages import align, synth
 from stages.core import io, worktree
+from stages.core.contract import Context
 from stages.core.errors import InputError, RecordError
 
 CAPTURE = "001_01_01_00"
@@ -155,7 +156,7 @@ def test_align_to_groundtruth_depth_noisy_disparity_with_outliers(tmp_path, rend
         names=render.names,
         extra={"depth_kind": "depth"},
     )
-    [path] = align.run(work, align.Config(reference="depth", reference_depth=str(reference)))
+    [path] = align.run(Context(work), align.Config(reference="depth", reference_depth=str(reference)))
     out = io.load_record(path, kind="aligned", capture=CAPTURE)
     clean = (z > 0) & ~outlier
     assert _absrel(out["depth"], z, clean) < 0.01
@@ -184,7 +185,7 @@ def test_align_to_groundtruth_depth_is_exact_without_noise(tmp_path, render):
         names=render.names,
         extra={"depth_kind": "depth"},
     )
-    [path] = align.run(work, align.Config(reference="depth", reference_depth=str(reference.parent.parent)))
+    [path] = align.run(Context(work), align.Config(reference="depth", reference_depth=str(reference.parent.parent)))
     out = io.load_record(path)
     # exact up to the float32 storage of the prediction and the reference
     np.testing.assert_allclose(out["scale"], scale, rtol=1e-5)
@@ -198,7 +199,7 @@ def test_align_to_sparse_points_recovers_scale_and_shift(tmp_path, render):
     scale, shift = rng.uniform(0.5, 2.0, len(z)), rng.uniform(-0.02, 0.02, len(z))
     work = _work(tmp_path, render, _disparity(z, scale, shift))
     _sparse_record(worktree.record_path(work, CAPTURE, "sparse"), render)
-    [path] = align.run(work, align.Config(robust="none"))
+    [path] = align.run(Context(work), align.Config(robust="none"))
     out = io.load_record(path, kind="aligned")
     ok = np.isfinite(out["scale"])
     assert ok.sum() >= len(z) - 1  # every view sees enough of the 400 points (maybe not one profile)
@@ -206,7 +207,7 @@ def test_align_to_sparse_points_recovers_scale_and_shift(tmp_path, render):
     # scale errors ~1% (errors in x bias least squares toward a flatter fit), AbsRel ~0.1%
     np.testing.assert_allclose(out["scale"][ok], scale[ok], rtol=0.03)
     assert _absrel(out["depth"][ok], z[ok], z[ok] > 0) < 0.005
-    assert align.run(work, align.Config(robust="none")) == []  # up to date: skipped
+    assert align.run(Context(work), align.Config(robust="none")) == []  # up to date: skipped
 
 
 def test_align_to_a_reference_view(tmp_path, render):
@@ -216,7 +217,7 @@ def test_align_to_a_reference_view(tmp_path, render):
     scale[6] = 1.0  # the reference view (frontal camera 051) is taken as it is: z = 1 / D
     work = _work(tmp_path, render, _disparity(z, scale, shift))
     reference = render.names[6]
-    [path] = align.run(work, align.Config(reference="view", reference_view=reference, robust="tukey"))
+    [path] = align.run(Context(work), align.Config(reference="view", reference_view=reference, robust="tukey"))
     out = io.load_record(path, kind="aligned")
     seen = np.isfinite(out["scale"])  # views that share surface with the frontal one
     assert seen.sum() >= 7 and seen[6]
@@ -236,9 +237,9 @@ def test_the_reference_view_reports_its_own_fit_to_the_sparse_points(tmp_path, r
     _sparse_record(worktree.record_path(work, CAPTURE, "sparse"), render)
     # prefilter off: with it, the view reference reads its own map raw where the sparse path reads medians
     cfg = align.Config(reference="view", reference_view=render.names[6], robust="tukey", prefilter=False)
-    [path] = align.run(work, cfg)
+    [path] = align.run(Context(work), cfg)
     by_view = io.load_record(path, kind="aligned")
-    [path] = align.run(work, align.Config(robust="tukey", prefilter=False), overwrite=True)
+    [path] = align.run(Context(work, overwrite=True), align.Config(robust="tukey", prefilter=False))
     by_sparse = io.load_record(path, kind="aligned")
     assert 0 < by_view["inliers"][6] < (z[6] > 0).sum()  # the sparse points it sees, not every pixel
     assert by_view["inliers"][6] == by_sparse["inliers"][6]
@@ -263,7 +264,9 @@ def test_depth_record_stored_smaller_than_the_images(tmp_path, render):
         extra={"depth_kind": "disparity"},
     )
     _sparse_record(worktree.record_path(work, CAPTURE, "sparse"), render)
-    [path] = align.run(work, align.Config(robust="none", prefilter=False))  # 24 px: too coarse for the 3x3 checks
+    [path] = align.run(
+        Context(work), align.Config(robust="none", prefilter=False)
+    )  # 24 px: too coarse for the 3x3 checks
     out = io.load_record(path)
     assert out["depth"].shape[1:] == (24, 24)
     # subsampled pixel (i, j) covers image pixels 2i..2i+1: scale stays ~1 for a smooth surface
@@ -277,7 +280,7 @@ def test_bad_inputs_give_one_clear_error(tmp_path, render):
     z = render.depth_nhw.astype(np.float64)
     work = _work(tmp_path, render, _disparity(z, np.ones(len(z)), np.zeros(len(z))))
     with pytest.raises(InputError, match="sparse.safetensors: not found"):
-        align.run(work)
+        align.run(Context(work))
     empty = {
         "points": np.zeros((0, 3)),
         "colors": np.zeros((0, 3), np.uint8),
@@ -295,7 +298,7 @@ def test_bad_inputs_give_one_clear_error(tmp_path, render):
         names=render.names,
     )
     with pytest.raises(InputError, match="no sparse points"):
-        align.run(work)
+        align.run(Context(work))
     other = io.save_record(
         tmp_path / "other.safetensors",
         {"depth": render.depth_nhw},
@@ -306,15 +309,15 @@ def test_bad_inputs_give_one_clear_error(tmp_path, render):
         extra={"depth_kind": "depth"},
     )
     with pytest.raises(InputError, match="different captures"):
-        align.run(work, align.Config(reference="depth", reference_depth=str(other)))
+        align.run(Context(work), align.Config(reference="depth", reference_depth=str(other)))
     nan_depth = _disparity(z, np.ones(len(z)), np.zeros(len(z)))
     nan_depth[2, 5, 5] = np.nan
     work_nan = _work(tmp_path / "nan", render, nan_depth)
     with pytest.raises(InputError, match="NaN"):
-        align.run(work_nan, align.Config(reference="view", reference_view=render.names[0]))
+        align.run(Context(work_nan), align.Config(reference="view", reference_view=render.names[0]))
     work_zero = _work(tmp_path / "zero", render, np.zeros_like(z))
     with pytest.raises(InputError, match="every depth pixel is invalid"):
-        align.run(work_zero, align.Config(reference="view", reference_view=render.names[0]))
+        align.run(Context(work_zero), align.Config(reference="view", reference_view=render.names[0]))
     small = io.load_record(worktree.record_path(work, CAPTURE, "poses"))
     io.save_record(
         worktree.record_path(work, CAPTURE, "poses"),
@@ -325,9 +328,9 @@ def test_bad_inputs_give_one_clear_error(tmp_path, render):
         names=render.names,
     )
     with pytest.raises(InputError, match="disagree on the size"):
-        align.run(work, align.Config(reference="view", reference_view=render.names[0]))
+        align.run(Context(work), align.Config(reference="view", reference_view=render.names[0]))
     with pytest.raises(InputError, match="--reference-view"):
-        align.run(work, align.Config(reference="view"))
+        align.run(Context(work), align.Config(reference="view"))
     with pytest.raises(RecordError):
         io.save_record(
             worktree.record_path(work, CAPTURE, "depth"),

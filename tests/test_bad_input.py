@@ -37,7 +37,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     synth.run(data, synth.Config(subjects=3, resolution=32, elevated=False, surface_points=300))
     cfg = dataclasses.replace(pipeline.PRESETS["tiny"], until="triplets", poses_source="groundtruth")
     pipeline.run(data, work, cfg, device="cpu")
-    train.run(work / "triplets.safetensors", root / "run", tiny_config(max_steps=1, checkpoint_every=1), device="cpu")
+    train.train(work / "triplets.safetensors", root / "run", tiny_config(max_steps=1, checkpoint_every=1), device="cpu")
     return {"data": data, "work": work, "run": root / "run"}
 
 

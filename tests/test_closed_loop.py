@@ -132,7 +132,7 @@ def test_evaluate_views_reports_the_loop_and_a_perturbed_set_scores_badly(captur
     az[[2, 4, 6, 9, 11]] += 10.0
     views = write_views(tmp_path / "views", capture.images_nhw3[ORDER], az, capture.K[0])
     cfg = evaluate.Config(identity="off", face_identity="off", arcface="off", lpips="off")
-    evaluate.run(evaluate.Inputs(views=views), tmp_path / "report", cfg, device="cpu")
+    evaluate.evaluate(evaluate.Inputs(views=views), tmp_path / "report", cfg, device="cpu")
     doc = json.loads((tmp_path / "report" / "metrics.json").read_text())
     loop = doc["closed_loop"]
     assert loop["status"] == "ok" and loop["fraction_registered"] == 1.0
@@ -147,7 +147,7 @@ def test_noise_views_are_reported_as_carrying_no_geometry(tmp_path):
     K = synth.intrinsics(synth.Config(resolution=64))
     views = write_views(tmp_path / "views", noise, np.array([0.0, -60, -30, 30, 60, 90]), K)
     cfg = evaluate.Config(identity="off", arcface="off", lpips="off")
-    evaluate.run(evaluate.Inputs(views=views), tmp_path / "report", cfg, device="cpu")
+    evaluate.evaluate(evaluate.Inputs(views=views), tmp_path / "report", cfg, device="cpu")
     doc = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert doc["closed_loop"]["status"].startswith("not enough views registered (")
     assert "views carry no consistent geometry" in (tmp_path / "report" / "report.md").read_text()

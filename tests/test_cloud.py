@@ -10,6 +10,7 @@ import pytest
 
 from stages import cloud, synth
 from stages.core import geometry, io, metrics
+from stages.core.contract import Context
 from stages.core.errors import InputError, RecordError, StageFailure
 from tests.helpers import groundtruth_work
 
@@ -178,7 +179,7 @@ def test_cross_view_agreement_flags_a_misscaled_view(views):
 def test_groundtruth_depth_fuses_onto_the_surface(synth_data, tmp_path):
     work = groundtruth_work(synth_data, tmp_path / "work")
     cfg = cloud.Config(outlier_removal=False, reference=str(synth_data / "groundtruth"))
-    written = cloud.run(work, cfg, data=synth_data)
+    written = cloud.run(Context(work, data=synth_data), cfg)
     assert [p.name for p in written] == ["cloud.ply", "cloud_metrics.json"]
     report = io.read_json(written[1])
     ref = report["reference"]
@@ -208,7 +209,7 @@ def test_groundtruth_depth_fuses_onto_the_surface(synth_data, tmp_path):
     assert len(ply.points) == points["kept"] and ply.colors is not None and ply.normals is not None
     # normals face the outside of the head (the head is star-shaped around the origin)
     assert np.mean(np.einsum("ij,ij->i", ply.normals, ply.points) > 0) > 0.97
-    assert cloud.run(work, cfg, data=synth_data) == []  # up to date: skipped
+    assert cloud.run(Context(work, data=synth_data), cfg) == []  # up to date: skipped
 
 
 def test_default_filters_and_strict_preset(views):
@@ -236,24 +237,24 @@ def test_records_that_do_not_belong_together(synth_data, tmp_path):
                            capture="002_01_01_00", names=aligned.names)  # fmt: skip
     other.replace(aligned_path)
     with pytest.raises(RecordError, match="belongs to capture '002_01_01_00'"):
-        cloud.run(work)
+        cloud.run(Context(work))
     groundtruth_work(synth_data, work)
     renamed = [f"x{name}" for name in aligned.names]
     io.save_record(aligned_path, aligned.tensors, kind="aligned", stage="test", capture=CAPTURE, names=renamed)
     with pytest.raises(InputError, match="do not belong together: 13 view"):
-        cloud.run(work)
+        cloud.run(Context(work))
     io.save_record(aligned_path, {**aligned.tensors, "image_hw": aligned["image_hw"] * 2}, kind="aligned",
                    stage="test", capture=CAPTURE, names=aligned.names)  # fmt: skip
     with pytest.raises(InputError, match="disagree on the size"):
-        cloud.run(work)
+        cloud.run(Context(work))
 
 
 def test_empty_cloud_and_missing_inputs_are_one_clear_error(synth_data, tmp_path):
     work = groundtruth_work(synth_data, tmp_path / "work")
     with pytest.raises(StageFailure, match="the foreground filter left no point"):
-        cloud.run(work, cloud.Config(depth_range=(100.0, 200.0)))
+        cloud.run(Context(work), cloud.Config(depth_range=(100.0, 200.0)))
     assert not (work / CAPTURE / "cloud.ply").exists()
     with pytest.raises(InputError, match="no <capture>/aligned.safetensors"):
-        cloud.run(tmp_path)
+        cloud.run(Context(tmp_path))
     with pytest.raises(InputError, match="depth-range"):
-        cloud.run(work, cloud.Config(depth_range=(2.0, 1.0)))
+        cloud.run(Context(work), cloud.Config(depth_range=(2.0, 1.0)))

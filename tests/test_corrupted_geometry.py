@@ -17,6 +17,7 @@ import pytest
 
 from stages import align, cloud, poses, synth
 from stages.core import depthmaps, io, worktree
+from stages.core.contract import Context
 
 CAPTURE = "001_01_01_00"
 CORRUPTIONS = {
@@ -43,7 +44,7 @@ def posed(tmp_path_factory) -> Posed:
     cfg = synth.Config(subjects=1, resolution=256, elevated=False, surface_points=20_000)
     synth.run(root / "data", cfg)
     calibrated = dataclasses.replace(poses.PRESETS["calibrated"], focal_px=float(synth.intrinsics(cfg)[0, 0]))
-    poses.run(root / "data", root / "sfm", calibrated)
+    poses.run(Context(root / "sfm", data=root / "data"), calibrated)
     gt = synth.groundtruth_dir(root / "data", CAPTURE)
     depth = io.load_record(gt / "depth.safetensors")
     size = float(np.linalg.norm(np.ptp(io.read_ply(gt / "surface.ply").points, axis=0)))
@@ -163,7 +164,7 @@ def test_align_fit_error_under_corruptions(posed, tmp_path, kind):
     for seed in range(3):
         corrupted = synth.corrupt_depth(posed.depth_gt, dataclasses.replace(CORRUPTIONS[kind], seed=seed))
         work = _work(posed, tmp_path / f"seed{seed}", corrupted)
-        align.run(work, align.Config())
+        align.run(Context(work), align.Config())
         error = _fit_error(work, posed, corrupted)
         assert error < FIT_TARGET[kind], (kind, seed, error)
         record = _aligned(work, posed.names)
@@ -180,9 +181,9 @@ def test_the_old_estimator_fails_where_lmeds_holds(posed, tmp_path):
     """The leverage points of noise + salt pull the previous default (tukey, no prefilter) past 1 %."""
     corrupted = synth.corrupt_depth(posed.depth_gt, dataclasses.replace(CORRUPTIONS["noise+salt"], seed=0))
     work = _work(posed, tmp_path, corrupted)
-    align.run(work, align.PRESETS["tukey"])
+    align.run(Context(work), align.PRESETS["tukey"])
     assert _fit_error(work, posed, corrupted) > 0.015
-    align.run(work, align.Config(), overwrite=True)
+    align.run(Context(work, overwrite=True), align.Config())
     assert _fit_error(work, posed, corrupted) < 0.01
 
 
@@ -193,15 +194,15 @@ def test_weak_views_are_flagged(posed, tmp_path):
     rng = np.random.default_rng(0)
     depth[4] = rng.uniform(depth[4].min(), depth[4].max(), depth[4].shape)
     work = _work(posed, tmp_path, dataclasses.replace(corrupted, depth_nhw=depth))
-    align.run(work, align.Config())
+    align.run(Context(work), align.Config())
     record = _aligned(work, posed.names)
     bad = record.names.index(posed.names[4])
     assert record["quality"][bad] == align.QUALITY["weak"]
     assert (np.delete(record["quality"], bad) == align.QUALITY["good"]).all()
-    [_, metrics_path] = cloud.run(work, cloud.Config())  # the default keeps weak views (consistency drops
+    [_, metrics_path] = cloud.run(Context(work), cloud.Config())  # the default keeps weak views (consistency drops
     steps = {step["name"]: step for step in io.read_json(metrics_path)["filters"]}  # their points)
     assert steps["quality"]["params"]["views_dropped"] == []
-    [_, metrics_path] = cloud.run(work, cloud.Config(min_quality="good"))
+    [_, metrics_path] = cloud.run(Context(work), cloud.Config(min_quality="good"))
     steps = {step["name"]: step for step in io.read_json(metrics_path)["filters"]}
     assert steps["quality"]["params"]["views_dropped"] == [posed.names[4]]
     assert steps["quality"]["after"] < steps["quality"]["before"]
@@ -222,8 +223,8 @@ def test_default_cloud_lies_on_the_surface_under_corruptions(posed, tmp_path, ki
     for seed in range(2):
         corrupted = synth.corrupt_depth(posed.depth_gt, dataclasses.replace(CORRUPTIONS[kind], seed=seed))
         work = _work(posed, tmp_path / f"seed{seed}", corrupted)
-        align.run(work, align.Config())
-        [_, metrics_path] = cloud.run(work, cloud.Config(mask_dir=str(masks)), data=posed.data)
+        align.run(Context(work), align.Config())
+        [_, metrics_path] = cloud.run(Context(work, data=posed.data), cloud.Config(mask_dir=str(masks)))
         distance = _surface_distance(work, posed)
         assert distance.mean() < 0.005 and np.percentile(distance, 95) < 0.015, (kind, seed, distance.mean())
         report = io.read_json(metrics_path)
@@ -238,8 +239,8 @@ def test_salt_flies_far_without_the_new_defaults(posed, tmp_path):
     masks = _mask_dir(posed, tmp_path)
     corrupted = synth.corrupt_depth(posed.depth_gt, dataclasses.replace(CORRUPTIONS["salt"], seed=0))
     work = _work(posed, tmp_path, corrupted)
-    align.run(work, align.Config())
-    cloud.run(work, dataclasses.replace(cloud.PRESETS["legacy"], mask_dir=str(masks)))
+    align.run(Context(work), align.Config())
+    cloud.run(Context(work), dataclasses.replace(cloud.PRESETS["legacy"], mask_dir=str(masks)))
     assert np.percentile(_surface_distance(work, posed), 95) > 0.03
 
 
@@ -247,8 +248,8 @@ def test_flying_pixels_do_not_reach_the_cloud(posed, tmp_path):
     masks = _mask_dir(posed, tmp_path)
     corrupted = synth.corrupt_depth(posed.depth_gt, synth.Corruption(noise=0.02, salt=0.1, flying_px=2.0, seed=0))
     work = _work(posed, tmp_path, corrupted)
-    align.run(work, align.Config())
+    align.run(Context(work), align.Config())
     assert _fit_error(work, posed, corrupted) < 0.01
-    cloud.run(work, cloud.Config(mask_dir=str(masks)))
+    cloud.run(Context(work), cloud.Config(mask_dir=str(masks)))
     distance = _surface_distance(work, posed)
     assert distance.mean() < 0.005 and np.percentile(distance, 99) < 0.03

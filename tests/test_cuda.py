@@ -12,6 +12,7 @@ import torch
 
 from stages import cloud, depth, embed, sample, synth
 from stages.core import batching, dataset, io, models
+from stages.core.contract import Context
 from stages.train import checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -44,13 +45,13 @@ def _maps(work, kind: str, key: str) -> dict[str, np.ndarray]:
 
 
 def test_depth_on_cuda_matches_the_cpu_in_every_precision(data, tmp_path):
-    on_cpu = _maps(depth.run(data, tmp_path / "cpu", depth.Config(model_preset="tiny", cache=False), device="cpu")[0].parents[1],
+    on_cpu = _maps(depth.run(Context(tmp_path / "cpu", data=data, device="cpu"), depth.Config(model_preset="tiny", cache=False))[0].parents[1],
                    "depth", "depth")  # fmt: skip
     # the tiny random model predicts ~1e-8: below fp16's smallest subnormal (6e-8), so fp16 may give 0
     for precision, tolerance, floor in (("fp32", 1e-4, 0.0), ("bf16", 6e-2, 0.0), ("fp16", 1e-2, 1.2e-7)):
         cfg = depth.Config(model_preset="tiny", cache=False, precision=precision)
         work = tmp_path / precision
-        depth.run(data, work, cfg, device="cuda")
+        depth.run(Context(work, data=data, device="cuda"), cfg)
         on_gpu = _maps(work, "depth", "depth")
         assert on_gpu.keys() == on_cpu.keys() and len(on_gpu) == 2
         for capture, reference in on_cpu.items():
@@ -60,8 +61,8 @@ def test_depth_on_cuda_matches_the_cpu_in_every_precision(data, tmp_path):
 
 def test_embed_on_cuda_matches_the_cpu(data, tmp_path):
     cfg = embed.Config(model_preset="tiny", cache=False)
-    embed.run(data, tmp_path / "cpu", cfg, device="cpu")
-    embed.run(data, tmp_path / "cuda", cfg, device="cuda")
+    embed.run(Context(tmp_path / "cpu", data=data, device="cpu"), cfg)
+    embed.run(Context(tmp_path / "cuda", data=data, device="cuda"), cfg)
     on_cpu, on_gpu = _maps(tmp_path / "cpu", "embed", "embedding"), _maps(tmp_path / "cuda", "embed", "embedding")
     assert on_gpu.keys() == on_cpu.keys() and len(on_gpu) == 2
     for capture, reference in on_cpu.items():
@@ -113,7 +114,7 @@ def test_train_then_sample_on_cuda(tmp_path):
     runs = {}
     for precision in ("bf16", "fp16", "fp32"):
         run = tmp_path / f"run-{precision}"
-        train.run(index, run, tiny_config(max_steps=2, checkpoint_every=2, precision=precision), device="cuda")
+        train.train(index, run, tiny_config(max_steps=2, checkpoint_every=2, precision=precision), device="cuda")
         runs[precision] = run
         assert checkpoint.load_checkpoint(run, "cpu").step == 2
     cfg = sample.Config(steps=2, azimuths=(-30.0, 0.0, 30.0), clip_model=models.resolve_model("clip", "tiny").id,
@@ -122,11 +123,11 @@ def test_train_then_sample_on_cuda(tmp_path):
     views = {}
     for device in ("cpu", "cuda"):
         out = tmp_path / f"views-{device}"
-        sample.run(runs["fp32"], photo, out, cfg, device=device)
+        sample.sample(runs["fp32"], photo, out, cfg, device=device)
         views[device] = np.stack([io.read_image(p) for p in sorted((out / "views").glob("*.png"))]).astype(int)
     assert views["cuda"].shape == views["cpu"].shape and len(views["cuda"]) == 3
     difference = np.abs(views["cuda"] - views["cpu"])
     assert difference.mean() < 0.1 and difference.max() <= 3  # summation order only: a grey level here and there
     fp16 = tmp_path / "views-fp16"
-    sample.run(runs["fp32"], photo, fp16, dataclasses.replace(cfg, precision="fp16"), device="cuda")
+    sample.sample(runs["fp32"], photo, fp16, dataclasses.replace(cfg, precision="fp16"), device="cuda")
     assert len(list((fp16 / "views").glob("*.png"))) == 3

@@ -10,6 +10,7 @@ from PIL import Image
 
 from stages import depth
 from stages.core import io, models, worktree
+from stages.core.contract import Context
 from stages.core.errors import InputError
 
 
@@ -41,7 +42,7 @@ def _pipeline_depth(ref: models.ModelRef, image_path: Path) -> np.ndarray:
 def test_tiny_model_from_a_folder_runs_batched_and_matches_transformers(tmp_path, tiny_ref):
     data = _dataset(tmp_path / "data")
     cfg = depth.Config(model=tiny_ref.id, batch_size=3)  # a saved folder, through --model
-    paths = depth.run(data, tmp_path / "work", cfg, device="cpu", cache_folder=tmp_path / "cache")
+    paths = depth.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache": tmp_path / "cache"}), cfg)
     assert [p.parent.name for p in paths] == ["cap0", "cap1"]
     record = io.load_record(paths[0], kind="depth", capture="cap0")
     assert record["depth"].shape == (5, 40, 56) and record["depth"].dtype == np.float32
@@ -57,7 +58,7 @@ def test_tiny_model_from_a_folder_runs_batched_and_matches_transformers(tmp_path
 def test_simulated_oom_halves_the_batch_and_changes_nothing(tmp_path, tiny_ref, monkeypatch, caplog):
     data = _dataset(tmp_path / "data", captures=1, views=8)
     cfg = depth.Config(model=tiny_ref.id, batch_size=8, cache=False)
-    [plain] = depth.run(data, tmp_path / "plain", cfg, device="cpu")
+    [plain] = depth.run(Context(tmp_path / "plain", data=data, device="cpu"), cfg)
     original = depth.DepthPredictor.predict
     sizes: list[int] = []
 
@@ -69,7 +70,7 @@ def test_simulated_oom_halves_the_batch_and_changes_nothing(tmp_path, tiny_ref, 
 
     monkeypatch.setattr(depth.DepthPredictor, "predict", predict_with_oom)
     with caplog.at_level(logging.WARNING, logger="nvf"):
-        [forced] = depth.run(data, tmp_path / "forced", cfg, device="cpu")
+        [forced] = depth.run(Context(tmp_path / "forced", data=data, device="cpu"), cfg)
     assert sizes == [8, 4, 2, 2, 2, 2]
     assert "retrying at 4" in caplog.text and "retrying at 2" in caplog.text
     np.testing.assert_allclose(io.load_record(forced)["depth"], io.load_record(plain)["depth"], rtol=1e-6, atol=1e-12)
@@ -87,19 +88,24 @@ def test_cache_makes_reruns_and_repeated_images_free(tmp_path, tiny_ref, monkeyp
         lambda self, images, out_hw: calls.append(len(images)) or original(self, images, out_hw),
     )
     cfg, cache = depth.Config(model=tiny_ref.id), tmp_path / "cache"
-    first = depth.run(data, tmp_path / "w1", cfg, device="cpu", cache_folder=cache)
+    first = depth.run(Context(tmp_path / "w1", data=data, device="cpu", paths={"cache": cache}), cfg)
     assert calls == [3, 3] and len(first) == 2  # one batch per capture
     repeated = [io.load_record(path)["depth"][0] for path in first]
     np.testing.assert_allclose(repeated[1], repeated[0], rtol=1e-6, atol=1e-6 * np.abs(repeated[0]).max())
-    assert depth.run(data, tmp_path / "w1", cfg, device="cpu", cache_folder=cache) == []  # up to date
+    assert depth.run(Context(tmp_path / "w1", data=data, device="cpu", paths={"cache": cache}), cfg) == []  # up to date
     calls.clear()
-    second = depth.run(data, tmp_path / "w2", cfg, device="cpu", cache_folder=cache)  # a new work tree
+    second = depth.run(
+        Context(tmp_path / "w2", data=data, device="cpu", paths={"cache": cache}), cfg
+    )  # a new work tree
     assert calls == [] and len(second) == 2
     for a, b in zip(first, second, strict=False):
         np.testing.assert_array_equal(io.load_record(a)["depth"], io.load_record(b)["depth"])
     assert io.load_record(second[1]).extra["depth_kind"] == "disparity"  # known without loading weights
     # a changed setting is a different key
-    depth.run(data, tmp_path / "w3", depth.Config(model=tiny_ref.id, max_res=20), device="cpu", cache_folder=cache)
+    depth.run(
+        Context(tmp_path / "w3", data=data, device="cpu", paths={"cache": cache}),
+        depth.Config(model=tiny_ref.id, max_res=20),
+    )
     assert sum(calls) == 6
 
 
@@ -110,7 +116,7 @@ def test_a_captures_record_depends_on_its_own_batches_only(tmp_path, tiny_ref, m
     records: dict[str, dict[str, np.ndarray]] = {}
     for name, batch_size, ids in [("auto", None, None), ("alone", None, ["cap2"]), ("b3", 3, None), ("b4", 4, None)]:
         cfg = depth.Config(model=tiny_ref.id, batch_size=batch_size, cache=False)
-        paths = depth.run(data, tmp_path / name, cfg, capture_ids=ids, device="cpu")
+        paths = depth.run(Context(tmp_path / name, data=data, captures=ids, device="cpu"), cfg)
         records[name] = {p.parent.name: io.load_record(p)["depth"] for p in paths}
     assert records["alone"]["cap2"].tobytes() == records["auto"]["cap2"].tobytes()
     scale = max(np.abs(maps).max() for maps in records["auto"].values())
@@ -122,21 +128,32 @@ def test_a_captures_record_depends_on_its_own_batches_only(tmp_path, tiny_ref, m
     monkeypatch.setattr(depth.DepthPredictor, "predict",
                         lambda self, images, out_hw: calls.append(len(images)) or original(self, images, out_hw))  # fmt: skip
     cache = tmp_path / "cache"
-    depth.run(data, tmp_path / "c3", depth.Config(model=tiny_ref.id, batch_size=3), device="cpu", cache_folder=cache)
+    depth.run(
+        Context(tmp_path / "c3", data=data, device="cpu", paths={"cache": cache}),
+        depth.Config(model=tiny_ref.id, batch_size=3),
+    )
     assert calls == [3, 2] * 3
     calls.clear()  # the cache keys a map by its batch: batches of 4 cannot use those of 3
-    depth.run(data, tmp_path / "c4", depth.Config(model=tiny_ref.id, batch_size=4), device="cpu", cache_folder=cache)
+    depth.run(
+        Context(tmp_path / "c4", data=data, device="cpu", paths={"cache": cache}),
+        depth.Config(model=tiny_ref.id, batch_size=4),
+    )
     assert calls == [4, 1] * 3
     calls.clear()  # free memory for 2 images only: the auto batches of 5 run in slices, with a warning, uncached
     with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="nvf"):
         patch.setattr(depth.batching, "auto_batch_size", lambda *args, **kwargs: 2)
-        split = depth.run(data, tmp_path / "split", depth.Config(model=tiny_ref.id), device="cpu", cache_folder=cache)
+        split = depth.run(
+            Context(tmp_path / "split", data=data, device="cpu", paths={"cache": cache}),
+            depth.Config(model=tiny_ref.id),
+        )
     assert calls == [2, 2, 1] * 3 and "a batch of 5 items runs in slices of 2" in caplog.text
     for path in split:
         np.testing.assert_allclose(io.load_record(path)["depth"], records["auto"][path.parent.name], rtol=1e-5,
                                    atol=1e-6 * scale)  # fmt: skip
     calls.clear()
-    depth.run(data, tmp_path / "whole", depth.Config(model=tiny_ref.id), device="cpu", cache_folder=cache)
+    depth.run(
+        Context(tmp_path / "whole", data=data, device="cpu", paths={"cache": cache}), depth.Config(model=tiny_ref.id)
+    )
     assert calls == [5] * 3  # the split maps were not cached
 
 
@@ -144,7 +161,7 @@ def test_max_res_precision_and_store_dtype(tmp_path, tiny_ref, caplog):
     data = _dataset(tmp_path / "data", captures=1, views=2, hw=(40, 56))
     cfg = depth.Config(model=tiny_ref.id, max_res=28, store_dtype="float16", precision="fp16", cache=False)
     with caplog.at_level(logging.WARNING, logger="nvf"):
-        [path] = depth.run(data, tmp_path / "work", cfg, device="cpu")
+        [path] = depth.run(Context(tmp_path / "work", data=data, device="cpu"), cfg)
     assert "fp16 needs a CUDA device" in caplog.text
     record = io.load_record(path)
     assert record["depth"].shape == (2, 20, 28) and record["depth"].dtype == np.float16
@@ -155,7 +172,8 @@ def test_max_res_precision_and_store_dtype(tmp_path, tiny_ref, caplog):
 def test_bf16_runs_on_cpu(tmp_path, tiny_ref):
     data = _dataset(tmp_path / "data", captures=1, views=2)
     [path] = depth.run(
-        data, tmp_path / "work", depth.Config(model=tiny_ref.id, precision="bf16", cache=False), device="cpu"
+        Context(tmp_path / "work", data=data, device="cpu"),
+        depth.Config(model=tiny_ref.id, precision="bf16", cache=False),
     )
     assert np.isfinite(io.load_record(path)["depth"]).all()
 
@@ -164,10 +182,15 @@ def test_shard_and_capture_selection(tmp_path, tiny_ref):
     data = _dataset(tmp_path / "data", captures=3, views=2)
     cfg = depth.Config(model=tiny_ref.id)
     paths = depth.run(
-        data, tmp_path / "work", cfg, device="cpu", cache_folder=tmp_path / "c", shard=worktree.Shard(1, 2)
+        Context(
+            tmp_path / "work", data=data, shard=worktree.Shard(1, 2), device="cpu", paths={"cache": tmp_path / "c"}
+        ),
+        cfg,
     )
     assert [p.parent.name for p in paths] == ["cap1"]
-    paths = depth.run(data, tmp_path / "work", cfg, device="cpu", cache_folder=tmp_path / "c", capture_ids=["cap2"])
+    paths = depth.run(
+        Context(tmp_path / "work", data=data, captures=["cap2"], device="cpu", paths={"cache": tmp_path / "c"}), cfg
+    )
     assert [p.parent.name for p in paths] == ["cap2"]
 
 
@@ -183,10 +206,10 @@ def test_depth_kind_from_model_config():
 def test_bad_inputs(tmp_path, tiny_ref):
     data = _dataset(tmp_path / "data", captures=1, views=2)
     with pytest.raises(InputError, match="max-res"):
-        depth.run(data, tmp_path / "w", depth.Config(model=tiny_ref.id, max_res=0), device="cpu")
+        depth.run(Context(tmp_path / "w", data=data, device="cpu"), depth.Config(model=tiny_ref.id, max_res=0))
     (data / "cap0" / "v1.png").write_bytes(b"not a png")
     with pytest.raises(InputError, match="v1.png"):
-        depth.run(data, tmp_path / "w", depth.Config(model=tiny_ref.id, cache=False), device="cpu")
+        depth.run(Context(tmp_path / "w", data=data, device="cpu"), depth.Config(model=tiny_ref.id, cache=False))
 
 
 def test_batches_stay_under_int32_indexing(tmp_path, monkeypatch):
@@ -206,5 +229,8 @@ def test_batches_stay_under_int32_indexing(tmp_path, monkeypatch):
     data = tmp_path / "data"
     for view in range(5):
         io.write_image(data / "cap" / f"v{view}.png", np.full((24, 24, 3), 40 * view, np.uint8))
-    depth.run(data, tmp_path / "work", depth.Config(model_preset="tiny", layout="folder", cache=False), device="cpu")
+    depth.run(
+        Context(tmp_path / "work", data=data, device="cpu"),
+        depth.Config(model_preset="tiny", layout="folder", cache=False),
+    )
     assert sizes == [2, 2, 1]

@@ -10,6 +10,7 @@ from PIL import Image
 
 from stages import embed
 from stages.core import batching, io, models
+from stages.core.contract import Context
 
 
 def _dataset(root: Path, captures: int = 2, views: int = 3, hw: tuple[int, int] = (40, 56), seed: int = 0) -> Path:
@@ -40,8 +41,7 @@ def _open_clip_one_by_one(ref: models.ModelRef, path: Path, normalize: bool = Tr
 def test_tiny_open_clip_folder_embeds_like_open_clip(tmp_path, tiny_ref):
     assert (Path(tiny_ref.id) / "open_clip_config.json").is_file()  # a saved folder, loaded by path
     data = _dataset(tmp_path / "data")
-    paths = embed.run(data, tmp_path / "work", embed.Config(model_preset="tiny", batch_size=2), device="cpu",
-                      cache_folder=tmp_path / "cache")  # fmt: skip
+    paths = embed.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache": tmp_path / "cache"}), embed.Config(model_preset="tiny", batch_size=2))  # fmt: skip
     assert [p.parent.name for p in paths] == ["cap0", "cap1"]
     record = io.load_record(paths[0], kind="embed", capture="cap0")
     vectors = record["embedding"]
@@ -65,20 +65,24 @@ def test_tiny_open_clip_folder_embeds_like_open_clip(tmp_path, tiny_ref):
 def test_deterministic_and_cached_reruns(tmp_path, tiny_ref, monkeypatch, caplog):
     data = _dataset(tmp_path / "data")
     cfg = embed.Config(model=tiny_ref.id, batch_size=4)
-    first = embed.run(data, tmp_path / "w1", cfg, device="cpu", cache_folder=tmp_path / "cache")
-    uncached = embed.run(data, tmp_path / "w0", embed.Config(model=tiny_ref.id, cache=False), device="cpu")
+    first = embed.run(Context(tmp_path / "w1", data=data, device="cpu", paths={"cache": tmp_path / "cache"}), cfg)
+    uncached = embed.run(
+        Context(tmp_path / "w0", data=data, device="cpu"), embed.Config(model=tiny_ref.id, cache=False)
+    )
     for a, b in zip(first, uncached, strict=True):
         np.testing.assert_allclose(io.load_record(a)["embedding"], io.load_record(b)["embedding"], atol=1e-6)
-    assert embed.run(data, tmp_path / "w1", cfg, device="cpu", cache_folder=tmp_path / "cache") == []  # up to date
+    assert (
+        embed.run(Context(tmp_path / "w1", data=data, device="cpu", paths={"cache": tmp_path / "cache"}), cfg) == []
+    )  # up to date
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model ran although every embedding is cached")
 
     monkeypatch.setattr(embed.ClipEmbedder, "embed_with_norm", no_model)
     with caplog.at_level(logging.INFO, logger="nvf"):
-        second = embed.run(data, tmp_path / "w2", cfg, device="cpu", cache_folder=tmp_path / "cache")
+        second = embed.run(Context(tmp_path / "w2", data=data, device="cpu", paths={"cache": tmp_path / "cache"}), cfg)
     # 6 rows: cap1/v0 repeats cap0/v0's bytes but in another batch, so it is keyed (and cached) apart
-    assert "0 image(s) embedded, 6 from the cache" in caplog.text
+    assert "0 image(s) computed; cache hits 0 memory, 6 disk" in caplog.text
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(io.load_record(a)["embedding"], io.load_record(b)["embedding"])
 
@@ -86,18 +90,20 @@ def test_deterministic_and_cached_reruns(tmp_path, tiny_ref, monkeypatch, caplog
 def test_changed_image_rewrites_only_its_capture(tmp_path, tiny_ref):
     data = _dataset(tmp_path / "data")
     cfg = embed.Config(model=tiny_ref.id)
-    embed.run(data, tmp_path / "work", cfg, device="cpu", cache_folder=tmp_path / "cache")
+    embed.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache": tmp_path / "cache"}), cfg)
     Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(data / "cap1" / "v2.png")
-    rewritten = embed.run(data, tmp_path / "work", cfg, device="cpu", cache_folder=tmp_path / "cache")
+    rewritten = embed.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache": tmp_path / "cache"}), cfg)
     assert [p.parent.name for p in rewritten] == ["cap1"]
-    only = embed.run(data, tmp_path / "solo", cfg, capture_ids=["cap0"], device="cpu", cache_folder=tmp_path / "cache")
+    only = embed.run(
+        Context(tmp_path / "solo", data=data, captures=["cap0"], device="cpu", paths={"cache": tmp_path / "cache"}), cfg
+    )
     assert [p.parent.name for p in only] == ["cap0"]
 
 
 def test_simulated_oom_halves_the_batch_and_changes_nothing(tmp_path, tiny_ref, monkeypatch):
     data = _dataset(tmp_path / "data", captures=1, views=8)
     cfg = embed.Config(model=tiny_ref.id, batch_size=8, cache=False)
-    [plain] = embed.run(data, tmp_path / "plain", cfg, device="cpu")
+    [plain] = embed.run(Context(tmp_path / "plain", data=data, device="cpu"), cfg)
     original = embed.ClipEmbedder.embed_with_norm
     sizes: list[int] = []
 
@@ -108,7 +114,7 @@ def test_simulated_oom_halves_the_batch_and_changes_nothing(tmp_path, tiny_ref, 
         return original(self, pixels)
 
     monkeypatch.setattr(embed.ClipEmbedder, "embed_with_norm", embed_with_oom)
-    [forced] = embed.run(data, tmp_path / "forced", cfg, device="cpu")
+    [forced] = embed.run(Context(tmp_path / "forced", data=data, device="cpu"), cfg)
     assert sizes == [8, 4, 2, 2, 2, 2]
     np.testing.assert_allclose(io.load_record(forced)["embedding"], io.load_record(plain)["embedding"], atol=1e-6)
 
@@ -122,19 +128,21 @@ def test_fp16_on_cpu_falls_back_and_bad_settings_are_input_errors(tmp_path, capl
     with pytest.raises(InputError, match="unknown precision"):
         batching.effective_precision("fp8", torch.device("cpu"))
     with pytest.raises(InputError, match="--workers"):
-        embed.run(tmp_path, tmp_path / "work", embed.Config(workers=0), device="cpu")
+        embed.run(Context(tmp_path / "work", data=tmp_path, device="cpu"), embed.Config(workers=0))
 
 
 def test_a_rerun_reads_no_unchanged_image_and_an_edited_one_reruns_its_capture(tmp_path, tiny_ref, monkeypatch):
     data = _dataset(tmp_path / "data")
     cfg = embed.Config(model=tiny_ref.id, cache=False)
-    first = embed.run(data, tmp_path / "work", cfg, device="cpu")
+    first = embed.run(Context(tmp_path / "work", data=data, device="cpu"), cfg)
     reads: list[str] = []
     original = io.hash_file
     monkeypatch.setattr(io, "hash_file", lambda path, *a, **k: reads.append(Path(path).name) or original(path, *a, **k))
-    assert embed.run(data, tmp_path / "work", cfg, device="cpu") == [] and reads == []  # up to date from the memo
+    assert (
+        embed.run(Context(tmp_path / "work", data=data, device="cpu"), cfg) == [] and reads == []
+    )  # up to date from the memo
     Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(data / "cap1" / "v2.png")
-    assert embed.run(data, tmp_path / "work", cfg, device="cpu") == [first[1]] and reads == ["v2.png"]
+    assert embed.run(Context(tmp_path / "work", data=data, device="cpu"), cfg) == [first[1]] and reads == ["v2.png"]
     assert np.abs(io.load_record(first[1])["embedding"][2]).sum() > 0
 
 
@@ -158,7 +166,7 @@ def test_a_captures_record_depends_on_its_own_batches_only(tmp_path, tiny_ref, m
     records: dict[str, dict[str, np.ndarray]] = {}
     for name, batch_size, ids in [("auto", None, None), ("alone", None, ["cap1"]), ("b3", 3, None), ("b4", 4, None)]:
         cfg = embed.Config(model=tiny_ref.id, batch_size=batch_size, cache=False)
-        paths = embed.run(data, tmp_path / name, cfg, capture_ids=ids, device="cpu")
+        paths = embed.run(Context(tmp_path / name, data=data, captures=ids, device="cpu"), cfg)
         records[name] = {p.parent.name: io.load_record(p)["embedding"] for p in paths}
     assert records["alone"]["cap1"].tobytes() == records["auto"]["cap1"].tobytes()
     for name in ("b3", "b4"):
@@ -166,17 +174,24 @@ def test_a_captures_record_depends_on_its_own_batches_only(tmp_path, tiny_ref, m
             np.testing.assert_allclose(records[name][capture], rows, rtol=1e-5, atol=1e-6)
     # the cache keys a row by its batch: batches of 3 fill it, a run in batches of 4 cannot use it
     cache = tmp_path / "cache"
-    embed.run(data, tmp_path / "c3", embed.Config(model=tiny_ref.id, batch_size=3), device="cpu", cache_folder=cache)
+    embed.run(
+        Context(tmp_path / "c3", data=data, device="cpu", paths={"cache": cache}),
+        embed.Config(model=tiny_ref.id, batch_size=3),
+    )
     with caplog.at_level(logging.INFO, logger="nvf"):
         embed.run(
-            data, tmp_path / "c4", embed.Config(model=tiny_ref.id, batch_size=4), device="cpu", cache_folder=cache
+            Context(tmp_path / "c4", data=data, device="cpu", paths={"cache": cache}),
+            embed.Config(model=tiny_ref.id, batch_size=4),
         )
-    assert "15 image(s) embedded, 0 from the cache" in caplog.text
+    assert "15 image(s) computed; cache hits 0 memory, 0 disk" in caplog.text
     # free memory for 2 images only: the auto batches of 5 run in slices, with a warning, uncached
     monkeypatch.setattr(batching, "auto_batch_size", lambda *args, **kwargs: 2)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="nvf"):
-        split = embed.run(data, tmp_path / "split", embed.Config(model=tiny_ref.id), device="cpu", cache_folder=cache)
+        split = embed.run(
+            Context(tmp_path / "split", data=data, device="cpu", paths={"cache": cache}),
+            embed.Config(model=tiny_ref.id),
+        )
     assert "a batch of 5 items runs in slices of 2" in caplog.text
     for path in split:
         np.testing.assert_allclose(
@@ -185,5 +200,8 @@ def test_a_captures_record_depends_on_its_own_batches_only(tmp_path, tiny_ref, m
     monkeypatch.undo()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="nvf"):
-        embed.run(data, tmp_path / "whole", embed.Config(model=tiny_ref.id), device="cpu", cache_folder=cache)
-    assert "15 image(s) embedded, 0 from the cache" in caplog.text  # the split rows were not cached
+        embed.run(
+            Context(tmp_path / "whole", data=data, device="cpu", paths={"cache": cache}),
+            embed.Config(model=tiny_ref.id),
+        )
+    assert "15 image(s) computed; cache hits 0 memory, 0 disk" in caplog.text  # the split rows were not cached

@@ -137,7 +137,7 @@ def test_run_writes_report_with_figures(data, gt, tmp_path, monkeypatch):
                              views=tmp_path / "views", views_ref=data,
                              input_image=next(data.rglob("*051_00.png")))  # fmt: skip
     cfg = evaluate.PRESETS["tiny"]
-    written = evaluate.run(inputs, tmp_path / "report", cfg, device="cpu")
+    written = evaluate.evaluate(inputs, tmp_path / "report", cfg, device="cpu")
     report = tmp_path / "report"
     assert {p.name for p in written} == {"report.md", "metrics.json", "poses_top.png", "depth.png", "contact_sheet.png",
                                          "cloud_renders.png", "generated_views.png"}  # fmt: skip
@@ -169,7 +169,7 @@ def test_run_writes_report_with_figures(data, gt, tmp_path, monkeypatch):
     assert "| rotation_error_deg | all |" in md and "figures/contact_sheet.png" in md and "## Skipped" in md
     assert "figures/cloud_renders.png" in md and "figures/generated_views.png" in md
     # unchanged inputs: up to date, nothing written
-    assert evaluate.run(inputs, report, cfg, device="cpu") == []
+    assert evaluate.evaluate(inputs, report, cfg, device="cpu") == []
 
 
 def test_compare_puts_two_runs_side_by_side(data, gt, tmp_path, monkeypatch):
@@ -177,8 +177,8 @@ def test_compare_puts_two_runs_side_by_side(data, gt, tmp_path, monkeypatch):
     _write_views(data, gt, tmp_path / "a", shift_every=2)
     _write_views(data, gt, tmp_path / "b", shift_every=1)
     cfg = evaluate.Config(identity="off", resolution=None, lpips="off", arcface="off")
-    evaluate.run(evaluate.Inputs(views=tmp_path / "a", views_ref=data), tmp_path / "ra", cfg, device="cpu")
-    evaluate.run(evaluate.Inputs(views=tmp_path / "b", views_ref=data, compare=tmp_path / "ra"), tmp_path / "rb", cfg,
+    evaluate.evaluate(evaluate.Inputs(views=tmp_path / "a", views_ref=data), tmp_path / "ra", cfg, device="cpu")
+    evaluate.evaluate(evaluate.Inputs(views=tmp_path / "b", views_ref=data, compare=tmp_path / "ra"), tmp_path / "rb", cfg,
                  device="cpu")  # fmt: skip
     doc = json.loads((tmp_path / "rb" / "metrics.json").read_text())
     row = next(r for r in doc["compare"]["rows"] if r["metric"] == "ssim" and r["bucket"] == "all")
@@ -212,9 +212,9 @@ def test_colmap_and_transforms_sources_read_back(gt, tmp_path):
 
 def test_half_a_pair_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="give both"):
-        evaluate.run(evaluate.Inputs(poses=tmp_path), tmp_path / "r")
+        evaluate.evaluate(evaluate.Inputs(poses=tmp_path), tmp_path / "r")
     with pytest.raises(InputError, match="nothing to evaluate"):
-        evaluate.run(evaluate.Inputs(), tmp_path / "r")
+        evaluate.evaluate(evaluate.Inputs(), tmp_path / "r")
 
 
 def test_json_has_no_infinity():
@@ -239,7 +239,7 @@ def test_pairing_by_pose_leaves_the_input_photo_of_a_sample_folder_out(data, gt,
                                                       for i, n in enumerate(names)]})  # fmt: skip
     cfg = evaluate.Config(identity="off", resolution=None, lpips="off", arcface="off", pairing="pose")
     inputs = evaluate.Inputs(views=folder, views_ref=data, views_ref_poses=gt / "poses.safetensors")
-    evaluate.run(inputs, tmp_path / "report", cfg, device="cpu")
+    evaluate.evaluate(inputs, tmp_path / "report", cfg, device="cpu")
     doc = json.loads((tmp_path / "report" / "metrics.json").read_text())
     scored = {r["name"]: r["reference"] for r in doc["views"]["per_view"]}
     assert scored == {names[i]: ref.names[rows[i]] for i in range(1, len(rows))}  # 000.png is not scored

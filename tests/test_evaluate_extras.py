@@ -56,7 +56,7 @@ def test_reconstruction_section_averages_captures_and_report_shows_it_under_the_
         (tmp_path / "recon" / capture).mkdir(parents=True)
         _recon_metrics(tmp_path / "recon" / capture, psnr)
     cfg = evaluate.Config(label="smoke run: nothing here means anything")
-    evaluate.run(evaluate.Inputs(reconstruction=tmp_path / "recon"), tmp_path / "report", cfg, device="cpu")
+    evaluate.evaluate(evaluate.Inputs(reconstruction=tmp_path / "recon"), tmp_path / "report", cfg, device="cpu")
     doc = json.loads((tmp_path / "report" / "metrics.json").read_text())
     rows = {(f["section"], f["metric"]): f for f in doc["figures"]}
     assert rows[("reconstruction", "psnr")]["value"] == 25.0 and rows[("reconstruction", "psnr")]["n"] == 4

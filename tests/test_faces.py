@@ -82,7 +82,7 @@ def test_identity_section_rates_faces_and_identity(astronaut, tmp_path):
     noise = np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)
     views = _views_folder(tmp_path / "views", photo, [photo[:, ::-1].copy(), _resize(astronaut, 200), noise])
     cfg = evaluate.Config(identity="off", arcface="off", lpips="off", closed_loop="off")
-    evaluate.run(evaluate.Inputs(views=views), tmp_path / "report", cfg, device="cpu")
+    evaluate.evaluate(evaluate.Inputs(views=views), tmp_path / "report", cfg, device="cpu")
     doc = json.loads((tmp_path / "report" / "metrics.json").read_text())
     rows = {(r["metric"], r["bucket"]): r for r in doc["figures"] if r["section"] == "identity"}
     assert rows[("dlib_face_rate", "all")]["value"] == pytest.approx(2 / 3)
@@ -100,7 +100,7 @@ def test_no_face_anywhere_is_reported_not_available(tmp_path):
     noise = rng.integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
     views = _views_folder(tmp_path / "views", noise[0], list(noise[1:]))
     cfg = evaluate.Config(identity="off", arcface="off", lpips="off", closed_loop="off")
-    evaluate.run(evaluate.Inputs(views=views), tmp_path / "report", cfg, device="cpu")
+    evaluate.evaluate(evaluate.Inputs(views=views), tmp_path / "report", cfg, device="cpu")
     doc = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert "identity not available" in doc["identity"]["status"]
     rate = [r for r in doc["figures"] if r["metric"] == "dlib_face_rate" and r["bucket"] == "all"]
@@ -118,12 +118,12 @@ def test_a_missing_extra_is_one_line_skipped_by_default_and_an_error_when_asked(
     cfg = evaluate.Config(identity="off", arcface="off", lpips="off", closed_loop="off")
     with pytest.raises(ModelError, match=r"nvf\[face\]"):
         on = dataclasses.replace(cfg, face_identity="on")
-        evaluate.run(evaluate.Inputs(views=views), tmp_path / "on", on, device="cpu")
+        evaluate.evaluate(evaluate.Inputs(views=views), tmp_path / "on", on, device="cpu")
     assert not (tmp_path / "on").exists()  # nothing half-written
     faces._models.cache_clear()
     with pytest.raises(ModelError, match=r"nvf\[face\]"):
         faces.detect(image)
-    evaluate.run(evaluate.Inputs(views=views), tmp_path / "auto", cfg, device="cpu")
+    evaluate.evaluate(evaluate.Inputs(views=views), tmp_path / "auto", cfg, device="cpu")
     doc = json.loads((tmp_path / "auto" / "metrics.json").read_text())
     assert any(s["metric"] == "dlib_identity" and "nvf[face]" in s["reason"] for s in doc["skipped"])
     faces._models.cache_clear()

@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 from stages import align, cloud, evaluate, masks, reconstruct, synth
 from stages.core import io, models, worktree
 from stages.core import masks as headmasks
+from stages.core.contract import Context
 from stages.core.errors import InputError, RecordError
 from tests.helpers import groundtruth_work
 
@@ -92,10 +93,8 @@ def _transformers_classes(ref: models.ModelRef, image_path: Path) -> np.ndarray:
 
 def test_tiny_segformer_batched_equals_one_by_one_and_transformers(tmp_path, tiny_ref):
     data = _dataset(tmp_path / "data", captures=1)
-    batched = masks.run(data, tmp_path / "b2", masks.Config(model_preset="tiny", batch_size=2), device="cpu",
-                        cache_folder=tmp_path / "cache2")  # fmt: skip
-    single = masks.run(data, tmp_path / "b1", masks.Config(model_preset="tiny", batch_size=1), device="cpu",
-                       cache_folder=tmp_path / "cache1")  # fmt: skip
+    batched = masks.run(Context(tmp_path / "b2", data=data, device="cpu", paths={"cache": tmp_path / "cache2"}), masks.Config(model_preset="tiny", batch_size=2))  # fmt: skip
+    single = masks.run(Context(tmp_path / "b1", data=data, device="cpu", paths={"cache": tmp_path / "cache1"}), masks.Config(model_preset="tiny", batch_size=1))  # fmt: skip
     record = headmasks.load_masks(batched[0], "cap0")
     classes = record["classes"]
     assert classes.shape == (3, 40, 56) and classes.dtype == np.uint8
@@ -112,11 +111,11 @@ def test_resume_overwrite_cache_and_shards(tmp_path, monkeypatch, caplog):
     data = _dataset(tmp_path / "data", captures=2)
     cfg = masks.Config(model_preset="tiny", batch_size=2)
     cache = tmp_path / "cache"
-    first = masks.run(data, tmp_path / "work", cfg, device="cpu", cache_folder=cache)
+    first = masks.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache": cache}), cfg)
     assert [p.parent.name for p in first] == ["cap0", "cap1"]
     stamp = first[0].stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="nvf"):
-        assert masks.run(data, tmp_path / "work", cfg, device="cpu", cache_folder=cache) == []
+        assert masks.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache": cache}), cfg) == []
     assert "0 of 2 capture(s) to write" in caplog.text and first[0].stat().st_mtime_ns == stamp
     calls: list[int] = []
     original = masks.MaskPredictor.predict
@@ -126,13 +125,15 @@ def test_resume_overwrite_cache_and_shards(tmp_path, monkeypatch, caplog):
         return original(self, images, out_hw)
 
     monkeypatch.setattr(masks.MaskPredictor, "predict", counting)
-    again = masks.run(data, tmp_path / "work", cfg, overwrite=True, device="cpu", cache_folder=cache)
+    again = masks.run(Context(tmp_path / "work", data=data, device="cpu", overwrite=True, paths={"cache": cache}), cfg)
     assert len(again) == 2 and calls == []  # recomputed records, every map from the disk cache
-    fresh = masks.run(data, tmp_path / "other", cfg, overwrite=True, device="cpu", cache_folder=tmp_path / "c2")
+    fresh = masks.run(
+        Context(tmp_path / "other", data=data, device="cpu", overwrite=True, paths={"cache": tmp_path / "c2"}), cfg
+    )
     assert calls == [2, 1, 2, 1]  # the model ran: 3 views per capture in batches of 2
     for a, b in zip(first, fresh, strict=True):
         assert a.read_bytes() == b.read_bytes()  # the record depends only on its inputs
-    shards = [masks.run(data, tmp_path / f"s{k}", cfg, shard=worktree.Shard(k, 2), device="cpu", cache_folder=cache)
+    shards = [masks.run(Context(tmp_path / f"s{k}", data=data, shard=worktree.Shard(k, 2), device="cpu", paths={"cache": cache}), cfg)
               for k in range(2)]  # fmt: skip
     assert sorted(p.parent.name for s in shards for p in s) == ["cap0", "cap1"] and all(len(s) == 1 for s in shards)
 
@@ -179,10 +180,10 @@ def _half_masks(data: Path, work: Path) -> np.ndarray:
 def test_masks_reach_the_cloud_and_it_names_the_source(synth_data, tmp_path):
     work = groundtruth_work(synth_data, tmp_path / "work")
     cfg = cloud.PRESETS["raw"]
-    cloud.run(work, cfg, data=synth_data)
+    cloud.run(Context(work, data=synth_data), cfg)
     plain = io.read_json(work / CAPTURE / cloud.METRICS_FILE)
     depth = _half_masks(synth_data, work)
-    written = cloud.run(work, cfg, data=synth_data)  # the new record makes the cloud out of date
+    written = cloud.run(Context(work, data=synth_data), cfg)  # the new record makes the cloud out of date
     assert written == [work / CAPTURE / cloud.CLOUD_FILE, work / CAPTURE / cloud.METRICS_FILE]
     masked = io.read_json(work / CAPTURE / cloud.METRICS_FILE)
     assert plain["mask"] == {"kind": "none"}
@@ -198,11 +199,13 @@ def test_masks_reach_the_cloud_and_it_names_the_source(synth_data, tmp_path):
     mask_dir.mkdir()
     for name in io.load_record(work / CAPTURE / "aligned.safetensors").names:
         Image.fromarray(np.full((32, 32), 255, np.uint8)).save(mask_dir / name)
-    cloud.run(work, cloud.Config(**{**cloud.PRESETS["raw"].__dict__, "mask_dir": str(mask_dir)}), data=synth_data)
+    cloud.run(
+        Context(work, data=synth_data), cloud.Config(**{**cloud.PRESETS["raw"].__dict__, "mask_dir": str(mask_dir)})
+    )
     user = io.read_json(work / CAPTURE / cloud.METRICS_FILE)
     assert user["mask"] == {"kind": "mask_dir", "path": str(mask_dir)}
     assert {s["name"]: s for s in user["filters"]}["foreground"]["after"] == fg[0]["after"]
-    cloud.run(work, cloud.Config(**{**cloud.PRESETS["raw"].__dict__, "use_masks": False}), data=synth_data)
+    cloud.run(Context(work, data=synth_data), cloud.Config(**{**cloud.PRESETS["raw"].__dict__, "use_masks": False}))
     assert io.read_json(work / CAPTURE / cloud.METRICS_FILE)["mask"] == {"kind": "none"}
 
 
@@ -213,18 +216,18 @@ def test_align_samples_inside_the_head_mask_only(synth_data, tmp_path):
     io.save_record(worktree.record_path(work, CAPTURE, "depth"), {"depth": depth["depth"]}, kind="depth",
                    stage="depth", capture=CAPTURE, names=depth.names, extra={"depth_kind": "depth"})  # fmt: skip
     cfg = align.Config(reference="depth", reference_depth=str(gt / "depth.safetensors"), prefilter=False)
-    [plain_path] = align.run(work, cfg)
+    [plain_path] = align.run(Context(work), cfg)
     plain = io.load_record(plain_path)
     _half_masks(synth_data, work)
-    [masked_path] = align.run(work, cfg)  # the masks record makes the aligned record out of date
+    [masked_path] = align.run(Context(work), cfg)  # the masks record makes the aligned record out of date
     masked = io.load_record(masked_path)
     half = depth["depth"].shape[2] // 2
     assert plain["samples"].tolist() == (depth["depth"] > 0).sum(axis=(1, 2)).tolist()
     assert masked["samples"].tolist() == (depth["depth"][:, :, half:] > 0).sum(axis=(1, 2)).tolist()
     assert masked.extra["sample_mask"].endswith("masks.safetensors") and plain.extra["sample_mask"] == "none"
     np.testing.assert_allclose(masked["depth"], plain["depth"], rtol=1e-6)  # the maps still cover every pixel
-    assert align.run(work, cfg) == []  # up to date with the record
-    assert align.run(work, align.Config(**{**cfg.__dict__, "use_masks": False})) != []
+    assert align.run(Context(work), cfg) == []  # up to date with the record
+    assert align.run(Context(work), align.Config(**{**cfg.__dict__, "use_masks": False})) != []
 
 
 def test_reconstruct_dataset_has_a_mask_path_per_frame(synth_data, tmp_path):
@@ -261,9 +264,9 @@ def test_evaluate_scores_depth_inside_the_head_mask(synth_data, tmp_path):
                    capture=CAPTURE, names=depth.names, extra={"depth_kind": "depth"})  # fmt: skip
     inputs = evaluate.Inputs(depth=work, depth_ref=synth_data / "groundtruth")
     cfg = evaluate.Config(depth_alignment="none")
-    evaluate.run(inputs, tmp_path / "plain", cfg, device="cpu")
+    evaluate.evaluate(inputs, tmp_path / "plain", cfg, device="cpu")
     _half_masks(synth_data, work)
-    evaluate.run(inputs, tmp_path / "masked", cfg, device="cpu")
+    evaluate.evaluate(inputs, tmp_path / "masked", cfg, device="cpu")
     plain = io.read_json(tmp_path / "plain" / "metrics.json")["depth"]
     masked = io.read_json(tmp_path / "masked" / "metrics.json")["depth"]
     assert plain["protocol"]["mask"] == "none" and "masks.safetensors" in masked["protocol"]["mask"]
@@ -271,7 +274,7 @@ def test_evaluate_scores_depth_inside_the_head_mask(synth_data, tmp_path):
     assert masked["captures"][CAPTURE]["summary"]["abs_rel"] < 1e-6
     assert masked["captures"][CAPTURE]["mask"].endswith("masks.safetensors")
     with pytest.raises(InputError, match="depth_mask=masks"):
-        evaluate.run(evaluate.Inputs(depth=gt, depth_ref=gt), tmp_path / "x", evaluate.Config(depth_mask="masks"))
+        evaluate.evaluate(evaluate.Inputs(depth=gt, depth_ref=gt), tmp_path / "x", evaluate.Config(depth_mask="masks"))
 
 
 def test_nerfstudio_reads_the_masks_of_the_dataset(synth_data, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 
 from stages import poses, synth
 from stages.core import dataset, geometry, io, worktree
+from stages.core.contract import Context
 from stages.core.errors import InputError
 from stages.poses import sift_matching
 from tests.helpers import write_tiny_png
@@ -44,7 +45,7 @@ def ring(tmp_path_factory):
     data, capture = _synth(tmp_path_factory.mktemp("ring-data"), resolution=512)
     cfg = poses.Config(export=("transforms", "colmap"))
     work = tmp_path_factory.mktemp("ring-work")
-    written = poses.run(data, work, cfg)
+    written = poses.run(Context(work, data=data), cfg)
     return data, work, capture, cfg, written
 
 
@@ -55,7 +56,7 @@ def textureless(tmp_path_factory):
         tmp_path_factory.mktemp("tl-data"), resolution=192, textureless_cameras=("130", "050", "200")
     )
     work = tmp_path_factory.mktemp("tl-work")
-    poses.run(data, work, poses.Config())
+    poses.run(Context(work, data=data), poses.Config())
     return data, work, capture
 
 
@@ -151,16 +152,16 @@ def test_ring_colmap_export_loads_in_pycolmap(ring):
 def test_ring_resume_skips_then_overwrite_redoes(ring):
     data, work, capture, cfg, _written = ring
     before = worktree.record_path(work, capture, "poses").stat().st_mtime_ns
-    assert poses.run(data, work, cfg) == []
+    assert poses.run(Context(work, data=data), cfg) == []
     assert worktree.record_path(work, capture, "poses").stat().st_mtime_ns == before
     # a changed config is a different input hash: the capture is redone (no export asked: 2 files)
     changed = dataclasses.replace(cfg, export=(), mapper="incremental", min_inliers=16)
-    assert [p.name for p in poses.run(data, work, changed)] == ["sparse.safetensors", "poses.safetensors"]
+    assert [p.name for p in poses.run(Context(work, data=data), changed)] == ["sparse.safetensors", "poses.safetensors"]
 
 
 def test_uncalibrated_low_contrast_ring_registers_with_the_face_defaults(tmp_path):
     data, capture = _synth(tmp_path / "low", resolution=192, texture_contrast=0.15)
-    poses.run(data, tmp_path / "work", poses.Config())
+    poses.run(Context(tmp_path / "work", data=data), poses.Config())
     record = poses.load_poses(tmp_path / "work", capture)
     assert np.all(record["source"] == poses.SOURCES["sfm"])
     R_gt, T_gt, _ = _ground_truth(data, capture, record.names)
@@ -168,7 +169,7 @@ def test_uncalibrated_low_contrast_ring_registers_with_the_face_defaults(tmp_pat
     assert aligned.rotation_error_deg.max() < 5.0  # focal length is free here: ~1-3° (see report)
     # COLMAP's own SIFT settings register only part of this ring (or nothing)
     try:
-        poses.run(data, tmp_path / "colmap", poses.PRESETS["colmap"])
+        poses.run(Context(tmp_path / "colmap", data=data), poses.PRESETS["colmap"])
         by_sfm = int((poses.load_poses(tmp_path / "colmap", capture)["source"] == poses.SOURCES["sfm"]).sum())
     except InputError as exc:
         assert capture in str(exc)
@@ -240,7 +241,7 @@ def test_fewer_than_two_registered_views_names_the_capture(tmp_path, monkeypatch
         io.write_image(data / f"v{i}.png", np.full((32, 32, 3), 40 * i, np.uint8))
     monkeypatch.setattr(poses.capture, "run_sfm", lambda *args, **kwargs: (None, 0))
     with pytest.raises(InputError, match=r"capture cap: SfM registered 0 of 3 views"):
-        poses.run(tmp_path / "data", tmp_path / "work", poses.Config())
+        poses.run(Context(tmp_path / "work", data=tmp_path / "data"), poses.Config())
     assert not (tmp_path / "work" / "cap").exists()
 
 
@@ -294,7 +295,7 @@ def test_images_are_numbered_in_name_order_whatever_thread_finishes_first(textur
 
 def test_a_rerun_gives_the_same_poses_bit_for_bit(textureless, tmp_path):
     data, work, capture = textureless
-    poses.run(data, tmp_path / "again", poses.Config())
+    poses.run(Context(tmp_path / "again", data=data), poses.Config())
     first, again = poses.load_poses(work, capture), poses.load_poses(tmp_path / "again", capture)
     for key in ("R", "T", "K", "source", "reproj_error"):
         np.testing.assert_array_equal(again[key], first[key])
@@ -399,14 +400,14 @@ def test_final_adjustment_matches_pycolmaps_and_keeps_colmap_quiet(tmp_path):
 def test_empty_folder_is_an_input_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no images found"):
-        poses.run(tmp_path / "empty", tmp_path / "work", poses.Config())
+        poses.run(Context(tmp_path / "work", data=tmp_path / "empty"), poses.Config())
     assert not (tmp_path / "work").exists()
 
 
 def test_one_image_is_an_input_error(tmp_path):
     write_tiny_png(tmp_path / "data" / "solo" / "a.png")
     with pytest.raises(InputError, match="capture solo: 1 image"):
-        poses.run(tmp_path / "data", tmp_path / "work", poses.Config())
+        poses.run(Context(tmp_path / "work", data=tmp_path / "data"), poses.Config())
 
 
 def test_corrupt_image_names_the_file_and_writes_nothing(tmp_path):
@@ -415,7 +416,7 @@ def test_corrupt_image_names_the_file_and_writes_nothing(tmp_path):
     write_tiny_png(tmp_path / "data" / "zbad" / "a.png")
     (tmp_path / "data" / "zbad" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(InputError, match=r"zbad/b\.png: corrupt or unreadable image"):
-        poses.run(tmp_path / "data", tmp_path / "work", poses.Config())
+        poses.run(Context(tmp_path / "work", data=tmp_path / "data"), poses.Config())
     assert not (tmp_path / "work").exists()  # validated before the good capture was processed
 
 
@@ -426,14 +427,14 @@ def test_duplicate_names_are_an_input_error(tmp_path):
     copy = root / "extra" / "001_01_01_051_00.png"
     write_tiny_png(copy)
     with pytest.raises(InputError, match="occur more than once"):
-        poses.run(root, tmp_path / "work", poses.Config())
+        poses.run(Context(tmp_path / "work", data=root), poses.Config())
 
 
 def test_rig_on_a_folder_layout_is_an_input_error_and_auto_falls_back(tmp_path):
     for name in ("a.png", "b.png"):
         write_tiny_png(tmp_path / "data" / "cap" / name)
     with pytest.raises(InputError, match="needs a fixed camera rig"):
-        poses.run(tmp_path / "data", tmp_path / "work", poses.Config(rig="on"))
+        poses.run(Context(tmp_path / "work", data=tmp_path / "data"), poses.Config(rig="on"))
     assert poses.resolve_rig(poses.Config(rig="auto"), "folder") == ("off", None)
     assert not (tmp_path / "work").exists()
 
@@ -443,7 +444,7 @@ def test_rig_on_with_a_single_capture_session_is_an_input_error(tmp_path):
 
     root = make_multipie_tree(tmp_path / "mp", subjects=(1,), cameras=["051", "050", "140"])
     with pytest.raises(InputError, match=r"session 01 has only capture 001_01_01_00"):
-        poses.run(root, tmp_path / "work", poses.Config(rig="on"))
+        poses.run(Context(tmp_path / "work", data=root), poses.Config(rig="on"))
     assert not (tmp_path / "work").exists()
 
 
@@ -477,7 +478,7 @@ def rig_session(tmp_path_factory):
     for name, image in zip(smooth.names, smooth.images_nhw3):
         io.write_image(next(data.rglob(name)), image)
     work = tmp_path_factory.mktemp("rig-work")
-    written = poses.run(data, work, poses.Config(rig="auto"))
+    written = poses.run(Context(work, data=data), poses.Config(rig="auto"))
     return data, work, written
 
 
@@ -495,7 +496,7 @@ def _errors_through_sfm_alignment(data: Path, work: Path, capture: str) -> tuple
 
 def test_captures_posed_at_once_equal_captures_posed_one_by_one(rig_session, tmp_path):
     data, work, _written = rig_session  # posed 2 captures at a time (the default)
-    poses.run(data, tmp_path, poses.Config(rig="auto"), captures_at_once=1)
+    poses.run(Context(tmp_path, data=data), dataclasses.replace(poses.Config(rig="auto"), captures_at_once=1))
     for capture in [c.id for c in dataset.scan(data).captures]:
         one_by_one, at_once = poses.load_poses(tmp_path, capture), poses.load_poses(work, capture)
         for key in ("R", "T", "K", "source", "reproj_error"):
@@ -543,7 +544,7 @@ def test_rig_file_is_reused_for_a_capture_posed_alone(rig_session, tmp_path):
     data, work, _written = rig_session
     smooth = dataset.capture_id(2, 1, 1, 0)
     rig_file = str(poses.rig_path(work, "01"))
-    written = poses.run(data, tmp_path / "work", poses.Config(rig=rig_file), captures=[smooth])
+    written = poses.run(Context(tmp_path / "work", data=data, captures=[smooth]), poses.Config(rig=rig_file))
     assert [p.name for p in written] == ["sparse.safetensors", "poses.safetensors"]
     record, rotation, centre = _errors_through_sfm_alignment(data, tmp_path / "work", smooth)
     assert int((record["source"] == poses.SOURCES["rig"]).sum()) == 2
@@ -591,7 +592,7 @@ def test_kermit_registers_at_least_10_of_11_and_agrees_with_bundler(shared_data,
         shutil.copy(image, data / image.name)
     contrast = poses.capture_contrast(data, sorted(p.name for p in data.glob("*.jpg")))
     assert 0.025 < contrast < 0.045  # measured 0.033: textured, so a fast pass at threshold ~0.0044
-    poses.run(data, tmp_path / "work", poses.Config())
+    poses.run(Context(tmp_path / "work", data=data), poses.Config())
     record = poses.load_poses(tmp_path / "work", "kermit")
     assert int((record["source"] == poses.SOURCES["sfm"]).sum()) >= 10
     R_b, T_b, ok = _read_bundle(kermit / "results.example" / "bundle.out")
@@ -645,5 +646,5 @@ def test_an_error_cancels_the_captures_still_in_sfm(textureless, tmp_path, monke
     monkeypatch.setattr(poses.entry, "cancellation_token", token)
     monkeypatch.setattr(poses.entry, "complete_capture", fail)
     with pytest.raises(RuntimeError, match="boom"):
-        poses.run(data, tmp_path, poses.Config())
+        poses.run(Context(tmp_path, data=data), poses.Config())
     assert len(tokens) == 1 and (tokens[0] is None or tokens[0].is_cancelled)

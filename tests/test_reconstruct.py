@@ -54,7 +54,9 @@ def test_nerfacto_on_cpu_writes_checkpoint_points_in_capture_frame_and_metrics(s
     out = tmp_path / "recon"
     steps: list[tuple[int, int]] = []
     cfg = reconstruct.PRESETS["test"]  # 30 iterations, 256 rays, bounded, compact nerfacto
-    written = reconstruct.run(work, out, cfg, data=data, device="cpu", progress=lambda d, t: steps.append((d, t)))
+    written = reconstruct.reconstruct(
+        work, out, cfg, data=data, device="cpu", progress=lambda d, t: steps.append((d, t))
+    )
     names = [p.name for p in written]
     assert names[0] == "points.ply" and "config.yml" in names and names[-1] == "recon_metrics.json"
     assert any(n.startswith("step-") and n.endswith(".ckpt") for n in names)
@@ -97,7 +99,7 @@ def test_nerfacto_on_cpu_writes_checkpoint_points_in_capture_frame_and_metrics(s
     assert np.all(hi - lo > 0.3) and np.all(hi - lo < 4.0)  # extent of the order of the head's (~2 units)
 
     # rerun with the same inputs: up to date, nothing written
-    assert reconstruct.run(work, out, cfg, data=data, device="cpu") == []
+    assert reconstruct.reconstruct(work, out, cfg, data=data, device="cpu") == []
 
 
 def test_split_holds_out_every_kth_view_between_training_views():
@@ -133,7 +135,7 @@ def test_missing_alexnet_weights_is_a_clear_model_error(tmp_path, monkeypatch, s
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     data, work = synth_capture
     with pytest.raises(ModelError) as info:
-        reconstruct.run(work, tmp_path / "out", reconstruct.PRESETS["test"], data=data, device="cpu")
+        reconstruct.reconstruct(work, tmp_path / "out", reconstruct.PRESETS["test"], data=data, device="cpu")
     message = str(info.value)
     assert reconstruct.ALEXNET_URL in message and str(tmp_path / "empty" / "hub" / "checkpoints") in message
     assert not (tmp_path / "out").exists()
@@ -143,7 +145,7 @@ def test_without_lpips_runs_with_no_alexnet_weights_and_says_so(tmp_path, monkey
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))  # no weights: lpips = false must not need them
     data, work = synth_capture
     cfg = dataclasses.replace(reconstruct.PRESETS["test"], iterations=5, lpips=False)
-    reconstruct.run(work, tmp_path / "out", cfg, data=data, device="cpu")
+    reconstruct.reconstruct(work, tmp_path / "out", cfg, data=data, device="cpu")
     report = json.loads((tmp_path / "out" / "recon_metrics.json").read_text())
     assert set(report["metrics"]) == {"psnr", "ssim"} and 5.0 < report["metrics"]["psnr"] < 60.0
     assert "LPIPS not computed" in report["metrics_source"] and report["lpips_weights"] is None
@@ -153,25 +155,29 @@ def test_without_lpips_runs_with_no_alexnet_weights_and_says_so(tmp_path, monkey
 def test_splatfacto_on_cpu_says_it_needs_cuda(torch_home, synth_capture, tmp_path):
     data, work = synth_capture
     with pytest.raises(InputError, match="splatfacto needs a CUDA GPU"):
-        reconstruct.run(work, tmp_path / "out", reconstruct.Config(method="splatfacto"), data=data, device="cpu")
+        reconstruct.reconstruct(
+            work, tmp_path / "out", reconstruct.Config(method="splatfacto"), data=data, device="cpu"
+        )
 
 
 def test_bad_inputs_fail_with_one_clear_message(torch_home, synth_capture, tmp_path):
     data, work = synth_capture
     cfg = reconstruct.PRESETS["test"]
     with pytest.raises(InputError, match="no poses.safetensors and no transforms.json"):
-        reconstruct.run(tmp_path, tmp_path / "out", cfg, device="cpu")
+        reconstruct.reconstruct(tmp_path, tmp_path / "out", cfg, device="cpu")
     with pytest.raises(InputError, match="pass --data DATA"):
-        reconstruct.run(work, tmp_path / "out", cfg, device="cpu")  # no --data, no exported transforms.json
+        reconstruct.reconstruct(work, tmp_path / "out", cfg, device="cpu")  # no --data, no exported transforms.json
     other = tmp_path / "other"
     synth.run(other, synth.Config(subjects=1, resolution=16, elevated=False, surface_points=100))
     renamed = other / "renamed"
     shutil.move(other / "session01", renamed)  # same capture id, but one image is missing
     next(renamed.rglob("*_051_00.png")).unlink()
     with pytest.raises(InputError, match="1 of 13 posed views have no image"):
-        reconstruct.run(work, tmp_path / "out", cfg, data=other, device="cpu")
+        reconstruct.reconstruct(work, tmp_path / "out", cfg, data=other, device="cpu")
     with pytest.raises(InputError, match="depth-nerfacto needs aligned depth"):
-        reconstruct.run(work, tmp_path / "out", reconstruct.Config(method="depth-nerfacto"), data=data, device="cpu")
+        reconstruct.reconstruct(
+            work, tmp_path / "out", reconstruct.Config(method="depth-nerfacto"), data=data, device="cpu"
+        )
     assert not (tmp_path / "out").exists()
 
 

@@ -22,7 +22,7 @@ def build_tiny_run(root: Path) -> tuple[Path, Path]:
     """(run folder, a Multi-PIE frontal photo): 2 synthetic persons at 32 px, 2 training steps."""
     index = build_triplets(root, subjects=2, train_split=0.5)
     run = root / "run"
-    train.run(index, run, tiny_config(max_steps=2, checkpoint_every=2), device="cpu")
+    train.train(index, run, tiny_config(max_steps=2, checkpoint_every=2), device="cpu")
     photo = next((root / "data").rglob("*_051_*.png"))
     return run, photo
 
@@ -201,7 +201,7 @@ def test_strength_runs_the_tail_of_the_schedule(model, scheduler):
 
 def test_views_transforms_and_contact_sheet(tiny_run, tmp_path):
     run, photo = tiny_run
-    paths = sample.run(run, photo, tmp_path / "views", tiny_cfg(), device="cpu")
+    paths = sample.sample(run, photo, tmp_path / "views", tiny_cfg(), device="cpu")
     out = tmp_path / "views"
     assert paths[:3] == [out / "transforms.json", out / "contact_sheet.png", out / "sample.json"]
     assert [p.name for p in paths[3:]] == ["000.png", "001.png", "002.png", "003.png"]
@@ -230,7 +230,7 @@ def test_same_seed_same_pngs_and_batch_size_changes_only_rounding(tiny_run, tmp_
     run, photo = tiny_run
 
     def views(name: str, **changes) -> np.ndarray:
-        return read_views(Path(sample.run(run, photo, tmp_path / name, tiny_cfg(**changes), device="cpu")[0]).parent)
+        return read_views(Path(sample.sample(run, photo, tmp_path / name, tiny_cfg(**changes), device="cpu")[0]).parent)
 
     one = views("a", batch_size=1)
     np.testing.assert_array_equal(views("b", batch_size=1), one)
@@ -248,7 +248,7 @@ def test_transforms_load_in_nerfstudio_dataparser(tiny_run, tmp_path):
 
     run, photo = tiny_run
     out = tmp_path / "views"
-    sample.run(run, photo, out, tiny_cfg(orbit="ring13", azimuths=None, steps=1), device="cpu")
+    sample.sample(run, photo, out, tiny_cfg(orbit="ring13", azimuths=None, steps=1), device="cpu")
     parser = NerfstudioDataParserConfig(data=out, eval_mode="all", auto_scale_poses=False, center_method="none",
                                         orientation_method="none").setup()  # fmt: skip
     outputs = parser.get_dataparser_outputs(split="train")
@@ -267,7 +267,7 @@ def test_an_odd_size_photo_with_a_mask_goes_through(tiny_run, tmp_path):
     mask_hw = np.zeros((61, 97, 3), np.uint8)
     mask_hw[15:45, 35:65] = 255
     mask = io.write_image(tmp_path / "mask.png", mask_hw)
-    sample.run(run, photo, tmp_path / "views", tiny_cfg(azimuths=(30.0,)), mask=mask, device="cpu")
+    sample.sample(run, photo, tmp_path / "views", tiny_cfg(azimuths=(30.0,)), mask=mask, device="cpu")
     views = read_views(tmp_path / "views")
     assert views.shape == (2, 32, 32, 3)
     assert (views[0][:3, :3] >= 250).all() and (views[0][:3, -3:] >= 250).all()  # background composited on white
@@ -279,7 +279,7 @@ def test_the_real_astronaut_portrait_goes_through(tiny_run, shared_data, tmp_pat
     photo = shared_data / "astronaut.png"
     if not photo.is_file():
         pytest.skip(f"{photo} is absent")
-    sample.run(tiny_run[0], photo, tmp_path / "views", tiny_cfg(azimuths=(45.0,)), device="cpu")
+    sample.sample(tiny_run[0], photo, tmp_path / "views", tiny_cfg(azimuths=(45.0,)), device="cpu")
     assert read_views(tmp_path / "views").shape == (2, 32, 32, 3)
     crop = json.loads((tmp_path / "views" / "sample.json").read_text())["crop"]
     found = faces.unavailable_reason() is None
@@ -295,7 +295,7 @@ def test_crop_none_keeps_the_whole_photo_and_center_the_old_square(tiny_run, tmp
     run, photo = tiny_run
     wide = io.write_image(tmp_path / "wide.png", np.tile(io.read_image(photo), (1, 2, 1)))  # [32, 64] two faces
     for mode, box in (("none", [0, -16, 64]), ("center", [16, 0, 32])):
-        sample.run(run, wide, tmp_path / mode, tiny_cfg(azimuths=(30.0,), crop=mode, steps=1), device="cpu")
+        sample.sample(run, wide, tmp_path / mode, tiny_cfg(azimuths=(30.0,), crop=mode, steps=1), device="cpu")
         assert json.loads((tmp_path / mode / "sample.json").read_text())["crop"]["box_x0_y0_side"] == box
     assert (read_views(tmp_path / "none")[0][:4] >= 250).all()  # padded with white above the photo
 
@@ -304,18 +304,20 @@ def test_reruns_skip_refuse_or_overwrite(tiny_run, tmp_path):
     run, photo = tiny_run
     out = tmp_path / "views"
     cfg = tiny_cfg(azimuths=(30.0,), steps=1)
-    sample.run(run, photo, out, cfg, device="cpu")
+    sample.sample(run, photo, out, cfg, device="cpu")
     stamp = (out / "views" / "001.png").stat().st_mtime_ns
-    sample.run(run, photo, out, cfg, device="cpu")  # up to date: nothing rewritten
+    sample.sample(run, photo, out, cfg, device="cpu")  # up to date: nothing rewritten
     assert (out / "views" / "001.png").stat().st_mtime_ns == stamp
     with pytest.raises(InputError, match="--overwrite"):
-        sample.run(run, photo, out, dataclasses.replace(cfg, seed=3), device="cpu")
-    sample.run(run, photo, out, dataclasses.replace(cfg, seed=3, azimuths=(30.0, 60.0)), device="cpu", overwrite=True)
+        sample.sample(run, photo, out, dataclasses.replace(cfg, seed=3), device="cpu")
+    sample.sample(
+        run, photo, out, dataclasses.replace(cfg, seed=3, azimuths=(30.0, 60.0)), device="cpu", overwrite=True
+    )
     assert len(list((out / "views").glob("*.png"))) == 3
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="other files"):
-        sample.run(run, photo, tmp_path / "busy", cfg, device="cpu", overwrite=True)
+        sample.sample(run, photo, tmp_path / "busy", cfg, device="cpu", overwrite=True)
 
 
 def test_bad_settings_are_input_errors(tiny_run, tmp_path):
@@ -323,11 +325,11 @@ def test_bad_settings_are_input_errors(tiny_run, tmp_path):
     for change, message in [({"strength": 0.0}, "--strength"), ({"steps": 0}, "--steps"),
                             ({"guidance": -1.0}, "--guidance"), ({"scheduler": "plms"}, "--scheduler")]:  # fmt: skip
         with pytest.raises(InputError, match=message):
-            sample.run(run, photo, tmp_path / "v", tiny_cfg(**change), device="cpu")
+            sample.sample(run, photo, tmp_path / "v", tiny_cfg(**change), device="cpu")
     with pytest.raises(ModelError, match="--clip-model"):  # the fixture's embeddings are fake
-        sample.run(run, photo, tmp_path / "v", tiny_cfg(clip_model=None), device="cpu")
+        sample.sample(run, photo, tmp_path / "v", tiny_cfg(clip_model=None), device="cpu")
     with pytest.raises(InputError, match="no checkpoint"):
-        sample.run(tmp_path, photo, tmp_path / "v", tiny_cfg(), device="cpu")
+        sample.sample(tmp_path, photo, tmp_path / "v", tiny_cfg(), device="cpu")
 
 
 def test_the_photo_embedding_is_raw_for_runs_trained_on_raw_clip_features(tiny_run):
@@ -344,9 +346,9 @@ def test_evaluate_views_of_a_tiny_sample_says_they_carry_no_geometry(tiny_run, t
     from stages import evaluate
 
     run, photo = tiny_run
-    sample.run(run, photo, tmp_path / "views", tiny_cfg(orbit="ring13", azimuths=None, steps=1), device="cpu")
+    sample.sample(run, photo, tmp_path / "views", tiny_cfg(orbit="ring13", azimuths=None, steps=1), device="cpu")
     cfg = dataclasses.replace(evaluate.PRESETS["tiny"], lpips="off", arcface="off")
-    evaluate.run(evaluate.Inputs(views=tmp_path / "views"), tmp_path / "report", cfg, device="cpu")
+    evaluate.evaluate(evaluate.Inputs(views=tmp_path / "views"), tmp_path / "report", cfg, device="cpu")
     doc = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert doc["closed_loop"]["n_views"] == 13 and doc["closed_loop"]["anchor"] is None
     assert doc["closed_loop"]["status"].endswith("views carry no consistent geometry")

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from stages import synth, triplets
 from stages.core import dataset, geometry, io, worktree
+from stages.core.contract import Context
 from stages.core.errors import InputError, RecordError
 from tests.train.fixtures import EMBED_DIM, fake_embed
 
@@ -134,7 +135,7 @@ def test_no_person_is_in_two_splits(subject_numbers, train, val, test, seed):
 def test_loading_refuses_a_person_in_two_splits(synth_tree, tmp_path):
     _data, work = synth_tree
     work = _copy_work(work, tmp_path / "work")
-    [path, *_csv] = triplets.run(work, None, triplets.Config(train_split=0.6, seed=3))
+    [path, *_csv] = triplets.run(Context(work), triplets.Config(train_split=0.6, seed=3))
     loaded = triplets.load_triplets(path)
     split = loaded["split"].copy()
     person = loaded["subject_index"] == 0
@@ -170,7 +171,7 @@ PAIR_COUNTS = [
 def test_pair_counts_per_protocol(synth_tree, tmp_path, pairs, protocol, expected):
     _data, work = synth_tree
     out = tmp_path / "triplets.safetensors"
-    triplets.run(work, out, triplets.Config(pairs=pairs, protocol=protocol, csv=False))
+    triplets.run(Context(work, paths={"out": out}), triplets.Config(pairs=pairs, protocol=protocol, csv=False))
     loaded = triplets.load_triplets(out)
     assert loaded.n_pairs == expected
     src, tgt = loaded["pair_source"], loaded["pair_target"]
@@ -185,7 +186,7 @@ def test_pair_counts_per_protocol(synth_tree, tmp_path, pairs, protocol, expecte
 def test_index_rows_codes_order_and_csv(synth_tree, tmp_path):
     data, work = synth_tree
     out = tmp_path / "idx" / "triplets.safetensors"
-    written = triplets.run(work, out, triplets.Config(pairs="nearest:2", pose_code="both", train_split=0.5,
+    written = triplets.run(Context(work, paths={"out": out}), triplets.Config(pairs="nearest:2", pose_code="both", train_split=0.5,
                                                       test_split=0.2, seed=7))  # fmt: skip
     assert written == [out, out.with_suffix(".csv"), out.with_suffix(".images.csv")]
     loaded = triplets.load_triplets(out)
@@ -230,7 +231,7 @@ def test_index_rows_codes_order_and_csv(synth_tree, tmp_path):
     with open(out.with_suffix(".images.csv"), newline="") as handle:
         assert len(list(csv.DictReader(handle))) == loaded.n_images
     # unchanged inputs: nothing to do
-    assert triplets.run(work, out, triplets.Config(pairs="nearest:2", pose_code="both", train_split=0.5,
+    assert triplets.run(Context(work, paths={"out": out}), triplets.Config(pairs="nearest:2", pose_code="both", train_split=0.5,
                                                    test_split=0.2, seed=7)) == []  # fmt: skip
 
 
@@ -244,7 +245,10 @@ def test_interpolated_views_can_be_left_out(synth_tree, tmp_path):
     io.save_record(poses.path, {**poses.tensors, "source": source}, kind="poses", stage="poses", capture=capture,
                    names=poses.names)  # fmt: skip
     out = tmp_path / "t.safetensors"
-    triplets.run(work, out, triplets.Config(subjects=("001",), sessions=("01",), exclude_interp=True, csv=False))
+    triplets.run(
+        Context(work, paths={"out": out}),
+        triplets.Config(subjects=("001",), sessions=("01",), exclude_interp=True, csv=False),
+    )
     loaded = triplets.load_triplets(out)
     per_capture = np.bincount(loaded["capture_index"], minlength=2)
     assert per_capture.tolist() == [11, 13] and loaded.n_pairs == 11 * 10 + 13 * 12
@@ -256,19 +260,21 @@ def test_missing_records_are_one_clear_error(synth_tree, tmp_path):
     work = _copy_work(work, tmp_path / "work")
     worktree.record_path(work, "002_02_03_00", "embed").unlink()
     with pytest.raises(InputError, match=r"1 of 15 capture\(s\) lack records .*002_02_03_00: no embed"):
-        triplets.run(work, None, triplets.Config())
-    [path, *_] = triplets.run(work, None, triplets.Config(skip_missing=True))
+        triplets.run(Context(work), triplets.Config())
+    [path, *_] = triplets.run(Context(work), triplets.Config(skip_missing=True))
     assert len(triplets.load_triplets(path).captures) == 14
     with pytest.raises(InputError, match="bad --pairs"):
-        triplets.run(work, None, triplets.Config(pairs="nearest:0"))
+        triplets.run(Context(work), triplets.Config(pairs="nearest:0"))
     with pytest.raises(InputError, match="add up to"):
-        triplets.run(work, None, triplets.Config(train_split=0.9, val_split=0.2))
+        triplets.run(Context(work), triplets.Config(train_split=0.9, val_split=0.2))
 
 
 def test_raw_clip_features_need_the_norms_of_a_current_embed_record(synth_tree, tmp_path):
     _, work = synth_tree  # its embed records hold unit rows only, as nvf embed wrote them before norms
     out = tmp_path / "idx" / "triplets.safetensors"
-    triplets.run(work, out, triplets.Config(pose_code="both", train_split=0.5, test_split=0.2, seed=1))
+    triplets.run(
+        Context(work, paths={"out": out}), triplets.Config(pose_code="both", train_split=0.5, test_split=0.2, seed=1)
+    )
     loaded = triplets.load_triplets(out)
     np.testing.assert_allclose(np.linalg.norm(loaded.embeddings(), axis=1), 1.0, atol=1e-6)
     with pytest.raises(InputError, match="rerun nvf embed with --overwrite"):
@@ -305,7 +311,7 @@ def test_views_whose_alignment_is_weak_lose_their_depth_reference(synth_tree, tm
     rows = {}
     for level in ("failed", "weak", "good"):
         out = tmp_path / f"{level}.safetensors"
-        triplets.run(work, out, triplets.Config(subjects=("001",), sessions=("01",), csv=False,
+        triplets.run(Context(work, paths={"out": out}), triplets.Config(subjects=("001",), sessions=("01",), csv=False,
                                                 min_depth_quality=level))  # fmt: skip
         loaded = triplets.load_triplets(out)
         first = loaded["capture_index"] == 0
@@ -316,4 +322,6 @@ def test_views_whose_alignment_is_weak_lose_their_depth_reference(synth_tree, tm
     assert rows["weak"][names[7]] == -1 and rows["weak"][names[3]] == 3 and rows["weak"][names[0]] == 0
     assert rows["good"][names[7]] == -1 and rows["good"][names[3]] == -1 and rows["good"][names[0]] == 0
     with pytest.raises(InputError, match="min depth quality"):
-        triplets.run(work, tmp_path / "x.safetensors", triplets.Config(min_depth_quality="best"))
+        triplets.run(
+            Context(work, paths={"out": tmp_path / "x.safetensors"}), triplets.Config(min_depth_quality="best")
+        )

@@ -8,9 +8,8 @@ from typing import Annotated, Any
 import typer
 
 from nvfcli.console import print_paths, progress_bar
-from nvfcli.options import Captures, Json, Opt, Overwrite, Shard, config_options
+from nvfcli.options import Captures, Json, Opt, Overwrite, Shard, config_options, stage_context
 from stages import align as stage
-from stages.core import worktree
 
 
 @config_options(stage.Config, {
@@ -37,8 +36,7 @@ def align(
         raise typer.BadParameter("give --reference-view or --reference-depth, not both")
     reference = "view" if "reference_view" in changes else "depth" if "reference_depth" in changes else "sparse"
     cfg = stage.Config(reference=reference, **changes)
-    ids = worktree.read_capture_ids(captures) if captures else None
     with progress_bar("align") as progress:
-        written = stage.run(work, cfg, shard=worktree.Shard.parse(shard), capture_ids=ids, overwrite=overwrite,
-                            progress=progress)  # fmt: skip
+        written = stage.run(stage_context(work, shard=shard, captures=captures, overwrite=overwrite, progress=progress),
+                            cfg)  # fmt: skip
     print_paths(written, json_out)

@@ -9,9 +9,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from nvfcli.console import print_paths, progress_bar
-from nvfcli.options import Captures, Device, Json, Opt, Overwrite, Shard, config_options, preset_help
+from nvfcli.options import Captures, Device, Json, Opt, Overwrite, Shard, config_options, preset_help, stage_context
 from stages import cloud as stage
-from stages.core import worktree
 
 
 def _range(text: Optional[str]) -> Optional[tuple[float, float]]:
@@ -62,8 +61,8 @@ def cloud(
     if preset not in stage.PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(stage.PRESETS)}")
     cfg = dataclasses.replace(stage.PRESETS[preset], **changes)
-    ids = worktree.read_capture_ids(captures) if captures else None
     with progress_bar("cloud") as progress:
-        written = stage.run(work, cfg, data=data, shard=worktree.Shard.parse(shard), capture_ids=ids,
-                            overwrite=overwrite, progress=progress, device=device)  # fmt: skip
+        ctx = stage_context(work, data=data, shard=shard, captures=captures, device=device, overwrite=overwrite,
+                            progress=progress)  # fmt: skip
+        written = stage.run(ctx, cfg)
     print_paths(written, json_out)

@@ -18,10 +18,10 @@ from nvfcli.options import (
     Shard,
     config_options,
     preset_help,
+    stage_context,
     stage_preset,
 )
 from stages import embed as stage
-from stages.core import worktree
 
 
 @config_options(stage.Config, {"workers": Opt(option={"min": 1})})
@@ -42,8 +42,8 @@ def embed(
     `nvf embed data --out work --model ViT-L-14@laion2b_s32b_b82k`.
     """
     cfg = stage_preset(stage, preset, changes)
-    ids = worktree.read_capture_ids(captures) if captures else None
     with progress_bar("embed") as progress:
-        written = stage.run(data, out, cfg, shard=worktree.Shard.parse(shard), capture_ids=ids, overwrite=overwrite,
-                            device=device, progress=progress)  # fmt: skip
+        ctx = stage_context(out, data=data, shard=shard, captures=captures, device=device, overwrite=overwrite,
+                            progress=progress)  # fmt: skip
+        written = stage.run(ctx, cfg)
     print_paths(written, json_out)

@@ -60,5 +60,5 @@ def evaluate(
                           cloud_ref=cloud_ref, views=views, views_ref=views_ref, views_ref_poses=views_ref_poses,
                           input_image=input_image, reconstruction=reconstruction, compare=compare)  # fmt: skip
     with progress_bar("evaluate") as progress:
-        written = stage.run(inputs, out, cfg, device=device, overwrite=overwrite, progress=progress)
+        written = stage.evaluate(inputs, out, cfg, device=device, overwrite=overwrite, progress=progress)
     print_paths(written, json_out)

@@ -9,9 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from nvfcli.console import print_paths, progress_bar
-from nvfcli.options import Captures, DataDir, Json, Opt, Overwrite, Shard, config_options, preset_help
+from nvfcli.options import Captures, DataDir, Json, Opt, Overwrite, Shard, config_options, preset_help, stage_context
 from stages import poses as stage
-from stages.core import worktree
 from stages.core.errors import InputError
 
 
@@ -31,9 +30,6 @@ def poses(
     data: DataDir,
     out: Annotated[Path, typer.Option("--out", "-o", help="Work tree: writes OUT/<capture>/poses.safetensors.")],
     preset: Annotated[str, typer.Option(help=preset_help(stage, "Starting point"))] = "default",
-    captures_at_once: Annotated[
-        int, typer.Option(min=1, help="Captures in SfM at a time: one's single-threaded mapping overlaps another's.")
-    ] = 2,
     shard: Shard = None,
     captures: Captures = None,
     overwrite: Overwrite = False,
@@ -56,8 +52,7 @@ def poses(
                 f"unknown --{name.replace('_', '-')} '{changes[name]}'; choose one of: {', '.join(allowed)}"
             )
     cfg = dataclasses.replace(stage.PRESETS[preset], **changes)
-    ids = worktree.read_capture_ids(captures) if captures else None
     with progress_bar("posing captures") as progress:
-        written = stage.run(data, out, cfg, shard=worktree.Shard.parse(shard), captures=ids, overwrite=overwrite,
-                            progress=progress, captures_at_once=captures_at_once)  # fmt: skip
+        written = stage.run(stage_context(out, data=data, shard=shard, captures=captures, overwrite=overwrite,
+                                          progress=progress), cfg)  # fmt: skip
     print_paths(written, json_out)

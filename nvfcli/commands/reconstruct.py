@@ -51,5 +51,6 @@ def reconstruct(
     extra_ns = changes.pop("ns", ())  # --ns adds to the preset's overrides
     cfg = dataclasses.replace(base, **changes, ns=base.ns + extra_ns)
     with progress_bar("training") as progress:
-        written = stage.run(source, out, cfg, data=data, overwrite=overwrite, device=device, progress=progress)
+        written = stage.reconstruct(source, out, cfg, data=data, overwrite=overwrite, device=device,
+                                    progress=progress)  # fmt: skip
     print_paths(written, json_out)

@@ -69,5 +69,5 @@ def sample(
         raise InputError(f"unknown --preset '{preset}': choose one of {', '.join(stage.PRESETS)}")
     cfg = dataclasses.replace(stage.PRESETS[preset], **changes)
     with progress_bar("sample") as progress:
-        written = stage.run(model, image, out, cfg, mask=mask, device=device, overwrite=overwrite, progress=progress)
+        written = stage.sample(model, image, out, cfg, mask=mask, device=device, overwrite=overwrite, progress=progress)
     print_paths(written, json_out)

@@ -38,5 +38,5 @@ def train(
         raise InputError(f"unknown --preset '{preset}': choose one of {', '.join(stage.PRESETS)}")
     cfg = dataclasses.replace(stage.PRESETS[preset], **changes)
     with progress_bar("train") as progress:
-        written = stage.run(triplets, out, cfg, device=device, resume=resume, overwrite=overwrite, progress=progress)
+        written = stage.train(triplets, out, cfg, device=device, resume=resume, overwrite=overwrite, progress=progress)
     print_paths(written, json_out)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from nvfcli.console import print_paths, progress_bar
-from nvfcli.options import Json, Opt, Overwrite, config_options
+from nvfcli.options import Json, Opt, Overwrite, config_options, stage_context
 from stages import triplets as stage
 from stages.core import dataset
 
@@ -46,5 +46,6 @@ def triplets(
     """
     cfg = stage.Config(**changes)
     with progress_bar("triplets") as progress:
-        written = stage.run(work, out, cfg, data=data, overwrite=overwrite, progress=progress)
+        written = stage.run(stage_context(work, data=data, overwrite=overwrite, progress=progress, paths={"out": out}),
+                            cfg)  # fmt: skip
     print_paths(written, json_out)

@@ -25,7 +25,7 @@ from stages.align.samples import (
 )
 from stages.core import dataset, depthmaps, io, worktree
 from stages.core import masks as headmasks
-from stages.core.batching import ProgressFn
+from stages.core.contract import CaptureJob, Context, Write, for_each_capture
 from stages.core.errors import InputError, StageFailure
 
 log = logging.getLogger("nvf")
@@ -126,31 +126,15 @@ def work_captures(work: Path) -> list[dataset.Capture]:
     return found
 
 
-def run(
-    work: Path,
-    cfg: Config = Config(),
-    *,
-    shard: worktree.Shard = worktree.Shard(),
-    capture_ids: Sequence[str] | None = None,
-    overwrite: bool = False,
-    progress: ProgressFn | None = None,
-) -> list[Path]:
-    """Align the depth of every selected capture of `work`; write ``<capture>/aligned.safetensors``.
+def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
+    """Align the depth of every selected capture of ``ctx.work``; write ``<capture>/aligned.safetensors``.
 
-    Returns the paths written; captures whose output is up to date are skipped unless `overwrite`.
+    Returns the paths written; captures whose output is up to date are skipped unless ``ctx.overwrite``.
     """
     _check_config(cfg)
-    captures = worktree.select_captures(work_captures(work), shard=shard, capture_ids=capture_ids)
-    written = []
-    if progress is not None:
-        progress(0, len(captures))
-    for done, capture in enumerate(captures, start=1):
-        path = align_capture(Path(work), capture.id, cfg, overwrite=overwrite)
-        if path is not None:
-            written.append(path)
-        if progress is not None:
-            progress(done, len(captures))
-    return written
+    work = Path(ctx.work)
+    return for_each_capture(ctx, STAGE, work_captures(work), lambda capture: plan_capture(work, capture, cfg),
+                            lambda job: _align(work, job, cfg))  # fmt: skip
 
 
 def _check_config(cfg: Config) -> None:
@@ -183,13 +167,21 @@ class _Inputs:
 
 def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = False) -> Path | None:
     """Align one capture; returns the path written, or None when its output was up to date."""
-    found = _capture_inputs(work, capture, cfg)
-    out_path = worktree.record_path(work, capture, "aligned")
-    inputs_hash = io.hash_inputs(STAGE, cfg, *found.files, *([found.masks] if found.masks is not None else []))
-    if not overwrite and worktree.is_up_to_date(out_path, inputs_hash):
-        log.debug("align: %s is up to date, skipped", capture)
-        return None
+    written = run(Context(Path(work), captures=[capture], overwrite=overwrite), cfg)
+    return written[0] if written else None
 
+
+def plan_capture(work: Path, capture: dataset.Capture, cfg: Config) -> CaptureJob[_Inputs]:
+    """The capture's output and the hash of what it reads (InputError for a missing input)."""
+    found = _capture_inputs(work, capture.id, cfg)
+    out_path = worktree.record_path(work, capture.id, "aligned")
+    inputs_hash = io.hash_inputs(STAGE, cfg, *found.files, *([found.masks] if found.masks is not None else []))
+    return CaptureJob(capture, (out_path,), inputs_hash, found)
+
+
+def _align(work: Path, job: CaptureJob[_Inputs], cfg: Config) -> Write:
+    """Align one planned capture; returns what writes its record."""
+    found, capture, out_path, inputs_hash = job.state, job.capture.id, job.outputs[0], job.inputs_hash
     record = io.load_record(found.files[0], kind="depth", capture=capture)
     space: FitSpace = "disparity" if record.extra.get("depth_kind") == "disparity" else "depth"
     views, output_valid = _prepared_views(record, found, cfg, work, capture)
@@ -199,10 +191,14 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
     result = align_views(views.depth_nhw, output_valid, samples, space, cfg, fixed, views.noise)
     failed = _failed_views(result, views, samples, capture)
     sample_mask = found.masks.relative_to(work).as_posix() if found.masks is not None else "none"  # in the work tree
-    path = _save_aligned(out_path, result, views, record, cfg, capture, inputs_hash, space, sample_mask, failed)
-    log.info("align: %s: %d view(s), median residual %.4g, wrote %s", capture, len(views.names),
-             float(np.nanmedian(result.residual_rms[np.isfinite(result.residual_rms)])), path)  # fmt: skip
-    return path
+
+    def write() -> list[Path]:
+        path = _save_aligned(out_path, result, views, record, cfg, capture, inputs_hash, space, sample_mask, failed)
+        log.info("align: %s: %d view(s), median residual %.4g, wrote %s", capture, len(views.names),
+                 float(np.nanmedian(result.residual_rms[np.isfinite(result.residual_rms)])), path)  # fmt: skip
+        return [path]
+
+    return write
 
 
 def _capture_inputs(work: Path, capture: str, cfg: Config) -> _Inputs:

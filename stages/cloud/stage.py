@@ -1,11 +1,11 @@
-"""The stage: fuse every selected capture of a work tree (`run`), one capture at a time (`fuse_capture`)."""
+"""The stage: fuse every selected capture of a work tree (`run`: plan, then fuse, per capture through
+`contract.for_each_capture`; `fuse_capture` for one)."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from stages.cloud.loading import image_paths, load_masks, load_views, reference_
 from stages.cloud.scores import cloud_metrics, reference_metrics
 from stages.core import dataset, io, worktree
 from stages.core import masks as headmasks
-from stages.core.batching import ProgressFn
+from stages.core.contract import CaptureJob, Context, Write, for_each_capture
 from stages.core.errors import InputError
 
 log = logging.getLogger("nvf")
@@ -65,64 +65,68 @@ def _check_config(cfg: Config) -> None:
         raise InputError(f"{cfg.mask_dir}: mask folder not found")
 
 
-def run(
-    work: Path,
-    cfg: Config = Config(),
-    *,
-    data: Path | None = None,
-    shard: worktree.Shard = worktree.Shard(),
-    capture_ids: Sequence[str] | None = None,
-    overwrite: bool = False,
-    progress: ProgressFn | None = None,
-    device: str = "cpu",
-) -> list[Path]:
-    """Fuse every selected capture of `work`; write ``<capture>/cloud.ply`` and ``cloud_metrics.json``.
+def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
+    """Fuse every selected capture of ``ctx.work``; write ``<capture>/cloud.ply`` and ``cloud_metrics.json``.
 
-    `device` (auto, cpu, cuda, cuda:N) is where back-projection runs; the outputs do not depend on it.
-
-    `data` is the dataset the work tree was made from (for colours); without it the images are
-    found through ``<capture>/transforms.json`` when present, else the cloud has no colours.
-    Returns the paths written; captures whose outputs are up to date are skipped unless `overwrite`.
+    ``ctx.device`` (auto, cpu, cuda, cuda:N) is where back-projection runs; the outputs do not depend
+    on it. ``ctx.data`` is the dataset the work tree was made from (for colours); without it the
+    images are found through ``<capture>/transforms.json`` when present, else the cloud has no
+    colours. Returns the paths written; captures whose outputs are up to date are skipped unless
+    ``ctx.overwrite``.
     """
     _check_config(cfg)
     torch_device = None
-    if device.strip().lower() != "cpu":
+    if ctx.device.strip().lower() != "cpu":
         from stages.core.batching import choose_device
 
-        torch_device = choose_device(device)
-    captures = worktree.select_captures(work_captures(work), shard=shard, capture_ids=capture_ids)
-    index = dataset.scan(data) if data is not None else None
-    written: list[Path] = []
-    if progress is not None:
-        progress(0, len(captures))
-    for done, capture in enumerate(captures, start=1):
-        written.extend(fuse_capture(Path(work), capture.id, cfg, index=index, overwrite=overwrite,
-                                    device=torch_device))  # fmt: skip
-        if progress is not None:
-            progress(done, len(captures))
-    return written
+        torch_device = choose_device(ctx.device)
+    work = Path(ctx.work)
+    index = dataset.scan(ctx.data) if ctx.data is not None else None
+    return for_each_capture(ctx, STAGE, work_captures(work), lambda capture: plan_capture(work, capture, cfg, index),
+                            lambda job: _fuse(work, job, cfg, torch_device))  # fmt: skip
 
 
-def fuse_capture(work: Path, capture: str, cfg: Config, *, index: dataset.DatasetIndex | None = None,
-                 overwrite: bool = False, device: Any = None) -> list[Path]:  # fmt: skip
+def fuse_capture(work: Path, capture: str, cfg: Config, *, data: Path | None = None, overwrite: bool = False,
+                 device: str = "cpu") -> list[Path]:  # fmt: skip
     """Fuse one capture; returns [cloud.ply, cloud_metrics.json], or [] when they are up to date."""
-    aligned_path = worktree.record_path(work, capture, "aligned")
-    names = io.load_record(aligned_path, kind="aligned", capture=capture).names if aligned_path.is_file() else []
-    images = image_paths(work, capture, names, index)
-    reference = reference_path(cfg, capture)
-    folder = worktree.capture_dir(work, capture)
+    return run(Context(Path(work), data=data, captures=[capture], overwrite=overwrite, device=device), cfg)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What one capture's fusion reads."""
+
+    images: list[Path] | None  # the views' image files (colours), None when not found
+    reference: Path | None  # a reference surface to score against
+    mask_files: list[Path]  # a --mask-dir's files, or the masks record
+    use_record: bool  # the masks record holds the masks
+
+
+def plan_capture(work: Path, capture: dataset.Capture, cfg: Config,
+                 index: dataset.DatasetIndex | None) -> CaptureJob[_Inputs]:  # fmt: skip
+    """The capture's outputs (the metrics JSON marks the pair complete) and the hash of what it reads."""
+    aligned_path = worktree.record_path(work, capture.id, "aligned")
+    names = io.load_record(aligned_path, kind="aligned", capture=capture.id).names if aligned_path.is_file() else []
+    images = image_paths(work, capture.id, names, index)
+    reference = reference_path(cfg, capture.id)
+    folder = worktree.capture_dir(work, capture.id)
     cloud_path, metrics_path = folder / CLOUD_FILE, folder / METRICS_FILE
     mask_files = sorted(Path(cfg.mask_dir).iterdir()) if cfg.mask_dir else []
-    masks_record = headmasks.masks_path(work, capture)
+    masks_record = headmasks.masks_path(work, capture.id)
     use_record = not cfg.mask_dir and cfg.use_masks and masks_record.is_file()
     if use_record:
         mask_files = [masks_record]
-    inputs = [aligned_path, worktree.record_path(work, capture, "poses"), *(images or []), *mask_files]
+    inputs = [aligned_path, worktree.record_path(work, capture.id, "poses"), *(images or []), *mask_files]
     inputs_hash = io.hash_inputs(STAGE, asdict(cfg), *[p for p in inputs if p.is_file()],
                                  *([reference] if reference else []))  # fmt: skip
-    if not overwrite and _up_to_date(cloud_path, metrics_path, inputs_hash):
-        log.debug("cloud: %s is up to date, skipped", capture)
-        return []
+    return CaptureJob(capture, (cloud_path, metrics_path), inputs_hash, _Inputs(images, reference, mask_files, use_record),
+                      is_current=lambda: _up_to_date(cloud_path, metrics_path, inputs_hash))  # fmt: skip
+
+
+def _fuse(work: Path, job: CaptureJob[_Inputs], cfg: Config, device: Any) -> Write:
+    """Fuse one planned capture; returns what writes the cloud and then its metrics (the set's mark)."""
+    capture, (cloud_path, metrics_path), inputs_hash = job.capture.id, job.outputs, job.inputs_hash
+    images, reference, use_record = job.state.images, job.state.reference, job.state.use_record
     views = load_views(work, capture, images)
     if images is None:
         log.warning("cloud: %s: images not found (pass --data DATA); the cloud has no colours", capture)
@@ -148,11 +152,14 @@ def fuse_capture(work: Path, capture: str, cfg: Config, *, index: dataset.Datase
     from stages import __version__
 
     report["nvf_version"] = __version__
-    with io.record_set(metrics_path):  # the metrics mark the cloud complete: removed first, written last
+
+    def write() -> list[Path]:
         io.write_ply(cloud_path, fused.kept.points_n3, fused.kept.colors_n3, fused.normals_n3)
-        io.write_json(metrics_path, _finite_or_none(report))
-    log.info("cloud: %s: %d -> %d points, wrote %s", capture, len(fused.raw), len(fused.kept), cloud_path)
-    return [cloud_path, metrics_path]
+        io.write_json(metrics_path, _finite_or_none(report))  # last: the mark of a complete pair
+        log.info("cloud: %s: %d -> %d points, wrote %s", capture, len(fused.raw), len(fused.kept), cloud_path)
+        return [cloud_path, metrics_path]
+
+    return write
 
 
 def _up_to_date(cloud_path: Path, metrics_path: Path, inputs_hash: str) -> bool:

@@ -106,6 +106,22 @@ def select_captures(
     return shard.select(captures)
 
 
+def captures_with(work: str | os.PathLike, kind: str) -> list[Capture]:
+    """The captures of a work tree holding a record of ``kind`` (sorted; subject from the record's
+    metadata, else the folder name). InputError when ``work`` is not a folder."""
+    work = Path(work)
+    if not work.is_dir():
+        raise InputError(f"{work}: no such work folder")
+    found = []
+    for path in sorted(work.glob(f"*/{RECORD_FILES[kind]}")):
+        try:
+            subject = read_record_metadata(path).get("subject") or path.parent.name
+        except Exception:  # unreadable: the stage that loads it says so
+            subject = path.parent.name
+        found.append(Capture(path.parent.name, subject, ()))
+    return found
+
+
 def is_up_to_date(path: str | os.PathLike, inputs_hash: str) -> bool:
     """True when ``path`` is an nvf record made from the same inputs and config (its ``inputs`` hash)."""
     path = Path(path)

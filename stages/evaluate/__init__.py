@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stages.core import io
+from stages.core.contract import Context
 from stages.core.errors import InputError
 from stages.evaluate import generated as evaluate_views  # the former satellite modules, by their old names
 from stages.evaluate import plots as evaluate_plots
@@ -72,7 +73,7 @@ from stages.evaluate.sources import POSE_SOURCES, PoseSet, _tree, read_pose_set
 from stages.evaluate.views import _views_section, pair_views_by_pose
 
 __all__ = [
-    "CONVENTIONS", "POSE_SOURCES", "PRESETS", "STAGE", "TABLE_V_KEYS", "Config", "DepthAlignment", "DepthMask",
+    "PATHS", "CONVENTIONS", "evaluate", "POSE_SOURCES", "PRESETS", "STAGE", "TABLE_V_KEYS", "Config", "DepthAlignment", "DepthMask",
     "Figures", "Inputs", "LpipsChoice", "MaskMode", "Pairing", "PoseResult", "PoseSet", "ProgressFn", "Switch",
     "align_depth", "compare_rows", "compare_section", "depth_errors", "evaluate_plots", "evaluate_poses",
     "evaluate_recon", "evaluate_views", "pair_views_by_pose", "plot_contact_sheet", "plot_depth_maps",
@@ -206,8 +207,30 @@ def _resolve_device(device: str) -> str:
     return str(choose_device("auto"))
 
 
-def run(inputs: Inputs, out: Path, cfg: Config = Config(), *, device: str = "auto", overwrite: bool = False,
-        progress: ProgressFn | None = None) -> list[Path]:  # fmt: skip
+PATHS = {"out": "report", **{f.name: None for f in dataclasses.fields(Inputs)}}
+"""Named paths `Context.paths` may set: the report folder ``out`` (default ``WORK/report``) and every
+`Inputs` field (poses, poses_ref, depth, ...). With none of those given and a ``DATA/groundtruth``
+folder (synth data), poses and depth of the work tree are scored against it."""
+
+
+def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
+    """The stage contract: `evaluate` the inputs named in ``ctx.paths`` (or the work tree against
+    ``DATA/groundtruth``) into the report folder."""
+    given = {name: Path(ctx.paths[name]) for name in PATHS if name != "out" and ctx.paths.get(name) is not None}
+    truth = Path(ctx.data) / "groundtruth" if ctx.data is not None else None
+    if not given:
+        if truth is None or not truth.is_dir():
+            raise InputError("evaluate: say what to score: name the inputs (poses/poses_ref, depth/depth_ref, ...; in "
+                             "nvf run an inputs table in [stages.evaluate] of --config); defaults exist only for "
+                             "synth data with groundtruth/")  # fmt: skip
+        given = {"poses": ctx.work, "poses_ref": truth, "depth": ctx.work, "depth_ref": truth}
+    out = ctx.path("out", PATHS["out"])
+    assert out is not None
+    return evaluate(Inputs(**given), out, cfg, device=ctx.device, overwrite=ctx.overwrite, progress=ctx.progress)
+
+
+def evaluate(inputs: Inputs, out: Path, cfg: Config = Config(), *, device: str = "auto", overwrite: bool = False,
+             progress: ProgressFn | None = None) -> list[Path]:  # fmt: skip
     """Evaluate every section whose inputs are given; write OUT/metrics.json, OUT/report.md, OUT/figures/.
 
     Returns the paths written (report.md first). An up-to-date OUT (same inputs hash) is kept

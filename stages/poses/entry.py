@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.core import batching, dataset, digests, io, worktree
+from stages.core.contract import Context, require_data
 from stages.core.errors import InputError
 from stages.poses.capture import check_capture, complete_capture, sfm_capture
 from stages.poses.options import EXPORTS, SOURCES, CapturePoses, Config, build_options
@@ -30,6 +31,8 @@ def validate(cfg: Config) -> None:
         raise InputError(f"unknown export '{unknown[0]}'; choose from: {', '.join(EXPORTS)}")
     if cfg.focal_px is not None and not cfg.focal_px > 0:
         raise InputError(f"focal length must be positive, got {cfg.focal_px}")
+    if cfg.captures_at_once < 1:
+        raise InputError(f"--captures-at-once must be at least 1, got {cfg.captures_at_once}")
     build_options(cfg)  # raises for unknown --colmap keys
 
 
@@ -52,7 +55,11 @@ def capture_hash(capture: dataset.Capture, cfg: Config, image_digests: Sequence[
     """Input hash of a capture: its image names and bytes (`image_digests`, sha256 in view order)
     plus the config (and the rig file's bytes)."""
     rig_file = [io.hash_file(cfg.rig)] if cfg.rig not in ("off", "auto", "on") and Path(cfg.rig).is_file() else []
-    return io.hash_inputs(dataclasses.asdict(cfg), capture.names, *rig_file, list(image_digests))
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_HASHED}
+    return io.hash_inputs(settings, capture.names, *rig_file, list(image_digests))
+
+
+_NOT_HASHED = ("captures_at_once",)  # how the work is scheduled, not what it makes
 
 
 def _groups(selected: Sequence[dataset.Capture], mode: str) -> list[list[dataset.Capture]]:
@@ -79,44 +86,33 @@ Plan = tuple[list[dataset.Capture], list[str], list[bool]]
 """One unit of work (`_groups`): its captures, their input hashes, and which are to be posed."""
 
 
-def run(
-    data: Path,
-    out: Path,
-    cfg: Config = Config(),
-    *,
-    shard: worktree.Shard = worktree.Shard(),
-    captures: Sequence[str] | None = None,
-    overwrite: bool = False,
-    device: str = "auto",
-    progress: Callable[[int, int], None] | None = None,
-    captures_at_once: int = 2,
-) -> list[Path]:
-    """Estimate poses for every selected capture of ``data``; returns the paths written.
+def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
+    """Estimate poses for every selected capture of ``ctx.data`` into ``ctx.work``; returns the paths written.
 
     Every selected capture is validated (images readable, >= 2 views) before any is processed, so
-    bad input writes nothing. Up-to-date captures (same input hash) are skipped unless ``overwrite``.
+    bad input writes nothing. Up-to-date captures (same input hash) are skipped unless ``ctx.overwrite``.
     Rig modes: ``auto``/``on`` pose the captures of a session together (a session with >= 2
     captures solves the rig from their SfM views, saves it as ``WORK/rig_<session>.safetensors``
     and poses every view SfM missed through it, source rig); a rig file poses each capture
-    through that rig. ``device`` is accepted for the common stage signature; pycolmap runs on CPU.
-    ``captures_at_once`` captures go through SfM together, so one's single-threaded mapping overlaps
-    another's extraction (4 ring captures on 2 cores: 4.41 s -> 3.74 s; the same poses).
+    through that rig. So the unit of work is a rig group, not a capture, and poses walks its groups
+    itself rather than through `contract.for_each_capture`. ``ctx.device`` is not used: pycolmap
+    runs SIFT on the CPU (or on CUDA itself where its build has it). ``cfg.captures_at_once``
+    captures go through SfM together, so one's single-threaded mapping overlaps another's extraction
+    (4 ring captures on 2 cores: 4.41 s -> 3.74 s; the same poses).
     """
-    del device  # SIFT on CPU; pycolmap picks CUDA itself where its build has it
     validate(cfg)
-    data, out = Path(data), Path(out)
+    data, out = require_data(ctx, "poses"), Path(ctx.work)
     found = dataset.scan(data, cfg.layout)
     mode, rig = resolve_rig(cfg, found.layout)
-    selected = worktree.select_captures(found.captures, shard=shard, capture_ids=captures)
+    selected = ctx.select(found.captures)
     if not selected:
-        log.warning("poses: no captures selected (shard %s/%s)", shard.index, shard.count)
+        log.warning("poses: no captures selected (shard %s/%s)", ctx.shard.index, ctx.shard.count)
         return []
     groups = _groups(selected, mode)
     for capture in selected:
         check_capture(data, capture, decode=False)
-    plans, checked = _plan(data, out, cfg, selected, groups, overwrite)
-    return _pose_and_write(data, out, cfg, plans, checked, found.layout, rig, len(selected), progress,
-                           captures_at_once)  # fmt: skip
+    plans, checked = _plan(data, out, cfg, selected, groups, ctx.overwrite)
+    return _pose_and_write(data, out, cfg, plans, checked, found.layout, rig, len(selected), ctx.progress)
 
 
 def _plan(data: Path, out: Path, cfg: Config, selected: Sequence[dataset.Capture],
@@ -146,9 +142,9 @@ def _plan_group(out: Path, cfg: Config, group: list[dataset.Capture], per_captur
 
 
 def _pose_and_write(data: Path, out: Path, cfg: Config, plans: Sequence[Plan], checked: dict[str, CheckedImages],
-                    layout: str, rig: Rig | None, total: int, progress: Callable[[int, int], None] | None,
-                    captures_at_once: int) -> list[Path]:  # fmt: skip
-    """SfM on the pending captures, `captures_at_once` at a time (a capture's mapping and adjustment
+                    layout: str, rig: Rig | None, total: int,
+                    progress: Callable[[int, int], None] | None) -> list[Path]:  # fmt: skip
+    """SfM on the pending captures, `cfg.captures_at_once` at a time (a capture's mapping and adjustment
     run on one thread, its extraction and matching on all; results come back in order, bit for bit
     the same), then per group its rig, the fallbacks and the records."""
     written: list[Path] = []
@@ -162,7 +158,7 @@ def _pose_and_write(data: Path, out: Path, cfg: Config, plans: Sequence[Plan], c
 
     # BLAS on one thread for the whole run, set and restored here: sift_matching runs its own threads
     # on an error or Ctrl-C, the captures still in SfM are cancelled before they are waited for
-    posed_in_order = batching.ordered_thread_map(pose, to_pose, captures_at_once,
+    posed_in_order = batching.ordered_thread_map(pose, to_pose, cfg.captures_at_once,
                                                  on_abort=None if cancel is None else cancel.cancel)  # fmt: skip
     with batching.one_blas_thread(), contextlib.closing(posed_in_order) as posed:
         for group, hashes, pending in plans:

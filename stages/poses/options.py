@@ -97,6 +97,9 @@ class Config:
     orbits, where multi-threaded adjustment pays."""
     num_threads: int = -1
     """CPU threads for COLMAP (-1: all)."""
+    captures_at_once: int = 2
+    """Captures in SfM at a time: one's single-threaded mapping overlaps another's extraction (the
+    same poses bit for bit; not part of a record's input hash)."""
 
 
 PRESETS: dict[str, Config] = {

@@ -68,7 +68,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stages.core import batching, io
+from stages.core import batching, io, worktree
+from stages.core.contract import Context
 from stages.core.errors import InputError, StageFailure
 from stages.reconstruct.export import (
     clean_points,
@@ -102,7 +103,7 @@ from stages.reconstruct.training import (
 )
 
 __all__ = [
-    "ALEXNET_FILE", "ALEXNET_URL", "BOUNDED_SETTINGS", "COMPACT_SETTINGS", "DEPTH_PNG_MAX", "METHODS", "METRICS_FILE",
+    "PATHS", "reconstruct", "ALEXNET_FILE", "ALEXNET_URL", "BOUNDED_SETTINGS", "COMPACT_SETTINGS", "DEPTH_PNG_MAX", "METHODS", "METRICS_FILE",
     "MIN_TRAIN_VIEWS", "PRESETS", "STAGE", "Config", "Method", "ViewSet", "_capture_views", "alexnet_weights_path",
     "apply_overrides", "build_trainer_config", "check_offline_assets", "clean_points", "evaluate_views",
     "finite_or_none", "inputs_hash", "load_views", "parse_overrides", "poisson_mesh", "read_dataparser_transform",
@@ -223,7 +224,23 @@ def inputs_hash(views: ViewSet, cfg: Config) -> str:
     return io.hash_inputs(dataclasses.asdict(cfg), cams.names, arrays, *views.image_paths, *extra)
 
 
-def run(
+PATHS = {"out": "reconstruct"}
+"""Named paths `Context.paths` may set: ``out``, the folder of the per-capture reconstructions
+(default ``WORK/reconstruct``; capture C goes to ``OUT/C``)."""
+
+
+def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
+    """The stage contract: `reconstruct` every selected capture of ``ctx.work`` that has poses."""
+    out = ctx.path("out", PATHS["out"])
+    assert out is not None
+    written: list[Path] = []
+    for capture in ctx.select(worktree.captures_with(ctx.work, "poses")):
+        written += reconstruct(worktree.capture_dir(ctx.work, capture.id), out / capture.id, cfg, data=ctx.data,
+                               overwrite=ctx.overwrite, device=ctx.device)  # fmt: skip
+    return written
+
+
+def reconstruct(
     source: Path,
     out: Path,
     cfg: Config = Config(),

@@ -4,7 +4,8 @@
 Pieces, one module each: `model` (frozen VAE, 8-channel UNet, conditioning projection), `data`
 (latent cache, z_cond per pair, person-aware sampler), `step` (noise, CFG dropout, ε-MSE, AdamW),
 `checkpoint` (save/resume, `load_checkpoint` for sampling), `monitor` (TensorBoard, previews),
-`distributed` (torchrun/DDP). `run` below is the loop that ties them together.
+`distributed` (torchrun/DDP). `train` below is the loop that ties them together; `run` is the
+stage contract (`stages.core.contract`) over a work tree.
 
 Run folder layout: see `stages.train.checkpoint`. Resuming (`resume="latest"` or a checkpoint
 folder) restores weights, optimizer, lr schedule, GradScaler, EMA, sampler and RNG states; since
@@ -28,6 +29,7 @@ import torch
 
 from stages.core import geometry, io, models
 from stages.core.batching import ProgressFn
+from stages.core.contract import Context
 from stages.core.errors import InputError
 from stages.train import checkpoint as ckpt
 from stages.train import data, distributed, monitor, step
@@ -37,7 +39,7 @@ from stages.triplets import TripletSet, load_triplets
 
 log = logging.getLogger("nvf")
 
-__all__ = ["Config", "PRESETS", "run", "load_checkpoint", "TrainedModel"]
+__all__ = ["Config", "PRESETS", "run", "train", "load_checkpoint", "TrainedModel"]
 
 STAGE = "train"
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -213,7 +215,27 @@ def _write_run_files(
             DDIMScheduler.from_config(parts.scheduler_config).save_pretrained(tmp)
 
 
-def run(
+PATHS = {"triplets": "triplets.safetensors", "out": "train", "resume": None}
+"""Named paths `Context.paths` may set: the ``triplets`` index (default ``WORK/triplets.safetensors``),
+the run folder ``out`` (default ``WORK/train``), and ``resume`` (`latest` or a checkpoint folder)."""
+
+
+def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
+    """The stage contract: `train` on ``ctx``'s triplet index into its run folder.
+
+    A rerun continues from the run's latest checkpoint (``ctx.paths["resume"]`` names another) unless
+    ``ctx.overwrite``, which starts over.
+    """
+    out = ctx.path("out", PATHS["out"])
+    triplets = ctx.path("triplets", PATHS["triplets"])
+    assert out is not None and triplets is not None
+    resume = str(ctx.paths["resume"]) if ctx.paths.get("resume") is not None else None
+    if resume is None and not ctx.overwrite and ckpt.list_checkpoints(out):
+        resume = "latest"
+    return train(triplets, out, cfg, device=ctx.device, resume=resume, overwrite=ctx.overwrite, progress=ctx.progress)
+
+
+def train(
     triplets_path: Path,
     out: Path,
     cfg: Config = Config(),

@@ -72,13 +72,14 @@ from stages.triplets.config import (
     PoseCode,
     record_schema,
 )
-from stages.triplets.entry import resolve_data_root, run, validate
+from stages.triplets.entry import PATHS, resolve_data_root, run, validate
 from stages.triplets.load import TripletSet, load_triplets
 from stages.triplets.splits import assign_splits, check_fractions, check_splits, split_counts
 from stages.triplets.write import write_csv
 
 __all__ = [
     "STAGE",
+    "PATHS",
     "KIND",
     "SPLITS",
     "POSE_SOURCES",

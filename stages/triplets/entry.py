@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from stages.core import dataset, io, worktree
-from stages.core.batching import ProgressFn
+from stages.core.contract import Context
 from stages.core.errors import InputError
 from stages.triplets.config import Config, PairSpec
 from stages.triplets.rows import _QUALITY_LEVEL, _capture_rows, _CaptureRows, _file_stamp, _records, _select
@@ -51,28 +51,27 @@ def resolve_data_root(work: Path, data: Path | None) -> Path:
     return Path(roots.pop())
 
 
-def run(
-    work: Path,
-    out: Path | None = None,
-    cfg: Config = Config(),
-    *,
-    data: Path | None = None,
-    overwrite: bool = False,
-    device: str = "auto",
-    progress: ProgressFn | None = None,
-) -> list[Path]:
-    """Build the triplet index of every capture of the work tree; returns the paths written.
+PATHS = {"out": "triplets.safetensors"}
+"""Named paths `Context.paths` may set: ``out``, the index file (default ``WORK/triplets.safetensors``)."""
 
-    `out` defaults to ``work/triplets.safetensors``; `data` to the dataset root the embed records
-    name. Skips the work when `out` was built from the same records and config (unless `overwrite`).
-    `device` is accepted for the common stage signature (all of this is numpy on the CPU).
+
+def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
+    """Build the triplet index of every capture of ``ctx.work``; returns the paths written.
+
+    The index goes to ``ctx.paths["out"]`` (default ``WORK/triplets.safetensors``); the images are
+    found under ``ctx.data``, else the dataset root the embed records name. A run on a subset of the
+    captures (``ctx.partial``: a ``--captures`` list) indexes the captures that have records
+    (`skip_missing`). Skips the work when the index was built from the same records and config
+    (unless ``ctx.overwrite``). ``ctx.device`` is not used (all of this is numpy on the CPU).
     """
-    del device
+    if ctx.partial and not cfg.skip_missing:
+        cfg = dataclasses.replace(cfg, skip_missing=True)
+    out, data, overwrite, progress = ctx.path("out", PATHS["out"]), ctx.data, ctx.overwrite, ctx.progress
     spec = validate(cfg)
-    work = Path(work)
+    work = Path(ctx.work)
     if not work.is_dir():
         raise InputError(f"{work}: no such work folder; run nvf poses / nvf embed DATA --out {work} first")
-    out = Path(out) if out is not None else work / "triplets.safetensors"
+    assert out is not None
     if out.suffix != ".safetensors":
         raise InputError(f"--out {out}: the triplet index is a .safetensors file (e.g. {work}/triplets.safetensors)")
     data_root = resolve_data_root(work, data)

@@ -92,7 +92,7 @@ def test_preset_names_the_stage_preset_and_options_override_it(tmp_path, monkeyp
     other options replace its fields. `nvf depth --preset fast` used to fail ("unknown preset")."""
     module = importlib.import_module(f"stages.{command}")
     seen = []
-    monkeypatch.setattr(module, "run", lambda data, out, cfg, **kwargs: seen.append(cfg) or [])
+    monkeypatch.setattr(module, "run", lambda ctx, cfg: seen.append(cfg) or [])
     base = [command, str(tmp_path), "--out", str(tmp_path / "w")]
     assert runner.invoke(app, [*base, "--preset", "fast"]).exit_code == 0
     assert seen[-1] == module.PRESETS["fast"] and seen[-1].precision == "fp16"

@@ -12,6 +12,7 @@ import torch
 
 from stages import synth, train, triplets
 from stages.core import dataset, io, models, worktree
+from stages.core.contract import Context
 
 EMBED_DIM = 512
 
@@ -58,7 +59,7 @@ def build_triplets(
         shutil.copy(synth.groundtruth_dir(data, capture.id) / "poses.safetensors", work / capture.id)
         fake_embed(work, data, capture, seed=i, dim=embed_dim)
     cfg = triplets.Config(pairs=pairs, pose_code=pose_code, train_split=train_split, csv=False)  # type: ignore[arg-type]
-    return triplets.run(work, work / "triplets.safetensors", cfg)[0]
+    return triplets.run(Context(work, paths={"out": work / "triplets.safetensors"}), cfg)[0]
 
 
 def tiny_config(**changes) -> train.Config:

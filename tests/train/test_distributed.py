@@ -33,14 +33,14 @@ def _worker(rank: int, world: int, port: int, index: str, out: str) -> None:
         }
     )
     cfg = tiny_config(max_steps=STEPS, checkpoint_every=STEPS, batch_size=2, steps_per_person=1)
-    train.run(index, out, cfg, device="cpu")
+    train.train(index, out, cfg, device="cpu")
 
 
 def test_two_gloo_processes_agree_with_one(tmp_path):
     index = build_triplets(tmp_path / "data")
     mp.spawn(_worker, args=(2, _free_port(), str(index), str(tmp_path / "ddp")), nprocs=2, join=True)
     single = tiny_config(max_steps=STEPS, checkpoint_every=STEPS, batch_size=4, steps_per_person=1)
-    train.run(index, tmp_path / "one", single, device="cpu")
+    train.train(index, tmp_path / "one", single, device="cpu")
     name = f"checkpoints/step-{STEPS:08d}"
     diffs = []
     for part in ("unet/diffusion_pytorch_model.safetensors", "projection.safetensors"):

@@ -33,7 +33,7 @@ def _weights(ckpt_dir):
 
 def test_two_steps_write_a_loadable_run(index, tmp_path):
     cfg = tiny_config(max_steps=2, checkpoint_every=1, validate_every=2, preview_images=1, preview_steps=2)
-    final, model_json = train.run(index, tmp_path / "run", cfg, device="cpu")
+    final, model_json = train.train(index, tmp_path / "run", cfg, device="cpu")
     run = tmp_path / "run"
     assert final == run / "checkpoints" / "step-00000002" and model_json == run / "model.json"
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-00000001", "step-00000002"]
@@ -61,14 +61,14 @@ def test_two_steps_write_a_loadable_run(index, tmp_path):
         key = name.removeprefix("projection.")
         assert torch.equal(module.state_dict()[key], value), name
     with pytest.raises(InputError, match="--resume latest"):
-        train.run(index, run, cfg, device="cpu")
+        train.train(index, run, cfg, device="cpu")
 
 
 def test_resuming_at_step_k_gives_the_uninterrupted_weights_bitwise(index, tmp_path):
     cfg = tiny_config(max_steps=4, checkpoint_every=2, warmup_steps=2, ema=True, steps_per_person=1)
-    train.run(index, tmp_path / "straight", cfg, device="cpu")
-    train.run(index, tmp_path / "split", dataclasses.replace(cfg, max_steps=2), device="cpu")
-    train.run(index, tmp_path / "split", cfg, device="cpu", resume="latest")
+    train.train(index, tmp_path / "straight", cfg, device="cpu")
+    train.train(index, tmp_path / "split", dataclasses.replace(cfg, max_steps=2), device="cpu")
+    train.train(index, tmp_path / "split", cfg, device="cpu", resume="latest")
     straight = tmp_path / "straight" / "checkpoints" / "step-00000004"
     split = tmp_path / "split" / "checkpoints" / "step-00000004"
     a, b = _weights(straight), _weights(split)
@@ -106,7 +106,7 @@ def test_loss_falls_on_a_tiny_overfit_set(index, tmp_path):
         )
 
     before = loss_of(parts.unet, parts.projection)
-    train.run(index, tmp_path / "run", cfg, device="cpu")
+    train.train(index, tmp_path / "run", cfg, device="cpu")
     trained = train.load_checkpoint(tmp_path / "run")
     after = loss_of(trained.unet, trained.projection)
     print(f"overfit: fixed-draw train loss {before:.4f} -> {after:.4f} after 20 steps")
@@ -117,7 +117,7 @@ def test_zero123_conditioning_trains_from_the_base_projection(tmp_path):
     index = build_triplets(tmp_path / "data", subjects=2, pose_code="both", train_split=0.5)
     base = tiny_zero123_base(tmp_path / "base")
     cfg = tiny_config(max_steps=1, base_model=str(base), conditioning="zero123")
-    train.run(index, tmp_path / "run", cfg, device="cpu")
+    train.train(index, tmp_path / "run", cfg, device="cpu")
     trained = train.load_checkpoint(tmp_path / "run")
     assert trained.conditioning == "zero123" and trained.pose_dim == 16
     assert trained.projection.spec["in_features"] == 512 + 4 + 12
@@ -131,6 +131,6 @@ def test_zero123_conditioning_trains_from_the_base_projection(tmp_path):
     table = data.pair_table(index_set, "train", "zero123", raw)
     np.testing.assert_array_equal(table.z_cond[:, :512], raw[index_set.record["pair_source"][index_set.pairs("train")]])
     with pytest.raises(InputError, match="pose-code both"):
-        train.run(
+        train.train(
             build_triplets(tmp_path / "paper-only", subjects=2, train_split=0.5), tmp_path / "run2", cfg, device="cpu"
         )
