@@ -10,11 +10,17 @@ import typer
 from rich.table import Table
 
 from nvfcli.console import out_console
-from nvfcli.options import DataDir, Json, config_options
+from nvfcli.options import DataDir, Json, config_options, field_help
 from stages import scan as stage
 from stages.core import dataset
 
 IdList = Optional[list[str]]
+
+
+def _filter_help(field: str, hint: str = "") -> str:
+    """Help of a filter option: the docstring of its `dataset.Filters` field (so that the two cannot
+    drift apart), then the command-line syntax ``hint``."""
+    return field_help(dataset.Filters, field, hint)
 
 
 @config_options(stage.Config, exclude=("filters",))  # the filters are the options above
@@ -23,12 +29,12 @@ def scan(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the full index as JSON here.")] = None,
     list_ids: Annotated[bool, typer.Option("--list", help="Print capture ids, one per line.")] = False,
     json_out: Json = False,
-    subject: Annotated[IdList, typer.Option(help="Subjects to keep, e.g. 1-10,12 (repeatable).")] = None,
-    session: Annotated[IdList, typer.Option(help="Sessions to keep, e.g. 1,3.")] = None,
-    camera: Annotated[IdList, typer.Option(help="Cameras to keep, e.g. 051,050 or 41-51.")] = None,
-    expression: Annotated[IdList, typer.Option(help="Expressions to keep: neutral, smile, surprise, ...")] = None,
-    illumination: Annotated[IdList, typer.Option(help="Shots to keep: 0 = no flash, 1-18 flashes.")] = None,
-    protocol: Annotated[Optional[str], typer.Option(help="Multi-PIE protocol: E, P, M or U (paper §III.E).")] = None,
+    subject: Annotated[IdList, typer.Option(help=_filter_help("subjects", "E.g. 1-10,12 (repeatable)."))] = None,
+    session: Annotated[IdList, typer.Option(help=_filter_help("sessions", "E.g. 1,3."))] = None,
+    camera: Annotated[IdList, typer.Option(help=_filter_help("cameras", "E.g. 051,050 or 41-51."))] = None,
+    expression: Annotated[IdList, typer.Option(help=_filter_help("expressions", "E.g. neutral,smile."))] = None,
+    illumination: Annotated[IdList, typer.Option(help=_filter_help("shots", "E.g. 0 or 1-18."))] = None,
+    protocol: Annotated[Optional[str], typer.Option(help=_filter_help("protocol"))] = None,
     **changes: Any,
 ) -> None:
     """Find the captures under DATA and report subjects, sessions and cameras.

@@ -203,11 +203,17 @@ class Filters:
     """Which captures/views to keep. Empty tuples keep everything. Values are as in file names."""
 
     subjects: tuple[str, ...] = ()
+    """Subjects to keep (Multi-PIE ids such as `001`)."""
     sessions: tuple[str, ...] = ()
+    """Sessions to keep (Multi-PIE `01` to `04`)."""
     cameras: tuple[str, ...] = ()
+    """Cameras to keep (Multi-PIE ids such as `051`); the other cameras' views are dropped."""
     expressions: tuple[str, ...] = ()
+    """Expressions to keep: neutral, smile, surprise, squint, disgust, scream (Multi-PIE)."""
     shots: tuple[str, ...] = ()
+    """Shots (illumination) to keep: `00` no flash, `01` to `18` one flash each (Multi-PIE)."""
     protocol: str | None = None
+    """Multi-PIE protocol E, P, M or U (paper §III.E): narrows cameras, shots and expressions to its own."""
 
 
 def scan(root: str | os.PathLike, layout: str = "auto", filters: Filters | None = None) -> DatasetIndex:

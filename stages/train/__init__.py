@@ -4,8 +4,9 @@
 Pieces, one module each: `model` (frozen VAE, 8-channel UNet, conditioning projection), `data`
 (latent cache, z_cond per pair, person-aware sampler), `step` (noise, CFG dropout, ε-MSE, AdamW),
 `checkpoint` (save/resume, `load_checkpoint` for sampling), `monitor` (TensorBoard, previews),
-`distributed` (torchrun/DDP). `train` below is the loop that ties them together; `run` is the
-stage contract (`stages.core.contract`) over a work tree.
+`distributed` (torchrun/DDP), `loop` (the step loop: logging, validation, checkpoints). `train` below
+loads the data and the model and hands them to the loop; `run` is the stage contract
+(`stages.core.contract`) over a work tree.
 
 Run folder layout: see `stages.train.checkpoint`. Resuming (`resume="latest"` or a checkpoint
 folder) restores weights, optimizer, lr schedule, GradScaler, EMA, sampler and RNG states; since
@@ -17,9 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,8 +30,9 @@ from stages.core.batching import ProgressFn
 from stages.core.contract import Context
 from stages.core.errors import InputError
 from stages.train import checkpoint as ckpt
-from stages.train import data, distributed, monitor, step
+from stages.train import data, distributed, loop, monitor, step
 from stages.train.checkpoint import TrainedModel, load_checkpoint
+from stages.train.loop import val_positions, validation_loss  # noqa: F401 - re-exported, as before the split
 from stages.train.model import Conditioning, Denoiser, Parts, build_parts
 from stages.triplets import TripletSet, load_triplets
 
@@ -276,11 +275,67 @@ def _train(
     overwrite: bool,
     progress: ProgressFn | None,
 ) -> list[Path]:
+    """`run` after the checks, in every process: set up, resume if asked, run the steps left."""
+    t = _setup(triplets_path, out, cfg, dist, resume, overwrite)
+    start = 0 if resume is None else loop.resume(t, resume, out)
+    if start >= cfg.max_steps:
+        log.info("train: %s is already at step %d >= --max-steps %d", out, start, cfg.max_steps)
+        return [ckpt.find_checkpoint(out), out / ckpt.MODEL_JSON]
+    last_saved = loop.run_steps(t, out, start, progress)
+    final = last_saved or ckpt.checkpoint_dir(out, cfg.max_steps)
+    log.info("train: %d step(s) done -> %s", cfg.max_steps - start, final)
+    return [final, out / ckpt.MODEL_JSON]
+
+
+def _setup(
+    triplets_path: Path, out: Path, cfg: Config, dist: distributed.DistInfo, resume: str | None, overwrite: bool
+) -> loop.Training:
+    """Load the triplets and the model, prepare the run folder (rank 0) and the latent cache, and
+    build the optimiser, lr schedule, GradScaler and EMA of a fresh run."""
     device = dist.device
     precision = _precision(cfg, device)
     if device.type == "cuda" and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    triplets, clip_dim, parts, train_table, val_table = _load_model_and_pairs(triplets_path, cfg, device)
+    sampler = data.PersonAwareSampler(
+        train_table,
+        cfg.batch_size,
+        seed=cfg.seed,
+        steps_per_person=cfg.steps_per_person,
+        shuffle_within_person=cfg.shuffle_within_person,
+        person_aware=cfg.person_aware,
+        world_size=dist.world_size,
+        rank=dist.rank,
+    )
+    if dist.is_main:
+        _prepare_run_folder(out, cfg, parts, triplets, clip_dim, resume, overwrite)
+    distributed.barrier(dist)
+    cache = _latent_cache(cfg, dist, parts, triplets, train_table, val_table)
+
+    denoiser = Denoiser(parts.unet, parts.projection)
+    trained: torch.nn.Module = denoiser
+    if dist.active:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            denoiser, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = step.make_optimizer(
+        parts.unet, parts.projection, cfg.learning_rate, cfg.projection_lr_scale, cfg.weight_decay
+    )
+    lr_scheduler = step.cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    ema = step.EMA(denoiser, cfg.ema_decay) if cfg.ema else None
+    return loop.Training(cfg=cfg, dist=dist, precision=precision, triplets=triplets, clip_dim=clip_dim,
+                         parts=parts, train_table=train_table, val_table=val_table, sampler=sampler, cache=cache,
+                         denoiser=denoiser, trained=trained, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                         scaler=scaler, ema=ema)  # fmt: skip
+
+
+def _load_model_and_pairs(
+    triplets_path: Path, cfg: Config, device: torch.device
+) -> tuple[TripletSet, int, Parts, data.PairTable, data.PairTable]:
+    """(triplets, CLIP embedding size, model parts, train pairs, val pairs); InputError when the
+    resolution or the embeddings do not fit the base model."""
     triplets = load_triplets(triplets_path)
     embeddings = triplets.embeddings(raw=cfg.conditioning == "zero123")  # Zero123 was trained on raw image_embeds
     clip_dim = int(embeddings.shape[1])
@@ -294,30 +349,36 @@ def _train(
             f"z_cond has {train_table.z_cond.shape[1]} numbers but the projection takes "
             f"{parts.projection.spec['in_features']}: the embeddings do not match the base model"
         )
-    sampler = data.PersonAwareSampler(
-        train_table,
-        cfg.batch_size,
-        seed=cfg.seed,
-        steps_per_person=cfg.steps_per_person,
-        shuffle_within_person=cfg.shuffle_within_person,
-        person_aware=cfg.person_aware,
-        world_size=dist.world_size,
-        rank=dist.rank,
-    )
-    if dist.is_main:
-        if overwrite and resume is None and out.exists():
-            for old in ckpt.list_checkpoints(out):
-                io.remove_owned_dir(old)
-            (out / monitor.METRICS_FILE).unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_run_files(out, cfg, parts, triplets, clip_dim, parts.projection.spec["pose_dim"], parts.projection.spec)
-    distributed.barrier(dist)
+    return triplets, clip_dim, parts, train_table, val_table
 
+
+def _prepare_run_folder(
+    out: Path, cfg: Config, parts: Parts, triplets: TripletSet, clip_dim: int, resume: str | None, overwrite: bool
+) -> None:
+    """Create `out` (emptied of checkpoints and metrics on `overwrite` without `resume`) and write
+    its run files; rank 0 only."""
+    if overwrite and resume is None and out.exists():
+        for old in ckpt.list_checkpoints(out):
+            io.remove_owned_dir(old)
+        (out / monitor.METRICS_FILE).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_run_files(out, cfg, parts, triplets, clip_dim, parts.projection.spec["pose_dim"], parts.projection.spec)
+
+
+def _latent_cache(
+    cfg: Config,
+    dist: distributed.DistInfo,
+    parts: Parts,
+    triplets: TripletSet,
+    train_table: data.PairTable,
+    val_table: data.PairTable,
+) -> data.LatentCache:
+    """The VAE latent cache, holding the latents of the images of every train and val pair."""
     cache_root = None
     if cfg.cache_latents:
         cache_root = Path(cfg.latent_cache) if cfg.latent_cache else models.cache_dir() / "latents"
     cache = data.LatentCache(
-        parts.vae, parts.vae_fingerprint, cfg.resolution, device, cache_root, capacity=cfg.memory_cache_items
+        parts.vae, parts.vae_fingerprint, cfg.resolution, dist.device, cache_root, capacity=cfg.memory_cache_items
     )
     rows = np.unique(np.concatenate([train_table.source, train_table.target, val_table.source, val_table.target]))
     paths = [triplets.image_path(int(r)) for r in rows]
@@ -326,209 +387,4 @@ def _train(
     log.info("train: encoding %d image(s) with the VAE (cached after the first time)", len(share))
     cache.prefetch(share)
     distributed.barrier(dist)
-
-    denoiser = Denoiser(parts.unet, parts.projection)
-    trained = denoiser
-    if dist.active:
-        trained = torch.nn.parallel.DistributedDataParallel(
-            denoiser, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    optimizer = step.make_optimizer(
-        parts.unet, parts.projection, cfg.learning_rate, cfg.projection_lr_scale, cfg.weight_decay
-    )
-    lr_scheduler = step.cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    ema = step.EMA(denoiser, cfg.ema_decay) if cfg.ema else None
-    start = 0
-    if resume is not None:
-        found = ckpt.find_checkpoint(resume, out)
-        start, sampler_state = ckpt.load_training_state(
-            found,
-            unet=parts.unet,
-            projection=parts.projection,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            scaler=scaler,
-            ema=ema,
-        )
-        sampler.load_state_dict(sampler_state)
-        log.info("train: resumed from %s (step %d)", found, start)
-    if start >= cfg.max_steps:
-        log.info("train: %s is already at step %d >= --max-steps %d", out, start, cfg.max_steps)
-        return [ckpt.find_checkpoint(out), out / ckpt.MODEL_JSON]
-
-    logger = monitor.RunLogger(out, wandb=cfg.wandb, config=dataclasses.asdict(cfg)) if dist.is_main else None
-    dropout = step.Dropout(cfg.drop_clip, cfg.drop_image, cfg.drop_both)
-    scaling = float(parts.vae.config.scaling_factor)
-    n_train_t = int(parts.noise_scheduler.config.num_train_timesteps)
-    params = list(trained.parameters())
-    last_saved: Path | None = None
-    tick, tick_step = time.perf_counter(), start
-    try:
-        for current in range(start, cfg.max_steps):
-            _, positions = sampler.next()
-            batch = data.make_batch(
-                train_table, positions, cache, triplets.image_path, dist.rank * cfg.batch_size, sampler.global_batch
-            )
-            draws = step.draw_noise(cfg.seed, current, batch, n_train_t)
-            inputs = step.model_inputs(batch, draws, parts.noise_scheduler, scaling, clip_dim, dropout, device)
-            loss = step.diffusion_loss(trained, inputs, device, precision)
-            if not torch.isfinite(loss):
-                raise InputError(
-                    f"the loss became {float(loss)} at step {current}: lower --learning-rate "
-                    "or use --precision fp32/bf16"
-                )
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-            grad_norm = step.optimizer_step(loss, params, optimizer, lr_scheduler, scaler, cfg.max_grad_norm)
-            if ema is not None:
-                ema.update(denoiser)
-            done = current + 1
-            if done % cfg.log_every == 0 or done == cfg.max_steps:
-                mean_loss = distributed.mean_over_ranks(loss, dist)
-                now = time.perf_counter()
-                rate = (done - tick_step) / max(now - tick, 1e-9)
-                tick, tick_step = now, done
-                if logger is not None:
-                    logger.scalars(
-                        done,
-                        {"train/loss": mean_loss, "train/lr": lr, "train/it_per_s": rate, "train/grad_norm": grad_norm},
-                    )
-                    log.info("step %d/%d  loss %.4f  lr %.3g  %.2f it/s", done, cfg.max_steps, mean_loss, lr, rate)
-            if cfg.validate_every and (done % cfg.validate_every == 0 or done == cfg.max_steps):
-                if dist.is_main and logger is not None:
-                    _validate(
-                        done,
-                        cfg,
-                        denoiser,
-                        parts,
-                        val_table,
-                        train_table,
-                        cache,
-                        triplets,
-                        clip_dim,
-                        device,
-                        precision,
-                        logger,
-                    )
-                distributed.barrier(dist)
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-                if dist.is_main:
-                    last_saved = ckpt.save_checkpoint(
-                        out,
-                        done,
-                        unet=parts.unet,
-                        projection=parts.projection,
-                        optimizer=optimizer,
-                        lr_scheduler=lr_scheduler,
-                        sampler_state=sampler.state_dict(),
-                        scaler=scaler,
-                        ema=ema,
-                        keep=cfg.keep_checkpoints,
-                    )
-                distributed.barrier(dist)
-            if progress is not None:
-                progress(done, cfg.max_steps)
-    finally:
-        if logger is not None:
-            logger.close()
-    final = last_saved or ckpt.checkpoint_dir(out, cfg.max_steps)
-    log.info("train: %d step(s) done -> %s", cfg.max_steps - start, final)
-    return [final, out / ckpt.MODEL_JSON]
-
-
-def val_positions(table: data.PairTable, n: int) -> np.ndarray:
-    """`n` pair positions spread evenly over a table (deterministic)."""
-    if len(table) == 0 or n <= 0:
-        return np.zeros(0, np.int64)
-    return np.unique(np.linspace(0, len(table) - 1, min(n, len(table))).round().astype(np.int64))
-
-
-@torch.no_grad()
-def validation_loss(
-    denoiser: torch.nn.Module,
-    parts: Parts,
-    table: data.PairTable,
-    cache: data.LatentCache,
-    image_path: Callable[[int], Path],
-    positions: np.ndarray,
-    batch_size: int,
-    clip_dim: int,
-    device: torch.device,
-    precision: str,
-    seed: int,
-) -> float:
-    """Mean ε-MSE over `positions` with fixed draws per batch and no CFG dropout."""
-    was_training = denoiser.training
-    denoiser.eval()
-    losses, weights = [], []
-    scaling = float(parts.vae.config.scaling_factor)
-    n_t = int(parts.noise_scheduler.config.num_train_timesteps)
-    for k, start in enumerate(range(0, len(positions), batch_size)):
-        chunk = positions[start : start + batch_size]
-        batch = data.make_batch(table, chunk, cache, image_path, 0, len(chunk))
-        draws = step.draw_noise(seed, k, batch, n_t, salt=1)
-        inputs = step.model_inputs(batch, draws, parts.noise_scheduler, scaling, clip_dim, None, device)
-        losses.append(float(step.diffusion_loss(denoiser, inputs, device, precision)))
-        weights.append(len(chunk))
-    denoiser.train(was_training)
-    return float(np.average(losses, weights=weights)) if losses else math.nan
-
-
-def _validate(
-    done: int,
-    cfg: Config,
-    denoiser: Denoiser,
-    parts: Parts,
-    val_table: data.PairTable,
-    train_table: data.PairTable,
-    cache: data.LatentCache,
-    triplets: TripletSet,
-    clip_dim: int,
-    device: torch.device,
-    precision: str,
-    logger: monitor.RunLogger,
-) -> None:
-    table, split = (val_table, "val") if len(val_table) else (train_table, "train")
-    positions = val_positions(table, cfg.val_batches * cfg.batch_size)
-    loss = validation_loss(
-        denoiser,
-        parts,
-        table,
-        cache,
-        triplets.image_path,
-        positions,
-        cfg.batch_size,
-        clip_dim,
-        device,
-        precision,
-        cfg.seed,
-    )
-    logger.scalars(done, {f"{split}/loss": loss})
-    log.info("step %d  %s loss %.4f (%d pairs)", done, split, loss, len(positions))
-    if cfg.preview_images <= 0:
-        return
-    chosen = val_positions(table, cfg.preview_images)
-    source_paths = [triplets.image_path(int(r)) for r in table.source[chosen]]
-    target_paths = [triplets.image_path(int(r)) for r in table.target[chosen]]
-    source_pixels = torch.stack([data.preprocess_image(io.read_image(p), cfg.resolution) for p in source_paths])
-    target_pixels = torch.stack([data.preprocess_image(io.read_image(p), cfg.resolution) for p in target_paths])
-    moments = cache.get(source_paths).to(device)
-    c = moments.shape[1] // 2
-    denoiser.eval()
-    generated = monitor.preview(
-        denoiser,
-        parts.vae,
-        parts.scheduler_config,
-        source_pixels,
-        moments[:, :c],
-        torch.from_numpy(table.z_cond[chosen]).to(device),
-        clip_dim,
-        float(parts.vae.config.scaling_factor),
-        steps=cfg.preview_steps,
-        guidance=cfg.guidance,
-        seed=cfg.seed,
-    )
-    denoiser.train()
-    logger.image(
-        done, f"{split}/source-generated-target", monitor.image_grid([source_pixels, generated, target_pixels])
-    )
+    return cache

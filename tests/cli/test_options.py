@@ -49,6 +49,19 @@ def test_help_of_every_config_option_is_its_field_docstring(name):
         assert " ".join(first_sentence(docs[field]).replace("`", "").split()[:4]) in shown, (name, field)
 
 
+def test_scan_filter_options_take_their_help_from_the_filters_docstrings():
+    from stages.core import dataset
+
+    options = {p.name: p for p in load_command("scan").params if p.param_type_name == "option"}
+    fields = {"subject": "subjects", "session": "sessions", "camera": "cameras", "expression": "expressions",
+              "illumination": "shots", "protocol": "protocol"}  # fmt: skip
+    docs = field_docs(dataset.Filters)
+    assert set(fields.values()) == {f.name for f in dataclasses.fields(dataset.Filters)}
+    for option, field in fields.items():
+        assert docs.get(field), f"dataset.Filters.{field} has no docstring"
+        assert options[option].help.startswith(field_help(dataset.Filters, field)), (option, options[option].help)
+
+
 def test_help_is_readable_at_80_columns():
     shown = runner.invoke(app, ["cloud", "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"}).stdout
     lines = [line.strip("│ ") for line in shown.splitlines() if "Statistical outlier removal" in line]
