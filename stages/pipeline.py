@@ -376,7 +376,7 @@ def copy_groundtruth_poses(data: Path, out: Path, capture_ids: Sequence[str], *,
         if not overwrite and worktree.is_up_to_date(target, inputs_hash):
             continue
         record = io.load_record(source, kind="poses")
-        written.append(io.save_record(target, record.tensors, kind="poses", stage="groundtruth", capture=capture,
+        written.append(io.save_record(target, record.tensors, kind="poses", stage=io.GROUNDTRUTH_STAGE, capture=capture,
                                       names=record.names, config={"source": str(source)}, inputs_hash=inputs_hash,
                                       extra={k: v for k, v in record.extra.items() if not k.endswith("_convention")}))  # fmt: skip
     return written

@@ -191,7 +191,7 @@ def align_capture(work: Path, capture: str, cfg: Config, *, overwrite: bool = Fa
         return None
 
     record = io.load_record(found.files[0], kind="depth", capture=capture)
-    space: FitSpace = "disparity" if record.extra.get("depth_kind") == "disparity" else "depth"
+    space: FitSpace = io.depth_kind(record)
     views, output_valid = _prepared_views(record, found, cfg, work, capture)
     samples, fixed = _reference_samples(views, found, space, cfg, capture)
     if views.prefilter is not None:  # the noise is known once the samples are read
