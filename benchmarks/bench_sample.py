@@ -24,12 +24,13 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks.harness import LogCatcher, Result, Side, compare
+from stages.core import io
 
 N_VIEWS = 4
 STEPS = 5
 GPU_VIEWS, GPU_STEPS = 13, 30  # the CUDA run: Table III's 30 DDIM steps over a 13-camera ring
 LATENT = 32
-CLIP_DIM, POSE_DIM = 512, 12
+CLIP_DIM, POSE_DIM = 512, io.POSE_CODE_DIMS["paper"]
 
 
 def build_model(full: bool = False, device: torch.device | str = "cpu") -> SimpleNamespace:

@@ -106,7 +106,7 @@ _OUTPUT_FIELDS = ("max_res", "interpolation", "store_dtype")  # config fields th
 # ----------------------------------------------------------------------------------------------
 
 
-def infer_depth_kind(config: Any) -> Literal["disparity", "depth"]:
+def infer_depth_kind(config: Any) -> io.DepthKind:
     """`disparity` for relative models (DPT, Depth Anything relative), `depth` for metric ones."""
     model_type = getattr(config, "model_type", "")
     if model_type in _RELATIVE_MODEL_TYPES:

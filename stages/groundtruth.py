@@ -16,7 +16,7 @@ from stages.core import dataset, io, worktree
 from stages.core.contract import CaptureJob, Context, Write, for_each_capture, require_data
 from stages.core.errors import InputError
 
-STAGE = "groundtruth"
+STAGE = io.GROUNDTRUTH_STAGE  # the stage tag of the copied records
 
 
 @dataclass(frozen=True)

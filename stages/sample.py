@@ -229,13 +229,14 @@ def pose_codes(conditioning: str, R_f33: np.ndarray, T_f3: np.ndarray, scale: fl
     """
     R, T = np.asarray(R_f33, np.float64), np.asarray(T_f3, np.float64) * scale
     R_rel, T_rel = geometry.relative_pose(R[:1], T[:1], R[1:], T[1:])
-    code12 = geometry.pose_code12(R_rel, T_rel)
-    if conditioning == "paper":
-        return code12.astype(np.float32)
-    if conditioning == "zero123":
-        t4 = geometry.zero123_pose_code(R[:1], T[:1], R[1:], T[1:], up=(0.0, -1.0, 0.0), center=(0.0, 0.0, 0.0))
-        return geometry.pose_part({"zero123_code": t4, "pose_code": code12}, "both").astype(np.float32)
-    raise ModelError(f"the run's conditioning '{conditioning}' is unknown to this nvf: update nvf")
+    layout = io.CONDITIONING_LAYOUTS.get(conditioning)
+    if layout is None:
+        raise ModelError(f"the run's conditioning '{conditioning}' is unknown to this nvf: update nvf")
+    codes = {"pose_code": geometry.pose_code12(R_rel, T_rel)}
+    if "zero123_code" in io.POSE_LAYOUTS[layout]:
+        codes["zero123_code"] = geometry.zero123_pose_code(R[:1], T[:1], R[1:], T[1:], up=(0.0, -1.0, 0.0),
+                                                           center=(0.0, 0.0, 0.0))  # fmt: skip
+    return io.pose_part(codes, layout).astype(np.float32)
 
 
 def run_pose_radius(run_info: dict[str, Any], run_dir: Path) -> tuple[float, str]:
@@ -558,7 +559,7 @@ def sample(model_path: Path, image: Path, out: Path, cfg: Config = Config(), *, 
     clip = embed_photo(
         crop.image_ss3, clip_ref(model.clip_model, cfg.clip_model), torch_device, model.clip_dim, raw
     )  # [1, D]
-    z_cond = torch.cat([clip.expand(len(pose), -1), torch.from_numpy(pose)], dim=1)  # [V, D + P]
+    z_cond = io.join_z_cond(clip.expand(len(pose), -1), torch.from_numpy(pose))  # [V, D + P]
     source_pixels = preprocess_image(crop.image_ss3, model.resolution)  # [3, S, S] in [-1, 1]
     seeds = [cfg.seed + frame for frame in range(1, plan.n_frames)]
     log.info("sample: %d view(s) of %s, %s %d steps, w=%g, strength %g, pose radius %.3f (%s)", len(seeds), image.name,

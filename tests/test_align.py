@@ -342,6 +342,35 @@ def test_bad_inputs_give_one_clear_error(tmp_path, render):
         )
 
 
+def test_depth_kind_is_read_one_way_by_align_and_evaluate(tmp_path, render):
+    """`io.depth_kind` everywhere: align's fit space, align's reference check and evaluate agree on
+    what a depth record holds, and an unknown kind stops each of them naming the file."""
+    from stages.evaluate.depth import _load_depth
+
+    z = render.depth_nhw.astype(np.float64)
+    view = align.Config(reference="view", reference_view=render.names[6])
+    odd = _work(tmp_path / "odd", render, z, kind="inverse")
+    with pytest.raises(InputError, match=r"depth\.safetensors: depth_kind 'inverse' is not one of depth, disparity"):
+        align.run(odd, view)
+    with pytest.raises(InputError, match="depth_kind 'inverse'"):
+        _load_depth(worktree.record_path(odd, CAPTURE, "depth"))
+    for kind in ("depth", "disparity"):
+        work = _work(tmp_path / kind, render, z if kind == "depth" else _disparity(z, np.ones(len(z)), np.zeros(len(z))),
+                     kind=kind)  # fmt: skip
+        [path] = align.run(work, view)
+        assert io.load_record(path).extra["fit_space"] == kind
+        assert _load_depth(worktree.record_path(work, CAPTURE, "depth"))[1] == kind
+        assert _load_depth(path)[1] == "depth"  # aligned records hold z-depth
+        ref = io.save_record(tmp_path / f"ref-{kind}.safetensors", {"depth": render.depth_nhw}, kind="depth",
+                             stage="t", capture=CAPTURE, names=render.names, extra={"depth_kind": kind})  # fmt: skip
+        depth_ref = align.Config(reference="depth", reference_depth=str(ref))
+        if kind == "disparity":
+            with pytest.raises(InputError, match="a reference must hold z-depth, not disparity"):
+                align.run(work, depth_ref, overwrite=True)
+        else:
+            align.run(work, depth_ref, overwrite=True)
+
+
 # --- real data ----------------------------------------------------------------------------------
 
 

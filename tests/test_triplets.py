@@ -213,7 +213,7 @@ def test_index_rows_codes_order_and_csv(synth_tree, tmp_path):
                                             scale * poses["T"][loaded["pose_row"][s]])  # fmt: skip
     np.testing.assert_allclose(R_t, poses["R"][loaded["pose_row"][t]], atol=1e-6)
     np.testing.assert_allclose(T_t, scale * poses["T"][loaded["pose_row"][t]], atol=1e-6)
-    # z_cond = [CLIP(source) ‖ 4 ‖ 12] with both codes (geometry.POSE_LAYOUTS)
+    # z_cond = [CLIP(source) ‖ 4 ‖ 12] with both codes (io.POSE_LAYOUTS)
     z = loaded.z_cond(loaded.pairs("train"))
     assert z.shape == (len(loaded.pairs("train")), EMBED_DIM + 16)
     embeddings = loaded.embeddings()

@@ -184,8 +184,9 @@ def view_samples(
 
 def depth_samples(views: _Views, reference: io.Record, cfg: Config) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per view: the reference z-depth pixel by pixel (resampled nearest to the prediction's size)."""
-    if reference.extra.get("depth_kind", "depth") != "depth":
-        raise InputError(f"{reference.path}: a reference must hold z-depth, not {reference.extra['depth_kind']}")
+    kind = io.depth_kind(reference)
+    if kind != "depth":
+        raise InputError(f"{reference.path}: a reference must hold z-depth, not {kind}")
     ref_row = {name: i for i, name in enumerate(reference.names)}
     missing = [name for name in views.names if name not in ref_row]
     if missing:

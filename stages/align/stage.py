@@ -183,7 +183,7 @@ def _align(work: Path, job: CaptureJob[_Inputs], cfg: Config) -> Write:
     """Align one planned capture; returns what writes its record."""
     found, capture, out_path, inputs_hash = job.state, job.capture.id, job.outputs[0], job.inputs_hash
     record = io.load_record(found.files[0], kind="depth", capture=capture)
-    space: FitSpace = "disparity" if record.extra.get("depth_kind") == "disparity" else "depth"
+    space: FitSpace = io.depth_kind(record)
     views, output_valid = _prepared_views(record, found, cfg, work, capture)
     samples, fixed = _reference_samples(views, found, space, cfg, capture)
     if views.prefilter is not None:  # the noise is known once the samples are read

@@ -215,23 +215,6 @@ def pose_code12(R_rel: Any, T_rel: Any) -> np.ndarray:
     return rt.reshape(*rt.shape[:-2], 12)
 
 
-POSE_LAYOUTS: dict[str, tuple[str, ...]] = {
-    "paper": ("pose_code",),
-    "zero123": ("zero123_code",),
-    "both": ("zero123_code", "pose_code"),
-}
-"""The pose part of z_cond = [CLIP ‖ pose part], by layout: the one definition of its order, which
-triplets (`TripletSet.z_cond`), train and sample all follow. `pose_code` is the 12-D
-flatten([R_rel | T_rel]) (`pose_code12`), `zero123_code` Zero-1-to-3's 4 numbers
-(`zero123_pose_code`). With both, the 4 come first: Zero123's cc_projection takes [CLIP ‖ 4], and
-nvf's zero123 conditioning appends the 12 as zero-initialised columns ([CLIP ‖ 4 ‖ 12])."""
-
-
-def pose_part(codes: dict[str, np.ndarray], layout: str) -> np.ndarray:
-    """The pose part of z_cond [..., 12 | 4 | 16] from named codes, in `POSE_LAYOUTS` order."""
-    return np.concatenate([np.asarray(codes[name]) for name in POSE_LAYOUTS[layout]], axis=-1)
-
-
 def apply_relative_pose(R_rel: Any, T_rel: Any, R_s: Any, T_s: Any) -> tuple[np.ndarray, np.ndarray]:
     """Target pose from source pose and relative pose: R_t = R_rel R_s, T_t = R_rel T_s + T_rel."""
     R_rel, T_rel = _arr(R_rel, "R_rel", (3, 3)), _arr(T_rel, "T_rel", (3,))

@@ -91,7 +91,7 @@ def _load_depth(path: Path) -> tuple[io.Record, str]:
         raise InputError(f"{path}: holds a '{kind}' record; evaluate depth needs a depth or aligned record: "
                          "pass one (nvf depth and nvf align write them)")  # fmt: skip
     record = io.load_record(path, kind=kind)
-    return record, ("depth" if kind == "aligned" else record.extra.get("depth_kind", "depth"))
+    return record, io.depth_kind(record)
 
 
 def _depth_section(inputs: Inputs, cfg: Config, figures: Figures) -> tuple[dict, dict[str, dict]]:

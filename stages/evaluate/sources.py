@@ -16,7 +16,7 @@ from stages.core.errors import InputError
 
 log = logging.getLogger("nvf")
 
-POSE_SOURCES: dict[str, int] = {"sfm": 0, "rig": 1, "interp": 2}  # as stages.poses.SOURCES
+POSE_SOURCES: dict[str, int] = io.POSE_SOURCES  # the name stages.evaluate exports
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def read_pose_set(path: Path) -> PoseSet:
     path = Path(path)
     if path.suffix == ".safetensors":
         record = io.load_record(path, kind="poses")
-        tags = {v: k for k, v in json.loads(record.extra.get("sources", json.dumps(POSE_SOURCES))).items()}
+        tags = {v: k for k, v in json.loads(record.extra.get("sources", json.dumps(io.POSE_SOURCES))).items()}
         source = (
             [tags.get(int(s), str(int(s))) for s in record.tensors["source"]]
             if "source" in record.tensors

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from stages.core import dataset
+from stages.core import dataset, io
 from stages.core.errors import InputError
 from stages.core.pose_math import interpolate_missing, scaled_intrinsics
-from stages.poses.options import SOURCES, CapturePoses, Config
+from stages.poses.options import CapturePoses, Config
 from stages.poses.rig import Rig
 from stages.poses.sfm import CheckedImages, extract_views, inspect_images, run_sfm
 
@@ -61,7 +61,7 @@ def sfm_capture(root: Path, capture: dataset.Capture, cfg: Config,
     n = len(paths)
     R, T = np.tile(np.eye(3), (n, 1, 1)), np.zeros((n, 3))
     K = np.zeros((n, 3, 3))
-    source = np.full(n, SOURCES["interp"], dtype=np.int8)
+    source = np.full(n, io.POSE_SOURCES["interp"], dtype=np.int8)
     confidence = np.zeros(n, dtype=np.float32)
     reproj = np.full(n, np.nan)
     cameras: dict[str, dict[str, Any]] = {}
@@ -70,7 +70,7 @@ def sfm_capture(root: Path, capture: dataset.Capture, cfg: Config,
         if view is None:
             continue
         R[i], T[i], K[i] = view["R"], view["T"], view["K"]
-        source[i] = SOURCES["sfm"]
+        source[i] = io.POSE_SOURCES["sfm"]
         reproj[i] = view["reproj_error"]
         confidence[i] = _sfm_confidence(view["observations"], view["reproj_error"])
         cameras[capture.names[i]] = view["camera"]
@@ -86,7 +86,7 @@ def complete_capture(poses: CapturePoses, capture: dataset.Capture, layout: str,
                      rig: Rig | None = None) -> CapturePoses:  # fmt: skip
     """Fill the rows SfM left unregistered: through the rig where it knows the camera (source rig),
     then by interpolation along the ring (source interp). Needs >= 2 SfM views."""
-    registered = poses.source == SOURCES["sfm"]
+    registered = poses.source == io.POSE_SOURCES["sfm"]
     n = len(poses.names)
     if registered.sum() < 2:
         raise InputError(
@@ -103,13 +103,13 @@ def complete_capture(poses: CapturePoses, capture: dataset.Capture, layout: str,
             R[i], T[i] = R_i, T_i
             K[i] = scaled_intrinsics(rig.K[k], int(rig.width[k]), int(rig.height[k]),
                                       int(poses.width[i]), int(poses.height[i]))  # fmt: skip
-            source[i] = SOURCES["rig"]
+            source[i] = io.POSE_SOURCES["rig"]
             confidence[i] = rig.confidence(k)
             cameras[poses.names[i]] = {"model": "PINHOLE", "from": "rig", "camera": poses.camera_ids[i]}
         if placed:
             log.info("poses: %s: %d view(s) posed through the rig (%s)", capture.id, len(placed),
                      ", ".join(poses.names[i] for i in placed))  # fmt: skip
-    known = source != SOURCES["interp"]
+    known = source != io.POSE_SOURCES["interp"]
     if not known.all():
         missing = ", ".join(poses.names[i] for i in np.flatnonzero(~known))
         log.warning("poses: %s: %d of %d views unregistered (%s); their poses are interpolated (source=interp)",

@@ -16,7 +16,7 @@ from stages.core import batching, dataset, digests, io, worktree
 from stages.core.contract import Context, require_data
 from stages.core.errors import InputError
 from stages.poses.capture import check_capture, complete_capture, sfm_capture
-from stages.poses.options import EXPORTS, SOURCES, CapturePoses, Config, build_options
+from stages.poses.options import EXPORTS, CapturePoses, Config, build_options
 from stages.poses.rig import Rig, rig_path, solve_rig
 from stages.poses.sfm import CheckedImages, cancellation_token
 from stages.poses.write import write_capture
@@ -186,14 +186,14 @@ def _complete_and_write(out: Path, data: Path, cfg: Config, capture: dataset.Cap
     """The fallbacks for the views SfM missed, then the capture's records; logs where poses came from."""
     poses = complete_capture(partial, capture, layout, rig)
     written = write_capture(out, data, capture, poses, cfg, inputs_hash)
-    counts = {name: int((poses.source == code).sum()) for name, code in SOURCES.items()}
+    counts = {name: int((poses.source == code).sum()) for name, code in io.POSE_SOURCES.items()}
     log.info("poses: %s: %d/%d views by SfM, %d through the rig, %d interpolated", capture.id,
              counts["sfm"], len(poses.names), counts["rig"], counts["interp"])  # fmt: skip
     return written
 
 
 def _solve_group_rig(partial: Sequence[CapturePoses], group: Sequence[dataset.Capture]) -> Rig | None:
-    usable = [p for p in partial if int((p.source == SOURCES["sfm"]).sum()) >= 2]
+    usable = [p for p in partial if int((p.source == io.POSE_SOURCES["sfm"]).sum()) >= 2]
     if len(usable) < 2:
         log.warning("poses: session %s: fewer than 2 captures with >= 2 SfM views; no rig solved",
                     group[0].session)  # fmt: skip

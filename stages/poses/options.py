@@ -15,14 +15,15 @@ from typing import Any, Literal
 
 import numpy as np
 
+from stages.core import io
 from stages.core.errors import InputError, StageFailure
 
 log = logging.getLogger("nvf")
 
 
 STAGE = "poses"
-SOURCES: dict[str, int] = {"sfm": 0, "rig": 1, "interp": 2}
-"""Where a view's pose came from, as stored in the ``source`` tensor (int8)."""
+SOURCES: dict[str, int] = io.POSE_SOURCES
+"""Where a view's pose came from, as stored in the ``source`` tensor (int8): `io.POSE_SOURCES`."""
 EXPORTS = ("transforms", "colmap")
 CameraModel = Literal["SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV"]
 CAMERA_MODELS: tuple[str, ...] = typing.get_args(CameraModel)

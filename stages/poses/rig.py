@@ -15,7 +15,7 @@ import numpy as np
 from stages.core import geometry, io
 from stages.core.errors import InputError
 from stages.core.pose_math import fit_pose_similarity, scaled_intrinsics, transform_pose
-from stages.poses.options import SOURCES, STAGE, CapturePoses, Config
+from stages.poses.options import STAGE, CapturePoses, Config
 
 RIG_SCHEMA: dict[str, tuple[int | str, ...]] = {
     "R": ("C", 3, 3), "T": ("C", 3), "K": ("C", 3, 3), "width": ("C",), "height": ("C",),
@@ -106,7 +106,7 @@ def solve_rig(captures: Sequence[CapturePoses], iterations: int = 4) -> Rig:
     rig starts from the capture SfM posed most completely, and is refined ``iterations`` times.
     Cameras no capture registered are left out of the rig.
     """
-    sfm = [c.source == SOURCES["sfm"] for c in captures]
+    sfm = [c.source == io.POSE_SOURCES["sfm"] for c in captures]
     ref = int(np.argmax([m.sum() for m in sfm]))
     poses_by_cam: dict[str, tuple[np.ndarray, np.ndarray]] = {
         captures[ref].camera_ids[i]: (captures[ref].R[i], captures[ref].T[i]) for i in np.flatnonzero(sfm[ref])

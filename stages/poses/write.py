@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stages.core import dataset, io, worktree
-from stages.poses.options import SOURCES, STAGE, CapturePoses, Config
+from stages.poses.options import STAGE, CapturePoses, Config
 
 
 def _absolute_image_paths(root: Path, capture: dataset.Capture, names: Sequence[str]) -> list[str]:
@@ -44,15 +44,15 @@ def _write_capture_set(out: Path, root: Path, capture: dataset.Capture, poses: C
         written.append(io.write_transforms(folder / "transforms.json", cameras, extra_frames=extra))
     if "colmap" in cfg.export:
         models = [(poses.colmap_cameras[name]["model"], poses.colmap_cameras[name]["params"])
-                  if source == SOURCES["sfm"] else None for name, source in zip(poses.names, poses.source)]  # fmt: skip
+                  if source == io.POSE_SOURCES["sfm"] else None for name, source in zip(poses.names, poses.source)]  # fmt: skip
         written.append(io.write_colmap_text(folder / "colmap", cameras, poses.points_p3, poses.colors_p3,
                                             errors_n=poses.point_error_p, track_offsets=poses.track_offsets, track_images=poses.track_images,
                                             track_uv=poses.track_uv, camera_models=models))  # fmt: skip
     tensors = {"R": poses.R, "T": poses.T, "K": poses.K, "width": poses.width, "height": poses.height,
                "source": poses.source, "confidence": poses.confidence, "reproj_error": poses.reproj_error}  # fmt: skip
-    unregistered = [n for n, s in zip(poses.names, poses.source) if s != SOURCES["sfm"]]
+    unregistered = [n for n, s in zip(poses.names, poses.source) if s != io.POSE_SOURCES["sfm"]]
     written.append(io.save_record(worktree.record_path(out, capture.id, "poses"), tensors, kind="poses", extra={
-        "camera_ids": json.dumps(poses.camera_ids), "sources": json.dumps(SOURCES),
+        "camera_ids": json.dumps(poses.camera_ids), "sources": json.dumps(io.POSE_SOURCES),
         "colmap_cameras": json.dumps(poses.colmap_cameras), "unregistered": json.dumps(unregistered),
         "sfm_models": str(poses.models), "image_paths": json.dumps(_absolute_image_paths(root, capture, poses.names)),
     }, **meta))  # fmt: skip
@@ -60,4 +60,4 @@ def _write_capture_set(out: Path, root: Path, capture: dataset.Capture, poses: C
 
 
 def _source_name(code: int) -> str:
-    return next(name for name, value in SOURCES.items() if value == int(code))
+    return next(name for name, value in io.POSE_SOURCES.items() if value == int(code))

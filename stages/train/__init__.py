@@ -139,7 +139,7 @@ PRESETS: dict[str, Config] = {
 
 def validate(cfg: Config) -> None:
     """InputError for settings that cannot work, before any model loads."""
-    if cfg.conditioning not in ("paper", "zero123"):
+    if cfg.conditioning not in io.CONDITIONING_LAYOUTS:
         raise InputError(f"unknown --conditioning '{cfg.conditioning}': use paper or zero123")
     if cfg.precision not in ("auto", "fp32", "fp16", "bf16"):
         raise InputError(f"unknown --precision '{cfg.precision}': use auto, fp32, fp16 or bf16")

@@ -259,7 +259,8 @@ class TrainedModel:
 
     def null_z_cond(self, z_cond_bd: torch.Tensor) -> torch.Tensor:
         """z_cond with its CLIP part zeroed (the CFG-dropped condition)."""
-        return torch.cat([torch.zeros_like(z_cond_bd[:, : self.clip_dim]), z_cond_bd[:, self.clip_dim :]], dim=1)
+        clip, pose = io.split_z_cond(z_cond_bd, self.clip_dim)
+        return io.join_z_cond(torch.zeros_like(clip), pose)
 
 
 def load_checkpoint(

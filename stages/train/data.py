@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.core import geometry, io
+from stages.core import io
 from stages.core.cache import ArrayCache
 from stages.core.errors import InputError
 from stages.triplets import SPLITS, TripletSet
@@ -133,15 +133,15 @@ def pair_table(triplets: TripletSet, split: str, conditioning: str, embeddings: 
     rec = triplets.record
     pairs = triplets.pairs(split)
     source, target = rec["pair_source"][pairs], rec["pair_target"][pairs]
-    layout = "paper" if conditioning == "paper" else "both"  # zero123 conditioning: [4 ‖ 12]
-    if all(name in rec.tensors for name in geometry.POSE_LAYOUTS[layout]):
-        pose = geometry.pose_part({name: rec[name][pairs] for name in geometry.POSE_LAYOUTS[layout]}, layout)
+    layout = io.CONDITIONING_LAYOUTS[conditioning]  # zero123 conditioning: [4 ‖ 12]
+    if all(name in rec.tensors for name in io.POSE_LAYOUTS[layout]):
+        pose = io.pose_part({name: rec[name][pairs] for name in io.POSE_LAYOUTS[layout]}, layout)
     else:
         raise InputError(
             f"{triplets.path}: --conditioning zero123 needs the Zero123 pose code in the index: "
             "rebuild it with `nvf triplets WORK --pose-code both`"
         )
-    z_cond = np.concatenate([embeddings[source], pose], axis=-1).astype(np.float32)
+    z_cond = io.join_z_cond(embeddings[source], pose)
     return PairTable(
         pairs,
         source,

@@ -30,14 +30,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from stages.core import models
+from stages.core import io, models
 from stages.core.errors import InputError, ModelError
 
 log = logging.getLogger("nvf")
 
 Conditioning = Literal["paper", "zero123"]
-POSE_DIM = 12
-ZERO123_T_DIM = 4
+POSE_DIM = io.POSE_CODES["pose_code"]  # the 12-D [R_rel | T_rel] code
 _PROJECTION_FOLDERS = ("cc_projection", "clip_camera_projection")
 _WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
@@ -177,6 +176,9 @@ def build_parts(
     """
     from diffusers import DDPMScheduler
 
+    if conditioning not in io.CONDITIONING_LAYOUTS:
+        raise InputError(f"unknown conditioning '{conditioning}': use paper or zero123")
+    layout = io.CONDITIONING_LAYOUTS[conditioning]
     ref = models.ModelRef("diffusion", base_model)
     loaded = models.load_diffusion_parts(ref, device="cpu", dtype=torch.float32)
     unet, vae = loaded["unet"], loaded["vae"]
@@ -190,10 +192,12 @@ def build_parts(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(projection_seed)
         if conditioning == "paper":
-            projection = ConditioningProjection("paper", clip_dim + POSE_DIM, width, clip_dim, POSE_DIM)
-        else:
+            projection = ConditioningProjection(
+                "paper", io.z_cond_dim(clip_dim, layout), width, clip_dim, io.POSE_CODE_DIMS[layout]
+            )
+        else:  # the base's [CLIP ‖ 4] -> C, widened by the 12-D code ([CLIP ‖ 4 ‖ 12], `io.POSE_LAYOUTS`)
             base = load_base_projection(base_model)
-            if base.out_features != width or base.in_features != clip_dim + ZERO123_T_DIM:
+            if base.out_features != width or base.in_features != io.z_cond_dim(clip_dim, "zero123"):
                 raise InputError(
                     f"the base cc_projection maps {base.in_features} -> {base.out_features} numbers but this run "
                     f"has {clip_dim}-D CLIP embeddings + 4 (T) -> {width}: embed with the CLIP model the base was "
@@ -201,7 +205,7 @@ def build_parts(
                     "--conditioning paper"
                 )
             projection = ConditioningProjection(
-                "zero123", base.in_features + POSE_DIM, width, clip_dim, ZERO123_T_DIM + POSE_DIM
+                "zero123", io.z_cond_dim(clip_dim, layout), width, clip_dim, io.POSE_CODE_DIMS[layout]
             )
             projection.net = extend_linear(base, POSE_DIM)
     vae.requires_grad_(False)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.core import io
 from stages.train.data import Batch
 
 
@@ -96,7 +97,8 @@ def model_inputs(
     z_cond = batch.z_cond.to(**to)
     if dropout is not None:
         drop_clip, drop_image = (m.to(device) for m in dropout_masks(draws.uniform, dropout))
-        z_cond = torch.cat([z_cond[:, :clip_dim] * (~drop_clip)[:, None], z_cond[:, clip_dim:]], dim=1)
+        clip, pose = io.split_z_cond(z_cond, clip_dim)
+        z_cond = io.join_z_cond(clip * (~drop_clip)[:, None], pose)
         source = source * (~drop_image)[:, None, None, None]
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(x0, noise, timesteps)

@@ -7,16 +7,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from stages.core import dataset
+from stages.core import dataset, io
 from stages.core.errors import InputError
 
 STAGE = "triplets"
 KIND = "triplets"
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
-POSE_SOURCES: dict[str, int] = {"sfm": 0, "rig": 1, "interp": 2}
-"""As `stages.poses.SOURCES`; a poses record without a ``source`` tensor (a rig or ground truth) counts as rig."""
+POSE_SOURCES: dict[str, int] = io.POSE_SOURCES
+"""`io.POSE_SOURCES`; a poses record without a ``source`` tensor (a rig or ground truth) counts as rig."""
 PAIR_MODES = ("all", "adjacent", "nearest", "random")
-PoseCode = Literal["paper", "zero123", "both"]
+PoseCode = io.PoseLayout  # which codes z_cond holds: `io.POSE_LAYOUTS`
 DepthChoice = Literal["auto", "aligned", "depth", "none"]
 
 SCHEMA: dict[str, tuple[int | str, ...]] = {
@@ -36,10 +36,11 @@ SCHEMA: dict[str, tuple[int | str, ...]] = {
     # per pair (P)
     "pair_source": ("P",),  # int32, image row
     "pair_target": ("P",),  # int32, image row
-    "pose_code": ("P", 12),  # float32, flatten([R_rel | s T_rel])
+    "pose_code": ("P", io.POSE_CODES["pose_code"]),  # float32, flatten([R_rel | s T_rel])
 }
 OPTIONAL_SCHEMA: dict[str, tuple[int | str, ...]] = {
-    "zero123_code": ("P", 4),  # float32, (Δpolar, sin Δazimuth, cos Δazimuth, Δradius) in radians / scaled units
+    # float32, (Δpolar, sin Δazimuth, cos Δazimuth, Δradius) in radians / scaled units
+    "zero123_code": ("P", io.POSE_CODES["zero123_code"]),
 }
 POSE_NORMALIZATION = "T *= pose_scale = 1 / mean |C_i - mean(C)| per capture (camera centres C = -R^T T)"
 

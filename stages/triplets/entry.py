@@ -24,7 +24,7 @@ def validate(cfg: Config) -> PairSpec:
     spec = PairSpec.parse(cfg.pairs)
     if cfg.min_depth_quality not in _QUALITY_LEVEL:
         raise InputError(f"unknown min depth quality '{cfg.min_depth_quality}': use failed, weak or good")
-    if cfg.pose_code not in ("paper", "zero123", "both"):
+    if cfg.pose_code not in io.POSE_LAYOUTS:
         raise InputError(f"unknown --pose-code '{cfg.pose_code}': use paper, zero123 or both")
     if cfg.depth not in ("auto", "aligned", "depth", "none"):
         raise InputError(f"unknown --depth '{cfg.depth}': use auto, aligned, depth or none")

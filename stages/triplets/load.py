@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from stages.core import geometry, io
+from stages.core import io
 from stages.core.errors import InputError, RecordError
 from stages.triplets.config import KIND, SPLITS, STAGE, record_schema
 from stages.triplets.splits import check_splits
@@ -89,17 +89,17 @@ class TripletSet:
 
     def pose_conditioning(self, pairs: np.ndarray | None = None) -> np.ndarray:
         """The pose part of z_cond [P, 12 | 4 | 16] for `conditioning` paper | zero123 | both, in the
-        order of `geometry.POSE_LAYOUTS` (both: [4 ‖ 12])."""
+        order of `io.POSE_LAYOUTS` (both: [4 ‖ 12])."""
         select = slice(None) if pairs is None else np.asarray(pairs)
-        names = geometry.POSE_LAYOUTS[self.conditioning]
-        return geometry.pose_part({name: self.record[name][select] for name in names}, self.conditioning)
+        names = io.POSE_LAYOUTS[self.conditioning]
+        return io.pose_part({name: self.record[name][select] for name in names}, self.conditioning)
 
     def z_cond(self, pairs: np.ndarray | None = None, embeddings: np.ndarray | None = None) -> np.ndarray:
         """z_cond = [CLIP(source) ‖ pose code] [P, D + k] float32 (524 for ViT-B/32 and the paper's code)."""
         embeddings = self.embeddings() if embeddings is None else embeddings
         select = slice(None) if pairs is None else np.asarray(pairs)
         source = self.record["pair_source"][select]
-        return np.concatenate([embeddings[source], self.pose_conditioning(pairs)], axis=-1).astype(np.float32)
+        return io.join_z_cond(embeddings[source], self.pose_conditioning(pairs))
 
 
 def load_triplets(path: str | os.PathLike) -> TripletSet:

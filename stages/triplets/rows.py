@@ -16,7 +16,7 @@ import numpy as np
 from stages.core import dataset, io, worktree
 from stages.core.errors import RecordError
 from stages.triplets.codes import capture_frame, capture_pairs, pair_codes, pair_zero123_codes, pose_scale
-from stages.triplets.config import POSE_SOURCES, Config, DepthChoice, PairSpec
+from stages.triplets.config import Config, DepthChoice, PairSpec
 
 
 @dataclass
@@ -105,7 +105,7 @@ def _capture_rows(
         depth_rows = np.full(len(names), -1, dtype=np.int32)
     sources_all = poses.tensors.get("source")
     pose_source = (np.asarray(sources_all, np.int8)[pose_rows] if sources_all is not None
-                   else np.full(len(names), POSE_SOURCES["rig"], np.int8))  # fmt: skip
+                   else np.full(len(names), io.POSE_SOURCES["rig"], np.int8))  # fmt: skip
     R, T = np.asarray(poses["R"], np.float64), np.asarray(poses["T"], np.float64)
     scale = pose_scale(R, T)
     frame = capture_frame(R, T)
@@ -116,7 +116,7 @@ def _capture_rows(
         azimuth, elevation = frame.azimuth_deg[pose_rows], frame.elevation_deg[pose_rows]
     keep = np.ones(len(names), dtype=bool)
     if cfg.exclude_interp:
-        keep &= pose_source != POSE_SOURCES["interp"]
+        keep &= pose_source != io.POSE_SOURCES["interp"]
     views = [int(i) for i in np.flatnonzero(keep)]
     is_source = np.asarray([names[i] in source_names for i in views], dtype=bool)
     rng = np.random.default_rng([cfg.seed, zlib.crc32(capture.id.encode())])

@@ -18,7 +18,6 @@ from stages.triplets.config import (
     KIND,
     OPTIONAL_SCHEMA,
     POSE_NORMALIZATION,
-    POSE_SOURCES,
     SCHEMA,
     SPLITS,
     STAGE,
@@ -75,13 +74,12 @@ def _write(out: Path, rows: list[_CaptureRows], cfg: Config, spec: PairSpec, dat
     tensors: dict[str, np.ndarray] = {
         key: np.concatenate(parts) for key, parts in per_image.items() if key not in ("pose_code",)
     }
-    tensors["pose_code"] = np.concatenate(pair_codes_list).reshape(-1, 12)
+    tensors["pose_code"] = np.concatenate(pair_codes_list).reshape(-1, io.POSE_CODES["pose_code"])
     tensors["pose_scale"] = np.asarray([r.scale for r in rows], dtype=np.float64)
     if cfg.pose_code != "paper":
-        tensors["zero123_code"] = np.concatenate(zero123_list).reshape(-1, 4)
+        tensors["zero123_code"] = np.concatenate(zero123_list).reshape(-1, io.POSE_CODES["zero123_code"])
     check_splits(tensors["subject_index"], tensors["split"], subjects, out)
     splits_meta = {name: sorted(s for s in subjects if split_of[s] == name) for name in SPLITS}
-    code_dim = {"paper": 12, "zero123": 4, "both": 16}[cfg.pose_code]
     embed_dim = int(embed_meta["embed_dim"]) if embed_meta["embed_dim"].isdigit() else 0
     extra = {
         "captures": json.dumps(captures_meta),
@@ -92,10 +90,10 @@ def _write(out: Path, rows: list[_CaptureRows], cfg: Config, spec: PairSpec, dat
         "layout": layout,
         "pairs": str(spec),
         "conditioning": cfg.pose_code,
-        "pose_code_dim": str(code_dim),
-        "z_cond_dim": str(embed_dim + code_dim),
+        "pose_code_dim": str(io.POSE_CODE_DIMS[cfg.pose_code]),
+        "z_cond_dim": str(io.z_cond_dim(embed_dim, cfg.pose_code)),
         "pose_normalization": POSE_NORMALIZATION,
-        "pose_sources": json.dumps(POSE_SOURCES),
+        "pose_sources": json.dumps(io.POSE_SOURCES),
         "splits_codes": json.dumps(SPLITS),
         "azimuth_source": "multipie-camera-table" if layout == "multipie" else "poses",
         "optional_tensors": json.dumps(sorted(k for k in OPTIONAL_SCHEMA if k in tensors)),

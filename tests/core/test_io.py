@@ -429,3 +429,60 @@ def test_records_are_byte_identical_when_saved_twice(tmp_path):
     record = io.load_record(tmp_path / "2.safetensors", kind="poses")
     np.testing.assert_array_equal(record["R"], _poses()["R"])
     assert record.extra["key19"] == "19"
+
+
+# -- contracts between stages ----------------------------------------------------------------------
+
+
+def test_pose_source_tags_are_one_table_under_every_name():
+    from stages import evaluate, poses, triplets
+
+    assert io.POSE_SOURCES == {"sfm": 0, "rig": 1, "interp": 2}
+    assert poses.SOURCES is io.POSE_SOURCES and triplets.POSE_SOURCES is io.POSE_SOURCES
+    assert evaluate.POSE_SOURCES is io.POSE_SOURCES
+    assert io.GROUNDTRUTH_STAGE == "groundtruth"
+
+
+def test_depth_kind_reads_the_metadata_and_names_the_file_when_unknown(tmp_path):
+    def saved(name, kind="depth", extra=None):
+        tensors = {"depth": np.ones((2, 4, 4), np.float32)}
+        if kind == "aligned":
+            tensors.update(scale=np.ones(2), shift=np.zeros(2), residual_rms=np.zeros(2), inliers=np.ones(2))
+        path = io.save_record(tmp_path / name, tensors, kind=kind, stage="t", capture="c", names=["a", "b"],
+                              extra=extra)  # fmt: skip
+        return io.load_record(path)
+
+    assert io.DEPTH_KINDS == ("depth", "disparity")
+    assert io.depth_kind(saved("plain.safetensors")) == "depth"  # no depth_kind: z-depth
+    assert io.depth_kind(saved("z.safetensors", extra={"depth_kind": "depth"})) == "depth"
+    assert io.depth_kind(saved("d.safetensors", extra={"depth_kind": "disparity"})) == "disparity"
+    assert io.depth_kind(saved("al.safetensors", "aligned", {"source_depth_kind": "disparity"})) == "depth"
+    odd = saved("odd.safetensors", extra={"depth_kind": "inverse"})
+    with pytest.raises(InputError, match=r"odd\.safetensors: depth_kind 'inverse' is not one of depth, disparity"):
+        io.depth_kind(odd)
+
+
+def test_z_cond_layout_widths_order_and_joins():
+    assert io.POSE_CODES == {"pose_code": 12, "zero123_code": 4}
+    assert io.POSE_CODE_DIMS == {"paper": 12, "zero123": 4, "both": 16}
+    assert io.POSE_LAYOUTS["both"] == ("zero123_code", "pose_code")  # Zero123's 4 first: [CLIP ‖ 4 ‖ 12]
+    assert io.CONDITIONING_LAYOUTS == {"paper": "paper", "zero123": "both"}
+    assert io.z_cond_dim(512, "paper") == 524 and io.z_cond_dim(768, "zero123") == 772
+    assert io.z_cond_dim(768, "both") == 784
+    codes = {"pose_code": np.arange(24.0).reshape(2, 12), "zero123_code": -np.arange(8.0).reshape(2, 4)}
+    pose = io.pose_part(codes, "both")
+    assert pose.shape == (2, 16) and pose[1, :4].tolist() == [-4, -5, -6, -7] and pose[1, 4] == 12
+    clip = np.full((2, 3), 0.5)
+    z = io.join_z_cond(clip, pose)
+    assert z.dtype == np.float32 and z.shape == (2, 3 + 16) and z[0, :4].tolist() == [0.5, 0.5, 0.5, 0.0]
+    back_clip, back_pose = io.split_z_cond(z, 3)
+    np.testing.assert_array_equal(back_clip, clip)
+    np.testing.assert_array_equal(back_pose, pose)
+
+
+def test_z_cond_of_torch_tensors_stays_torch():
+    torch = pytest.importorskip("torch")
+    clip, pose = torch.ones(2, 3, dtype=torch.float16), torch.zeros(2, 12, dtype=torch.float16)
+    z = io.join_z_cond(clip, pose)
+    assert isinstance(z, torch.Tensor) and z.dtype == torch.float16 and tuple(z.shape) == (2, 15)
+    assert torch.equal(io.split_z_cond(z, 3)[1], pose)

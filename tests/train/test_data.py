@@ -128,10 +128,9 @@ def test_latent_cache_runs_the_vae_once_per_image_and_survives_restarts(tmp_path
 
 
 def test_one_pose_code_order_for_both_codes_in_triplets_train_and_sample(tmp_path):
-    """--pose-code both: z_cond = [CLIP ‖ 4 ‖ 12] (geometry.POSE_LAYOUTS) as the index gives it
+    """--pose-code both: z_cond = [CLIP ‖ 4 ‖ 12] (io.POSE_LAYOUTS) as the index gives it
     (TripletSet.z_cond), as train conditions on it (pair_table) and as sample builds it (pose_codes)."""
     from stages import sample, synth
-    from stages.core import geometry
     from stages.triplets import load_triplets
     from tests.train.fixtures import build_triplets
 
@@ -150,7 +149,7 @@ def test_one_pose_code_order_for_both_codes_in_triplets_train_and_sample(tmp_pat
     poses = io.load_record(synth.groundtruth_dir(tmp_path / "data", capture) / "poses.safetensors", kind="poses")
     rows = [poses.names.index(Path(triplets.record.names[i]).name) for i in (s, t)]
     code = sample.pose_codes("zero123", poses["R"][rows], poses["T"][rows], float(triplets["pose_scale"][c]))
-    assert code.shape == (1, 16) and list(geometry.POSE_LAYOUTS["both"]) == ["zero123_code", "pose_code"]
+    assert code.shape == (1, 16) and list(io.POSE_LAYOUTS["both"]) == ["zero123_code", "pose_code"]
     np.testing.assert_allclose(code[0, 4:], triplets["pose_code"][p], atol=1e-5)
     np.testing.assert_allclose(code[0, :4], triplets["zero123_code"][p], atol=1e-3)
     assert np.abs(code[0, :4] - triplets["pose_code"][p][:4]).max() > 1e-2  # the two codes are told apart

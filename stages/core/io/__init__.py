@@ -13,8 +13,9 @@ Convention: poses in records are world-to-camera OpenCV (x_cam = R x_world + T),
 `stages.core.geometry`. Conversions to other frames happen here, at the format boundary, only.
 
 Modules: `atomic` (atomic writes, folder ownership, record sets), `jsonio` (JSON files, input
-hashes), `records` (safetensors records), `images`, `ply` (point clouds), `cameras`
-(transforms.json, COLMAP text). Every name is re-exported here: call sites use ``io.X``. A test
+hashes), `records` (safetensors records, and the values stages pass through them: pose source
+tags, depth kinds, the z_cond layout), `images`, `ply` (point clouds), `cameras` (transforms.json,
+COLMAP text). Every name is re-exported here: call sites use ``io.X``. A test
 that monkeypatches a setting must patch the submodule that reads it (e.g. ``io.records``).
 """
 
@@ -54,34 +55,59 @@ from stages.core.io.images import (
 from stages.core.io.jsonio import hash_file, hash_inputs, read_json, to_jsonable, write_json
 from stages.core.io.ply import PointCloud, import_open3d, read_ply, write_ply
 from stages.core.io.records import (
+    CONDITIONING_LAYOUTS,
     DEPTH_CONVENTION,
+    DEPTH_KINDS,
     FINITE,
     FORMAT_VERSION,
+    GROUNDTRUTH_STAGE,
     NAMES_IN_HEADER_MAX,
+    POSE_CODE_DIMS,
+    POSE_CODES,
     POSE_CONVENTION,
+    POSE_LAYOUTS,
+    POSE_SOURCES,
     SCHEMAS,
+    DepthKind,
+    PoseLayout,
+    PoseSource,
     Record,
+    depth_kind,
+    join_z_cond,
     load_record,
+    pose_part,
     read_record_metadata,
     read_record_names,
     read_record_tensor,
     safetensors_bytes,
     save_record,
+    split_z_cond,
+    z_cond_dim,
 )
 
 log = logging.getLogger("nvf")
 
 __all__ = [
     "COLMAP_DISTORTION_PARAMS",
+    "CONDITIONING_LAYOUTS",
     "CameraSet",
     "DEPTH_CONVENTION",
+    "DEPTH_KINDS",
+    "DepthKind",
     "FINITE",
     "FORMAT_VERSION",
+    "GROUNDTRUTH_STAGE",
     "IMAGE_SUFFIXES",
     "NAMES_IN_HEADER_MAX",
     "OWNED_MARK",
+    "POSE_CODES",
+    "POSE_CODE_DIMS",
     "POSE_CONVENTION",
+    "POSE_LAYOUTS",
+    "POSE_SOURCES",
     "PointCloud",
+    "PoseLayout",
+    "PoseSource",
     "Record",
     "SCHEMAS",
     "atomic_dir",
@@ -89,14 +115,17 @@ __all__ = [
     "check_replaceable",
     "claim_dir",
     "colmap_cameras_distortion",
+    "depth_kind",
     "foreign_files",
     "hash_file",
     "hash_inputs",
     "image_hw",
     "image_size",
     "import_open3d",
+    "join_z_cond",
     "load_record",
     "opencv_distortion",
+    "pose_part",
     "read_gray",
     "read_image",
     "read_image_alpha",
@@ -111,6 +140,7 @@ __all__ = [
     "remove_owned_dir",
     "safetensors_bytes",
     "save_record",
+    "split_z_cond",
     "to_jsonable",
     "transforms_image_paths",
     "write_colmap_text",
@@ -119,4 +149,5 @@ __all__ = [
     "write_ply",
     "write_text",
     "write_transforms",
+    "z_cond_dim",
 ]

@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -55,6 +55,92 @@ SCHEMAS: dict[str, dict[str, tuple[int | str, ...]]] = {
     # head masks: a class per pixel (`stages.core.masks.CLASSES`) at image resolution, each view's image size
     "masks": {"classes": ("N", "H", "W"), "image_hw": ("N", 2)},
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# Contracts between stages: what a value in one stage's record means to the stages that read it
+# ----------------------------------------------------------------------------------------------
+
+PoseSource = Literal["sfm", "rig", "interp"]
+POSE_SOURCES: dict[str, int] = {"sfm": 0, "rig": 1, "interp": 2}
+"""Where a view's pose came from, as the int8 ``source`` tensor of a poses record (and the
+``pose_source`` of a triplet index) holds it; poses records also carry this table as JSON in their
+``sources`` metadata. ``sfm``: registered by structure from motion. ``rig``: placed from a
+calibrated rig (the camera's pose in the rig, fitted to the capture's SfM views). ``interp``:
+neither; interpolated between known views along the ring, or placed on the fallback ring (the least
+trustworthy: `nvf triplets --exclude-interp` leaves them out). A poses record without a ``source``
+tensor (a rig or ground truth) counts as ``rig`` in a triplet index."""
+GROUNDTRUTH_STAGE = "groundtruth"
+"""``nvf_stage`` of a poses record copied from a synthetic dataset's ground truth
+(`stages.pipeline.copy_groundtruth_poses`), so nothing mistakes it for estimated poses."""
+
+DepthKind = Literal["depth", "disparity"]
+DEPTH_KINDS: tuple[DepthKind, ...] = ("depth", "disparity")
+"""What the maps of a depth record hold, by its ``depth_kind`` metadata (see `DEPTH_CONVENTION`):
+``depth`` z-depth along the optical axis, ``disparity`` relative inverse depth (larger = nearer,
+unknown scale and shift). Read it with `depth_kind`."""
+
+
+def depth_kind(record: Record) -> DepthKind:
+    """What the maps of a depth (or aligned) record hold: its ``depth_kind`` metadata, ``depth`` when
+    absent; aligned records always hold z-depth. RecordError (an InputError) naming the file for a
+    value not in `DEPTH_KINDS`."""
+    if record.kind == "aligned":
+        return "depth"
+    kind = record.extra.get("depth_kind", "depth")
+    if kind not in DEPTH_KINDS:
+        raise RecordError(f"{record.path}: depth_kind '{kind}' is not one of {', '.join(DEPTH_KINDS)}; "
+                          "rerun nvf depth to rewrite the record")  # fmt: skip
+    return kind  # type: ignore[return-value]
+
+
+POSE_CODES: dict[str, int] = {"pose_code": 12, "zero123_code": 4}
+"""Width of each pose code a triplet index holds per pair: ``pose_code`` the 12-D
+flatten([R_rel | T_rel]) (`geometry.pose_code12`), ``zero123_code`` Zero-1-to-3's 4 numbers
+(Δpolar, sin Δazimuth, cos Δazimuth, Δradius; `geometry.zero123_pose_code`)."""
+PoseLayout = Literal["paper", "zero123", "both"]
+POSE_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "paper": ("pose_code",),
+    "zero123": ("zero123_code",),
+    "both": ("zero123_code", "pose_code"),
+}
+"""The pose part of z_cond = [CLIP(source) ‖ pose part], by layout (`nvf triplets --pose-code`): the
+one definition of its order, which triplets (`TripletSet.z_cond`), train and sample all follow
+(`join_z_cond`). With both, the 4 come first: Zero123's cc_projection takes [CLIP ‖ 4], and nvf's
+zero123 conditioning appends the 12 as zero-initialised columns ([CLIP ‖ 4 ‖ 12])."""
+POSE_CODE_DIMS: dict[str, int] = {
+    layout: sum(POSE_CODES[name] for name in names) for layout, names in POSE_LAYOUTS.items()
+}
+"""Numbers in the pose part of z_cond by layout: paper 12, zero123 4, both 16."""
+CONDITIONING_LAYOUTS: dict[str, PoseLayout] = {"paper": "paper", "zero123": "both"}
+"""The pose layout a trained model's conditioning (`nvf train --conditioning`) reads: zero123
+conditioning is Zero123's [CLIP ‖ 4] widened by the 12-D code."""
+
+
+def z_cond_dim(clip_dim: int, layout: str) -> int:
+    """Numbers in z_cond = [CLIP ‖ pose part] for CLIP embeddings of `clip_dim` and a pose `layout`
+    (524 for ViT-B/32 and the paper's code)."""
+    return clip_dim + POSE_CODE_DIMS[layout]
+
+
+def pose_part(codes: Mapping[str, np.ndarray], layout: str) -> np.ndarray:
+    """The pose part of z_cond [..., 12 | 4 | 16] from named codes, in `POSE_LAYOUTS` order."""
+    return np.concatenate([np.asarray(codes[name]) for name in POSE_LAYOUTS[layout]], axis=-1)
+
+
+def join_z_cond(clip: Any, pose: Any) -> Any:
+    """z_cond = [CLIP ‖ pose part] along the last axis: float32 from numpy arrays, or the `torch.cat`
+    of torch tensors (their dtype and device)."""
+    if hasattr(clip, "detach"):  # torch.Tensor without importing torch here
+        import torch
+
+        return torch.cat([clip, pose], dim=-1)
+    return np.concatenate([clip, pose], axis=-1).astype(np.float32)
+
+
+def split_z_cond(z_cond: Any, clip_dim: int) -> tuple[Any, Any]:
+    """(CLIP part [..., clip_dim], pose part [..., P]) of z_cond (views, numpy or torch)."""
+    return z_cond[..., :clip_dim], z_cond[..., clip_dim:]
 
 
 @dataclass(frozen=True)
