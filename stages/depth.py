@@ -34,7 +34,7 @@ CC-BY-NC-4.0 (non-commercial use only). A local folder with a saved model works 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,11 +44,11 @@ import torch
 
 from stages.core import batching, dataset, io, models, view_batches
 from stages.core.batching import effective_precision
-from stages.core.cache import ArrayCache, Prefetcher
+from stages.core.cache import ArrayCache
 from stages.core.contract import Context, require_data
 from stages.core.errors import InputError
 from stages.core.models import model_fingerprint
-from stages.core.view_batches import CapturePlan, View
+from stages.core.view_batches import CapturePlan, ImagePredictor, View
 
 log = logging.getLogger("nvf")
 
@@ -116,7 +116,7 @@ def infer_depth_kind(config: Any) -> io.DepthKind:
     return "depth"  # ZoeDepth, Depth Pro, GLPN, ... predict metric depth
 
 
-class DepthPredictor:
+class DepthPredictor(ImagePredictor):
     """A loaded depth model: uint8 image batches in, depth maps at a requested size out.
 
     `predict(images_b3hw, out_hw)`: images [B, 3, H, W] uint8 (any device) -> [B, h, w] float32 on
@@ -139,15 +139,6 @@ class DepthPredictor:
         self.interpolation = interpolation
         # DPT-family processors (DPT, Depth Anything) resize predictions plainly: do it batched
         self._plain_post = type(self.processor).__name__.startswith("DPTImageProcessor")
-        self._input_hw: dict[tuple[int, int], tuple[int, int]] = {}
-
-    def input_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
-        """(h, w) of the model input the processor makes from an image of `image_hw`."""
-        if image_hw not in self._input_hw:
-            probe = torch.zeros((1, 3, *image_hw), dtype=torch.uint8)
-            shape = self.processor(images=probe, return_tensors="pt")["pixel_values"].shape
-            self._input_hw[image_hw] = (int(shape[-2]), int(shape[-1]))
-        return self._input_hw[image_hw]
 
     @torch.inference_mode()
     def predict(self, images_b3hw: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
@@ -177,17 +168,8 @@ class DepthPredictor:
         in_h, in_w = self.input_hw(image_hw)
         io_bytes = 4 * (3 * image_hw[0] * image_hw[1] + in_h * in_w * 3 + 2 * out_hw[0] * out_hw[1])
         if self.device.type == "cuda":
-            peaks = [self._probe_peak(n, image_hw, out_hw) for n in (1, 2)]
-            return int(max(peaks[1] - peaks[0], io_bytes) * 1.2)
+            return self.measured_bytes_per_item(image_hw, out_hw, io_bytes)
         return int(_estimate_activation_bytes(self.model.config, in_h, in_w, self.dtype) + io_bytes)
-
-    def _probe_peak(self, n: int, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        self.predict(torch.zeros((n, 3, *image_hw), dtype=torch.uint8, device=self.device), out_hw)
-        torch.cuda.synchronize(self.device)
-        return int(torch.cuda.max_memory_allocated(self.device) - base)
 
 
 def int32_batch_limit(config: Any, input_hw: tuple[int, int]) -> int:
@@ -328,39 +310,23 @@ def _predict_all(
     estimated once per image size); an out-of-memory halving carries over to later batches.
     """
     store_dtype = torch.float16 if cfg.store_dtype == "float16" else torch.float32
-    views = [view for batch in batches for view in batch]
-    prefetcher = Prefetcher([v.path for v in views], io.read_image, cfg.workers)
-    fits: dict[tuple[tuple[int, int], tuple[int, int]], int] = {}
     max_batch = _CPU_MAX_BATCH if device.type == "cpu" else _GPU_MAX_BATCH
 
-    def fit(positions: Sequence[int]) -> int:  # what int32 indexing and (auto batch size) free memory hold
-        view = views[positions[0]]
-        size_key = (view.image_hw, view.out_hw)
-        if size_key not in fits:
-            cap = min(max_batch, int32_batch_limit(predictor.model.config, predictor.input_hw(view.image_hw)))
-            if cfg.batch_size is None:
-                per_item = predictor.bytes_per_item(view.image_hw, view.out_hw)
-                cap = batching.auto_batch_size(device, per_item, max_batch=cap)
-            fits[size_key] = cap
-        return fits[size_key]
+    def fit(view: View) -> int:  # what int32 indexing and (auto batch size) free memory hold
+        cap = min(max_batch, int32_batch_limit(predictor.model.config, predictor.input_hw(view.image_hw)))
+        if cfg.batch_size is None:
+            per_item = predictor.bytes_per_item(view.image_hw, view.out_hw)
+            cap = batching.auto_batch_size(device, per_item, max_batch=cap)
+        return cap
 
-    def forward(positions: Sequence[int]) -> torch.Tensor:
-        out_hw = views[positions[0]].out_hw
-        images = prefetcher.get(positions, lookahead=len(positions))  # [H, W, 3] each
+    def forward(images: list[np.ndarray], out_hw: tuple[int, int]) -> torch.Tensor:
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [B, 3, H, W] uint8
         if device.type == "cuda":
             batch = batch.pin_memory()
         depth = predictor.predict(batch, out_hw)  # [B, h, w] float32 on the device
         return depth.to(store_dtype).cpu()
 
-    try:
-        prefetcher.prefetch(2 * max((len(b) for b in batches), default=1))
-        planned = view_batches.planned_ranges(batches)
-        for positions, depth_bhw, whole in batching.run_planned_batches(forward, planned, limit=fit):
-            for position, depth_hw in zip(positions, depth_bhw.numpy(), strict=True):
-                yield views[position], depth_hw, whole
-    finally:
-        prefetcher.close()
+    return view_batches.run_views(batches, io.read_image, forward, cfg.workers, fit)
 
 
 def _write_record(

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ import torch
 
 from stages.core import batching, dataset, io, models, view_batches
 from stages.core.batching import effective_precision
-from stages.core.cache import ArrayCache, Prefetcher
+from stages.core.cache import ArrayCache
 from stages.core.contract import Context, require_data
 from stages.core.errors import InputError
 from stages.core.models import model_fingerprint
@@ -249,41 +249,24 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
 def _embed_all(
     embedder: ClipEmbedder, batches: list[list[View]], cfg: Config, device: torch.device
 ) -> view_batches.Computed:
-    """Yield (key, [unit vector ‖ norm] [D + 1] float32, whole) for every row of the planned
-    batches (keys), each batch run whole unless memory forbids (`batching.run_planned_batches`;
-    `whole` is False for the rows of a split batch). Decoding runs ahead in threads."""
+    """Yield (view, [unit vector ‖ norm] [D + 1] float32, whole) for every view of the planned batches."""
     from PIL import Image
 
-    views = [view for batch in batches for view in batch]
     max_batch = _CPU_MAX_BATCH if device.type == "cpu" else _GPU_MAX_BATCH
-    fits: list[int] = []
 
-    def fit(_positions: Sequence[int]) -> int:  # auto batch size: what free memory holds
-        if not fits:
-            fits.append(batching.auto_batch_size(device, embedder.bytes_per_item(), max_batch=max_batch))
-        return fits[0]
+    def fit(_view: View) -> int:  # auto batch size: what free memory holds
+        return batching.auto_batch_size(device, embedder.bytes_per_item(), max_batch=max_batch)
 
     def load(path: Path) -> torch.Tensor:  # [3, S, S] float32: open_clip's transform of the decoded image
         return embedder.preprocess(Image.fromarray(io.read_image(path)))
 
-    decoder = Prefetcher([view.path for view in views], load, cfg.workers)
-    decoder.prefetch(2 * max((len(b) for b in batches), default=1))
-
-    def forward(positions: Sequence[int]) -> torch.Tensor:
-        pixels = torch.stack(decoder.get(positions, lookahead=len(positions)))  # [B, 3, S, S] float32
+    def forward(items: list[torch.Tensor], _out_hw: tuple[int, int]) -> torch.Tensor:
+        pixels = torch.stack(items)  # [B, 3, S, S] float32
         if device.type == "cuda":
             pixels = pixels.pin_memory()
         return embedder.embed_with_norm(pixels)  # [B, D + 1]
 
-    planned = view_batches.planned_ranges(batches)
-    try:
-        for positions, vectors_bd, whole in batching.run_planned_batches(
-            forward, planned, limit=fit if cfg.batch_size is None else None
-        ):
-            for position, vector in zip(positions, vectors_bd.numpy(), strict=True):
-                yield views[position], vector, whole
-    finally:
-        decoder.close()
+    return view_batches.run_views(batches, load, forward, cfg.workers, fit if cfg.batch_size is None else None)
 
 
 def _write_record(plan: CapturePlan, rows_nd1: np.ndarray, settings: dict[str, Any], cfg: Config,

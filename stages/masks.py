@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +40,10 @@ import torch
 from stages.core import batching, dataset, io, models, view_batches
 from stages.core import masks as headmasks
 from stages.core.batching import effective_precision
-from stages.core.cache import ArrayCache, Prefetcher
+from stages.core.cache import ArrayCache
 from stages.core.contract import Context, require_data
 from stages.core.models import model_fingerprint
-from stages.core.view_batches import CapturePlan, View
+from stages.core.view_batches import CapturePlan, ImagePredictor, View
 
 log = logging.getLogger("nvf")
 
@@ -92,7 +92,7 @@ def default_cache_folder() -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-class MaskPredictor:
+class MaskPredictor(ImagePredictor):
     """A loaded segmentation model: uint8 image batches in, class maps (`headmasks.CLASSES`) out.
 
     `predict(images_b3hw, out_hw)`: images [B, 3, H, W] uint8 -> [B, h, w] uint8 on the model's device.
@@ -104,15 +104,6 @@ class MaskPredictor:
         self.model, self.processor = models.load_segmentation_model(ref, device, self.dtype)
         self.table_l = headmasks.label_classes(self.model.config.id2label)
         self._table = torch.from_numpy(self.table_l).to(device)
-        self._input_hw: dict[tuple[int, int], tuple[int, int]] = {}
-
-    def input_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
-        """(h, w) of the model input the processor makes from an image of `image_hw`."""
-        if image_hw not in self._input_hw:
-            probe = torch.zeros((1, 3, *image_hw), dtype=torch.uint8)
-            shape = self.processor(images=probe, return_tensors="pt")["pixel_values"].shape
-            self._input_hw[image_hw] = (int(shape[-2]), int(shape[-1]))
-        return self._input_hw[image_hw]
 
     @torch.inference_mode()
     def predict(self, images_b3hw: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
@@ -127,15 +118,7 @@ class MaskPredictor:
         in_h, in_w = self.input_hw(image_hw)
         io_bytes = 4 * (3 * image_hw[0] * image_hw[1] + 3 * in_h * in_w) + out_hw[0] * out_hw[1]
         if self.device.type == "cuda":
-            peaks = []
-            for n in (1, 2):
-                torch.cuda.synchronize(self.device)
-                torch.cuda.reset_peak_memory_stats(self.device)
-                base = torch.cuda.memory_allocated(self.device)
-                self.predict(torch.zeros((n, 3, *image_hw), dtype=torch.uint8), out_hw)
-                torch.cuda.synchronize(self.device)
-                peaks.append(int(torch.cuda.max_memory_allocated(self.device) - base))
-            return int(max(peaks[1] - peaks[0], io_bytes) * 1.2)
+            return self.measured_bytes_per_item(image_hw, out_hw, io_bytes)
         config = self.model.config
         elem = torch.finfo(self.dtype).bits // 8
         features, stride = 0, 1
@@ -229,35 +212,19 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
 def _predict_all(
     predictor: MaskPredictor, batches: list[list[View]], cfg: Config, device: torch.device, max_batch: int
 ) -> view_batches.Computed:
-    """Yield (view, classes [h, w] uint8, whole) for every view of the planned batches, each batch run
-    whole unless memory forbids (`batching.run_planned_batches`)."""
-    views = [view for batch in batches for view in batch]
-    prefetcher = Prefetcher([v.path for v in views], io.read_image, cfg.workers)
-    fits: dict[tuple[tuple[int, int], tuple[int, int]], int] = {}
+    """Yield (view, classes [h, w] uint8, whole) for every view of the planned batches."""
 
-    def fit(positions: Sequence[int]) -> int:
-        view = views[positions[0]]
-        size_key = (view.image_hw, view.out_hw)
-        if size_key not in fits:
-            fits[size_key] = max_batch
-            if cfg.batch_size is None:
-                per_item = predictor.bytes_per_item(view.image_hw, view.out_hw)
-                fits[size_key] = batching.auto_batch_size(device, per_item, max_batch=max_batch)
-        return fits[size_key]
+    def fit(view: View) -> int:  # the auto batch size: what free memory holds
+        if cfg.batch_size is not None:
+            return max_batch
+        per_item = predictor.bytes_per_item(view.image_hw, view.out_hw)
+        return batching.auto_batch_size(device, per_item, max_batch=max_batch)
 
-    def forward(positions: Sequence[int]) -> torch.Tensor:
-        images = prefetcher.get(positions, lookahead=len(positions))  # [H, W, 3] each
+    def forward(images: list[np.ndarray], out_hw: tuple[int, int]) -> torch.Tensor:
         batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [B, 3, H, W] uint8
-        return predictor.predict(batch, views[positions[0]].out_hw).cpu()
+        return predictor.predict(batch, out_hw).cpu()  # [B, h, w] uint8
 
-    try:
-        prefetcher.prefetch(2 * max((len(b) for b in batches), default=1))
-        planned = view_batches.planned_ranges(batches)
-        for positions, classes_bhw, whole in batching.run_planned_batches(forward, planned, limit=fit):
-            for position, classes_hw in zip(positions, classes_bhw.numpy(), strict=True):
-                yield views[position], classes_hw, whole
-    finally:
-        prefetcher.close()
+    return view_batches.run_views(batches, io.read_image, forward, cfg.workers, fit)
 
 
 def _write_record(

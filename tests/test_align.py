@@ -351,13 +351,13 @@ def test_depth_kind_is_read_one_way_by_align_and_evaluate(tmp_path, render):
     view = align.Config(reference="view", reference_view=render.names[6])
     odd = _work(tmp_path / "odd", render, z, kind="inverse")
     with pytest.raises(InputError, match=r"depth\.safetensors: depth_kind 'inverse' is not one of depth, disparity"):
-        align.run(odd, view)
+        align.run(Context(odd), view)
     with pytest.raises(InputError, match="depth_kind 'inverse'"):
         _load_depth(worktree.record_path(odd, CAPTURE, "depth"))
     for kind in ("depth", "disparity"):
         work = _work(tmp_path / kind, render, z if kind == "depth" else _disparity(z, np.ones(len(z)), np.zeros(len(z))),
                      kind=kind)  # fmt: skip
-        [path] = align.run(work, view)
+        [path] = align.run(Context(work), view)
         assert io.load_record(path).extra["fit_space"] == kind
         assert _load_depth(worktree.record_path(work, CAPTURE, "depth"))[1] == kind
         assert _load_depth(path)[1] == "depth"  # aligned records hold z-depth
@@ -366,9 +366,9 @@ def test_depth_kind_is_read_one_way_by_align_and_evaluate(tmp_path, render):
         depth_ref = align.Config(reference="depth", reference_depth=str(ref))
         if kind == "disparity":
             with pytest.raises(InputError, match="a reference must hold z-depth, not disparity"):
-                align.run(work, depth_ref, overwrite=True)
+                align.run(Context(work, overwrite=True), depth_ref)
         else:
-            align.run(work, depth_ref, overwrite=True)
+            align.run(Context(work, overwrite=True), depth_ref)
 
 
 # --- real data ----------------------------------------------------------------------------------

@@ -111,16 +111,9 @@ def align_views(
 
 def work_captures(work: Path) -> list[dataset.Capture]:
     """The captures of a work tree: its sub-folders holding a depth record (subject from its metadata)."""
-    work = Path(work)
-    if not work.is_dir():
+    if not Path(work).is_dir():
         raise InputError(f"{work}: no such work folder; run `nvf depth DATA --out {work}` first")
-    found = []
-    for record in sorted(work.glob(f"*/{worktree.RECORD_FILES['depth']}")):
-        try:
-            subject = io.read_record_metadata(record).get("subject") or record.parent.name
-        except Exception:  # unreadable: load_record will say so when the capture is aligned
-            subject = record.parent.name
-        found.append(dataset.Capture(record.parent.name, subject, ()))
+    found = worktree.captures_with(work, "depth")
     if not found:
         raise InputError(f"{work}: no <capture>/depth.safetensors in it; run `nvf depth DATA --out {work}` first")
     return found

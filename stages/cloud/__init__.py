@@ -64,7 +64,7 @@ from stages.cloud.fusion import (
 )
 from stages.cloud.loading import image_paths, load_masks, load_views, reference_path
 from stages.cloud.scores import _view_consistency, cloud_metrics, reference_metrics, visible_reference
-from stages.cloud.stage import _check_config, _finite_or_none, _subject, _up_to_date, fuse_capture, run, work_captures
+from stages.cloud.stage import _check_config, _finite_or_none, _up_to_date, fuse_capture, run, work_captures
 from stages.cloud.views import Points, Views, _fuse_on, _sample_colors, fuse_views
 from stages.core import dataset, depthmaps, geometry, io, metrics, worktree
 from stages.core import masks as headmasks

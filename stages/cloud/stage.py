@@ -25,20 +25,12 @@ log = logging.getLogger("nvf")
 
 def work_captures(work: Path) -> list[dataset.Capture]:
     """The captures of a work tree: its sub-folders holding an aligned record."""
-    work = Path(work)
-    if not work.is_dir():
+    if not Path(work).is_dir():
         raise InputError(f"{work}: no such work folder; run nvf poses, depth and align into it first")
-    found = [dataset.Capture(p.parent.name, _subject(p), ()) for p in sorted(work.glob("*/aligned.safetensors"))]
+    found = worktree.captures_with(work, "aligned")
     if not found:
         raise InputError(f"{work}: no <capture>/aligned.safetensors in it; run `nvf align {work}` first")
     return found
-
-
-def _subject(path: Path) -> str:
-    try:
-        return io.read_record_metadata(path).get("subject") or path.parent.name
-    except Exception:  # unreadable: load_record says so when the capture is fused
-        return path.parent.name
 
 
 def _check_config(cfg: Config) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from stages.core import batching, dataset, io, worktree
-from stages.core.cache import ArrayCache, CaptureAssembler
+from stages.core.cache import ArrayCache, CaptureAssembler, Prefetcher
 from stages.core.contract import CaptureJob, Context, pending, require_data
 from stages.core.digests import image_digests
 
@@ -137,6 +137,40 @@ def _capture_batches(sizes: list[tuple[int, int]], batch_size: int | None, max_b
     ]
 
 
+class ImagePredictor:
+    """What the image-to-map predictors (depth, masks) share. A subclass sets ``processor`` (a
+    transformers image processor) and ``device``, and defines ``predict(images_b3hw, out_hw)``."""
+
+    processor: Any
+    device: Any  # torch.device
+
+    def input_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the model input the processor makes from an image of `image_hw`."""
+        import torch
+
+        known: dict[tuple[int, int], tuple[int, int]] = self.__dict__.setdefault("_input_hw", {})
+        if image_hw not in known:
+            probe = torch.zeros((1, 3, *image_hw), dtype=torch.uint8)
+            shape = self.processor(images=probe, return_tensors="pt")["pixel_values"].shape
+            known[image_hw] = (int(shape[-2]), int(shape[-1]))
+        return known[image_hw]
+
+    def measured_bytes_per_item(self, image_hw: tuple[int, int], out_hw: tuple[int, int], floor: int) -> int:
+        """CUDA: the peak memory one more image in a batch costs, from probe passes of batch 1 and 2
+        (at least ``floor``), with a 20 % margin."""
+        import torch
+
+        peaks = []
+        for n in (1, 2):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            self.predict(torch.zeros((n, 3, *image_hw), dtype=torch.uint8), out_hw)  # type: ignore[attr-defined]
+            torch.cuda.synchronize(self.device)
+            peaks.append(int(torch.cuda.max_memory_allocated(self.device) - base))
+        return int(max(peaks[1] - peaks[0], floor) * 1.2)
+
+
 Computed = Iterator[tuple[View, np.ndarray, bool]]
 """(view, its array, whole): whole is False for the views of a batch that memory split."""
 
@@ -183,6 +217,46 @@ def drive(
     log.info("%s: wrote %d capture(s); %d image(s) computed; cache hits %d memory, %d disk", stage, len(paths),
              sum(map(len, todo)), cache.hits["memory"], cache.hits["disk"])  # fmt: skip
     return paths
+
+
+def run_views(
+    batches: list[list[View]],
+    load: Callable[[Path], Any],
+    forward: Callable[[list[Any], tuple[int, int]], Any],
+    workers: int,
+    fit: Callable[[View], int] | None = None,
+) -> Computed:
+    """Yield (view, its array, whole) for every view of the planned ``batches``.
+
+    ``load(path)`` decodes a view's file in one of ``workers`` threads running ahead of the model;
+    ``forward(items, out_hw)`` runs one batch (the loaded items, the size its outputs are stored at)
+    and returns a CPU tensor [B, ...]. Each planned batch runs whole unless ``fit(view)`` (what
+    memory or int32 indexing holds for views of that size; asked once per size) or an out-of-memory
+    error splits it (`batching.run_planned_batches`); ``whole`` is False for the views of a split batch.
+    """
+    views = [view for batch in batches for view in batch]
+    prefetcher = Prefetcher([view.path for view in views], load, workers)
+    fits: dict[tuple[tuple[int, int], tuple[int, int]], int] = {}
+
+    def limit(positions: Sequence[int]) -> int:
+        view = views[positions[0]]
+        size = (view.image_hw, view.out_hw)
+        if size not in fits:
+            fits[size] = fit(view)  # type: ignore[misc]
+        return fits[size]
+
+    def run_batch(positions: Sequence[int]) -> Any:
+        return forward(prefetcher.get(positions, lookahead=len(positions)), views[positions[0]].out_hw)
+
+    try:
+        prefetcher.prefetch(2 * max((len(batch) for batch in batches), default=1))
+        planned = planned_ranges(batches)
+        for positions, arrays, whole in batching.run_planned_batches(run_batch, planned,
+                                                                     limit=limit if fit is not None else None):  # fmt: skip
+            for position, array in zip(positions, arrays.numpy(), strict=True):
+                yield views[position], array, whole
+    finally:
+        prefetcher.close()
 
 
 def planned_ranges(batches: Sequence[Sequence[Any]]) -> list[range]:
