@@ -1,6 +1,8 @@
 """nvf's library: one module per stage on top of the shared core in `stages.core`.
 
-Import a stage and call its `run(...)`; nothing here depends on the command line.
+Every stage is called the same way, `run(ctx, cfg)` (`stages.core.contract`): ``ctx`` says on what
+(work tree, dataset, captures, shard, device, overwrite, named paths), ``cfg`` how (the stage's
+Config). Nothing here depends on the command line.
 """
 
 from importlib.metadata import PackageNotFoundError, version

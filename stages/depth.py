@@ -257,7 +257,7 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
     if not selected:
         log.warning("depth: no captures in this shard/selection; nothing to do")
         return []
-    cache = ArrayCache((ctx.path("cache") or default_cache_folder()) if cfg.cache else None, _MEMORY_CACHE_BYTES)
+    cache = ArrayCache((ctx.given("cache") or default_cache_folder()) if cfg.cache else None, _MEMORY_CACHE_BYTES)
     settings = {
         "stage": STAGE,
         "model": ref.id,

@@ -230,7 +230,7 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
         "precision": precision,
         "rows": "unit embedding + norm",  # what the cache holds per image: [D + 1]
     }
-    cache = ArrayCache((ctx.path("cache") or default_cache_folder()) if cfg.cache else None)
+    cache = ArrayCache((ctx.given("cache") or default_cache_folder()) if cfg.cache else None)
     max_batch = _CPU_MAX_BATCH if torch_device.type == "cpu" else _GPU_MAX_BATCH
     how = view_batches.Batching(cfg.batch_size, max_batch, cfg.workers, sized=False)
     plans = view_batches.plan(ctx, STAGE, "embed", selected, settings, how, cache)

@@ -194,7 +194,7 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
         "classes": json.dumps(headmasks.CLASSES),
         "label_classes": headmasks.label_map_json(labels, table_l),
     }
-    cache = ArrayCache((ctx.path("cache") or default_cache_folder()) if cfg.cache else None, _MEMORY_CACHE_BYTES)
+    cache = ArrayCache((ctx.given("cache") or default_cache_folder()) if cfg.cache else None, _MEMORY_CACHE_BYTES)
     max_batch = _CPU_MAX_BATCH if torch_device.type == "cpu" else _GPU_MAX_BATCH
     how = view_batches.Batching(cfg.batch_size, max_batch, cfg.workers)
     plans = view_batches.plan(ctx, STAGE, headmasks.KIND, selected, settings, how, cache)

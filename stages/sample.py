@@ -504,14 +504,13 @@ PATHS = {"model": "train", "image": None, "mask": None, "out": "samples"}
 
 def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
     """The stage contract: `sample` from ``ctx.paths["image"]`` with the work tree's run."""
-    image = ctx.path("image")
+    image = ctx.given("image")
     if image is None:
         raise InputError(
             "sample needs a photo: give image = PATH (in nvf run: the [stages.sample] section of --config)"
         )
     model, out = ctx.path("model", PATHS["model"]), ctx.path("out", PATHS["out"])
-    assert model is not None and out is not None
-    return sample(model, image, out, cfg, mask=ctx.path("mask"), device=ctx.device, overwrite=ctx.overwrite,
+    return sample(model, image, out, cfg, mask=ctx.given("mask"), device=ctx.device, overwrite=ctx.overwrite,
                   progress=ctx.progress)  # fmt: skip
 
 

@@ -44,7 +44,6 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
     change on a rerun; returns ``[path]`` when written, else [].
     """
     path = ctx.path("out", PATHS["out"])
-    assert path is not None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.json", dir=path.parent)
     os.close(fd)

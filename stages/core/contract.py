@@ -60,12 +60,15 @@ class Context:
     """The captures are a subset of the dataset (a ``--captures`` list or one shard of several): a
     stage over every capture (triplets) indexes what was made rather than requiring all."""
 
-    def path(self, name: str, default: str | Path | None = None) -> Path | None:
-        """``paths[name]``, else ``default`` (relative to the work tree when relative), else None."""
-        if self.paths.get(name) is not None:
-            return Path(self.paths[name])
-        if default is None:
-            return None
+    def given(self, name: str) -> Path | None:
+        """``paths[name]``, or None when not given."""
+        return Path(self.paths[name]) if self.paths.get(name) is not None else None
+
+    def path(self, name: str, default: str | Path) -> Path:
+        """``paths[name]``, else ``default`` (relative to the work tree when relative)."""
+        given = self.given(name)
+        if given is not None:
+            return given
         default = Path(default)
         return default if default.is_absolute() else self.work / default
 
@@ -110,9 +113,11 @@ a bad input fails with the old outputs untouched."""
 
 def pending(ctx: Context, stage: str, jobs: Sequence[CaptureJob[Captured]]) -> list[CaptureJob[Captured]]:
     """The jobs whose outputs are not up to date (all of them with ``overwrite``), logged."""
-    todo = [job for job in jobs if ctx.overwrite or not job.up_to_date()]
+    todo = []
     for job in jobs:
-        if job not in todo:
+        if ctx.overwrite or not job.up_to_date():
+            todo.append(job)
+        else:
             log.debug("%s: %s is up to date, skipped", stage, job.capture.id)
     log.info("%s: %d of %d capture(s) to write", stage, len(todo), len(jobs))
     return todo

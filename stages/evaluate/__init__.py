@@ -224,9 +224,14 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
                              "nvf run an inputs table in [stages.evaluate] of --config); defaults exist only for "
                              "synth data with groundtruth/")  # fmt: skip
         given = {"poses": ctx.work, "poses_ref": truth, "depth": ctx.work, "depth_ref": truth}
-    out = ctx.path("out", PATHS["out"])
-    assert out is not None
-    return evaluate(Inputs(**given), out, cfg, device=ctx.device, overwrite=ctx.overwrite, progress=ctx.progress)
+    return evaluate(
+        Inputs(**given),
+        ctx.path("out", PATHS["out"]),
+        cfg,
+        device=ctx.device,
+        overwrite=ctx.overwrite,
+        progress=ctx.progress,
+    )
 
 
 def evaluate(inputs: Inputs, out: Path, cfg: Config = Config(), *, device: str = "auto", overwrite: bool = False,

@@ -232,7 +232,6 @@ PATHS = {"out": "reconstruct"}
 def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
     """The stage contract: `reconstruct` every selected capture of ``ctx.work`` that has poses."""
     out = ctx.path("out", PATHS["out"])
-    assert out is not None
     written: list[Path] = []
     for capture in ctx.select(worktree.captures_with(ctx.work, "poses")):
         written += reconstruct(worktree.capture_dir(ctx.work, capture.id), out / capture.id, cfg, data=ctx.data,

@@ -227,7 +227,6 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
     """
     out = ctx.path("out", PATHS["out"])
     triplets = ctx.path("triplets", PATHS["triplets"])
-    assert out is not None and triplets is not None
     resume = str(ctx.paths["resume"]) if ctx.paths.get("resume") is not None else None
     if resume is None and not ctx.overwrite and ckpt.list_checkpoints(out):
         resume = "latest"

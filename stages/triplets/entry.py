@@ -71,7 +71,6 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
     work = Path(ctx.work)
     if not work.is_dir():
         raise InputError(f"{work}: no such work folder; run nvf poses / nvf embed DATA --out {work} first")
-    assert out is not None
     if out.suffix != ".safetensors":
         raise InputError(f"--out {out}: the triplet index is a .safetensors file (e.g. {work}/triplets.safetensors)")
     data_root = resolve_data_root(work, data)
