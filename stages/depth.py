@@ -237,15 +237,15 @@ def stored_hw(image_hw: tuple[int, int], max_res: int | None) -> tuple[int, int]
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-PATHS = {"cache": "<nvf cache>/depth-cache"}
-"""Named paths `Context.paths` may set: ``cache``, the on-disk depth cache folder."""
+PATHS = {"cache_dir": "<nvf cache>/depth-cache"}
+"""Named paths `Context.paths` may set: ``cache_dir``, the on-disk depth cache folder."""
 
 
 def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
     """Predict depth for every view of the selected captures of ``ctx.data``; write them into ``ctx.work``.
 
     Writes ``WORK/<capture>/depth.safetensors`` per capture and returns those paths (captures whose
-    record is up to date are skipped unless ``ctx.overwrite``). ``ctx.paths["cache"]`` defaults to
+    record is up to date are skipped unless ``ctx.overwrite``). ``ctx.paths["cache_dir"]`` defaults to
     `default_cache_folder()`; `cfg.cache = False` neither reads nor writes it.
     """
     if cfg.max_res is not None and cfg.max_res < 1:
@@ -257,7 +257,7 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
     if not selected:
         log.warning("depth: no captures in this shard/selection; nothing to do")
         return []
-    cache = ArrayCache((ctx.given("cache") or default_cache_folder()) if cfg.cache else None, _MEMORY_CACHE_BYTES)
+    cache = ArrayCache((ctx.given("cache_dir") or default_cache_folder()) if cfg.cache else None, _MEMORY_CACHE_BYTES)
     settings = {
         "stage": STAGE,
         "model": ref.id,

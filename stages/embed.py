@@ -202,15 +202,15 @@ def default_cache_folder() -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-PATHS = {"cache": "<nvf cache>/embed-cache"}
-"""Named paths `Context.paths` may set: ``cache``, the on-disk embedding cache folder."""
+PATHS = {"cache_dir": "<nvf cache>/embed-cache"}
+"""Named paths `Context.paths` may set: ``cache_dir``, the on-disk embedding cache folder."""
 
 
 def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
     """Embed every view of the selected captures of ``ctx.data``; write ``WORK/<capture>/embed.safetensors``.
 
     Returns the paths written (captures whose record is up to date are skipped unless ``ctx.overwrite``).
-    ``ctx.paths["cache"]`` defaults to `default_cache_folder()`; `cfg.cache = False` neither reads nor writes it.
+    ``ctx.paths["cache_dir"]`` defaults to `default_cache_folder()`; `cfg.cache = False` neither reads nor writes it.
     """
     if cfg.workers < 1:
         raise InputError(f"--workers must be at least 1, got {cfg.workers}")
@@ -230,7 +230,7 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
         "precision": precision,
         "rows": "unit embedding + norm",  # what the cache holds per image: [D + 1]
     }
-    cache = ArrayCache((ctx.given("cache") or default_cache_folder()) if cfg.cache else None)
+    cache = ArrayCache((ctx.given("cache_dir") or default_cache_folder()) if cfg.cache else None)
     max_batch = _CPU_MAX_BATCH if torch_device.type == "cpu" else _GPU_MAX_BATCH
     how = view_batches.Batching(cfg.batch_size, max_batch, cfg.workers, sized=False)
     plans = view_batches.plan(ctx, STAGE, "embed", selected, settings, how, cache)

@@ -161,8 +161,8 @@ def model_labels(ref: models.ModelRef) -> dict[int, str]:
 # ----------------------------------------------------------------------------------------------
 
 
-PATHS = {"cache": "<nvf cache>/masks-cache"}
-"""Named paths `Context.paths` may set: ``cache``, the on-disk masks cache folder."""
+PATHS = {"cache_dir": "<nvf cache>/masks-cache"}
+"""Named paths `Context.paths` may set: ``cache_dir``, the on-disk masks cache folder."""
 
 
 def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
@@ -194,7 +194,7 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
         "classes": json.dumps(headmasks.CLASSES),
         "label_classes": headmasks.label_map_json(labels, table_l),
     }
-    cache = ArrayCache((ctx.given("cache") or default_cache_folder()) if cfg.cache else None, _MEMORY_CACHE_BYTES)
+    cache = ArrayCache((ctx.given("cache_dir") or default_cache_folder()) if cfg.cache else None, _MEMORY_CACHE_BYTES)
     max_batch = _CPU_MAX_BATCH if torch_device.type == "cpu" else _GPU_MAX_BATCH
     how = view_batches.Batching(cfg.batch_size, max_batch, cfg.workers)
     plans = view_batches.plan(ctx, STAGE, headmasks.KIND, selected, settings, how, cache)

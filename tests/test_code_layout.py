@@ -64,4 +64,8 @@ def test_every_stage_has_the_one_contract(module_name):
     docs = field_docs(module.Config)
     undocumented = [name for name in module.Config.__dataclass_fields__ if not docs.get(name)]
     assert not undocumented, f"{module_name}.Config fields without a docstring: {undocumented}"
-    assert all(isinstance(name, str) for name in getattr(module, "PATHS", {}))
+    paths = getattr(module, "PATHS", {})
+    clashes = set(paths) & set(module.Config.__dataclass_fields__)
+    assert not clashes, (
+        f"{module_name}: PATHS names that are Config fields too (a config section means both): {clashes}"
+    )

@@ -42,7 +42,7 @@ def _pipeline_depth(ref: models.ModelRef, image_path: Path) -> np.ndarray:
 def test_tiny_model_from_a_folder_runs_batched_and_matches_transformers(tmp_path, tiny_ref):
     data = _dataset(tmp_path / "data")
     cfg = depth.Config(model=tiny_ref.id, batch_size=3)  # a saved folder, through --model
-    paths = depth.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache": tmp_path / "cache"}), cfg)
+    paths = depth.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache_dir": tmp_path / "cache"}), cfg)
     assert [p.parent.name for p in paths] == ["cap0", "cap1"]
     record = io.load_record(paths[0], kind="depth", capture="cap0")
     assert record["depth"].shape == (5, 40, 56) and record["depth"].dtype == np.float32
@@ -88,14 +88,16 @@ def test_cache_makes_reruns_and_repeated_images_free(tmp_path, tiny_ref, monkeyp
         lambda self, images, out_hw: calls.append(len(images)) or original(self, images, out_hw),
     )
     cfg, cache = depth.Config(model=tiny_ref.id), tmp_path / "cache"
-    first = depth.run(Context(tmp_path / "w1", data=data, device="cpu", paths={"cache": cache}), cfg)
+    first = depth.run(Context(tmp_path / "w1", data=data, device="cpu", paths={"cache_dir": cache}), cfg)
     assert calls == [3, 3] and len(first) == 2  # one batch per capture
     repeated = [io.load_record(path)["depth"][0] for path in first]
     np.testing.assert_allclose(repeated[1], repeated[0], rtol=1e-6, atol=1e-6 * np.abs(repeated[0]).max())
-    assert depth.run(Context(tmp_path / "w1", data=data, device="cpu", paths={"cache": cache}), cfg) == []  # up to date
+    assert (
+        depth.run(Context(tmp_path / "w1", data=data, device="cpu", paths={"cache_dir": cache}), cfg) == []
+    )  # up to date
     calls.clear()
     second = depth.run(
-        Context(tmp_path / "w2", data=data, device="cpu", paths={"cache": cache}), cfg
+        Context(tmp_path / "w2", data=data, device="cpu", paths={"cache_dir": cache}), cfg
     )  # a new work tree
     assert calls == [] and len(second) == 2
     for a, b in zip(first, second, strict=False):
@@ -103,7 +105,7 @@ def test_cache_makes_reruns_and_repeated_images_free(tmp_path, tiny_ref, monkeyp
     assert io.load_record(second[1]).extra["depth_kind"] == "disparity"  # known without loading weights
     # a changed setting is a different key
     depth.run(
-        Context(tmp_path / "w3", data=data, device="cpu", paths={"cache": cache}),
+        Context(tmp_path / "w3", data=data, device="cpu", paths={"cache_dir": cache}),
         depth.Config(model=tiny_ref.id, max_res=20),
     )
     assert sum(calls) == 6
@@ -129,13 +131,13 @@ def test_a_captures_record_depends_on_its_own_batches_only(tmp_path, tiny_ref, m
                         lambda self, images, out_hw: calls.append(len(images)) or original(self, images, out_hw))  # fmt: skip
     cache = tmp_path / "cache"
     depth.run(
-        Context(tmp_path / "c3", data=data, device="cpu", paths={"cache": cache}),
+        Context(tmp_path / "c3", data=data, device="cpu", paths={"cache_dir": cache}),
         depth.Config(model=tiny_ref.id, batch_size=3),
     )
     assert calls == [3, 2] * 3
     calls.clear()  # the cache keys a map by its batch: batches of 4 cannot use those of 3
     depth.run(
-        Context(tmp_path / "c4", data=data, device="cpu", paths={"cache": cache}),
+        Context(tmp_path / "c4", data=data, device="cpu", paths={"cache_dir": cache}),
         depth.Config(model=tiny_ref.id, batch_size=4),
     )
     assert calls == [4, 1] * 3
@@ -143,7 +145,7 @@ def test_a_captures_record_depends_on_its_own_batches_only(tmp_path, tiny_ref, m
     with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger="nvf"):
         patch.setattr(depth.batching, "auto_batch_size", lambda *args, **kwargs: 2)
         split = depth.run(
-            Context(tmp_path / "split", data=data, device="cpu", paths={"cache": cache}),
+            Context(tmp_path / "split", data=data, device="cpu", paths={"cache_dir": cache}),
             depth.Config(model=tiny_ref.id),
         )
     assert calls == [2, 2, 1] * 3 and "a batch of 5 items runs in slices of 2" in caplog.text
@@ -152,7 +154,8 @@ def test_a_captures_record_depends_on_its_own_batches_only(tmp_path, tiny_ref, m
                                    atol=1e-6 * scale)  # fmt: skip
     calls.clear()
     depth.run(
-        Context(tmp_path / "whole", data=data, device="cpu", paths={"cache": cache}), depth.Config(model=tiny_ref.id)
+        Context(tmp_path / "whole", data=data, device="cpu", paths={"cache_dir": cache}),
+        depth.Config(model=tiny_ref.id),
     )
     assert calls == [5] * 3  # the split maps were not cached
 
@@ -183,13 +186,13 @@ def test_shard_and_capture_selection(tmp_path, tiny_ref):
     cfg = depth.Config(model=tiny_ref.id)
     paths = depth.run(
         Context(
-            tmp_path / "work", data=data, shard=worktree.Shard(1, 2), device="cpu", paths={"cache": tmp_path / "c"}
+            tmp_path / "work", data=data, shard=worktree.Shard(1, 2), device="cpu", paths={"cache_dir": tmp_path / "c"}
         ),
         cfg,
     )
     assert [p.parent.name for p in paths] == ["cap1"]
     paths = depth.run(
-        Context(tmp_path / "work", data=data, captures=["cap2"], device="cpu", paths={"cache": tmp_path / "c"}), cfg
+        Context(tmp_path / "work", data=data, captures=["cap2"], device="cpu", paths={"cache_dir": tmp_path / "c"}), cfg
     )
     assert [p.parent.name for p in paths] == ["cap2"]
 

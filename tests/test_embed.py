@@ -41,7 +41,7 @@ def _open_clip_one_by_one(ref: models.ModelRef, path: Path, normalize: bool = Tr
 def test_tiny_open_clip_folder_embeds_like_open_clip(tmp_path, tiny_ref):
     assert (Path(tiny_ref.id) / "open_clip_config.json").is_file()  # a saved folder, loaded by path
     data = _dataset(tmp_path / "data")
-    paths = embed.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache": tmp_path / "cache"}), embed.Config(model_preset="tiny", batch_size=2))  # fmt: skip
+    paths = embed.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache_dir": tmp_path / "cache"}), embed.Config(model_preset="tiny", batch_size=2))  # fmt: skip
     assert [p.parent.name for p in paths] == ["cap0", "cap1"]
     record = io.load_record(paths[0], kind="embed", capture="cap0")
     vectors = record["embedding"]
@@ -65,14 +65,14 @@ def test_tiny_open_clip_folder_embeds_like_open_clip(tmp_path, tiny_ref):
 def test_deterministic_and_cached_reruns(tmp_path, tiny_ref, monkeypatch, caplog):
     data = _dataset(tmp_path / "data")
     cfg = embed.Config(model=tiny_ref.id, batch_size=4)
-    first = embed.run(Context(tmp_path / "w1", data=data, device="cpu", paths={"cache": tmp_path / "cache"}), cfg)
+    first = embed.run(Context(tmp_path / "w1", data=data, device="cpu", paths={"cache_dir": tmp_path / "cache"}), cfg)
     uncached = embed.run(
         Context(tmp_path / "w0", data=data, device="cpu"), embed.Config(model=tiny_ref.id, cache=False)
     )
     for a, b in zip(first, uncached, strict=True):
         np.testing.assert_allclose(io.load_record(a)["embedding"], io.load_record(b)["embedding"], atol=1e-6)
     assert (
-        embed.run(Context(tmp_path / "w1", data=data, device="cpu", paths={"cache": tmp_path / "cache"}), cfg) == []
+        embed.run(Context(tmp_path / "w1", data=data, device="cpu", paths={"cache_dir": tmp_path / "cache"}), cfg) == []
     )  # up to date
 
     def no_model(*args, **kwargs):
@@ -80,7 +80,9 @@ def test_deterministic_and_cached_reruns(tmp_path, tiny_ref, monkeypatch, caplog
 
     monkeypatch.setattr(embed.ClipEmbedder, "embed_with_norm", no_model)
     with caplog.at_level(logging.INFO, logger="nvf"):
-        second = embed.run(Context(tmp_path / "w2", data=data, device="cpu", paths={"cache": tmp_path / "cache"}), cfg)
+        second = embed.run(
+            Context(tmp_path / "w2", data=data, device="cpu", paths={"cache_dir": tmp_path / "cache"}), cfg
+        )
     # 6 rows: cap1/v0 repeats cap0/v0's bytes but in another batch, so it is keyed (and cached) apart
     assert "0 image(s) computed; cache hits 0 memory, 6 disk" in caplog.text
     for a, b in zip(first, second, strict=True):
@@ -90,12 +92,15 @@ def test_deterministic_and_cached_reruns(tmp_path, tiny_ref, monkeypatch, caplog
 def test_changed_image_rewrites_only_its_capture(tmp_path, tiny_ref):
     data = _dataset(tmp_path / "data")
     cfg = embed.Config(model=tiny_ref.id)
-    embed.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache": tmp_path / "cache"}), cfg)
+    embed.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache_dir": tmp_path / "cache"}), cfg)
     Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(data / "cap1" / "v2.png")
-    rewritten = embed.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache": tmp_path / "cache"}), cfg)
+    rewritten = embed.run(
+        Context(tmp_path / "work", data=data, device="cpu", paths={"cache_dir": tmp_path / "cache"}), cfg
+    )
     assert [p.parent.name for p in rewritten] == ["cap1"]
     only = embed.run(
-        Context(tmp_path / "solo", data=data, captures=["cap0"], device="cpu", paths={"cache": tmp_path / "cache"}), cfg
+        Context(tmp_path / "solo", data=data, captures=["cap0"], device="cpu", paths={"cache_dir": tmp_path / "cache"}),
+        cfg,
     )
     assert [p.parent.name for p in only] == ["cap0"]
 
@@ -175,12 +180,12 @@ def test_a_captures_record_depends_on_its_own_batches_only(tmp_path, tiny_ref, m
     # the cache keys a row by its batch: batches of 3 fill it, a run in batches of 4 cannot use it
     cache = tmp_path / "cache"
     embed.run(
-        Context(tmp_path / "c3", data=data, device="cpu", paths={"cache": cache}),
+        Context(tmp_path / "c3", data=data, device="cpu", paths={"cache_dir": cache}),
         embed.Config(model=tiny_ref.id, batch_size=3),
     )
     with caplog.at_level(logging.INFO, logger="nvf"):
         embed.run(
-            Context(tmp_path / "c4", data=data, device="cpu", paths={"cache": cache}),
+            Context(tmp_path / "c4", data=data, device="cpu", paths={"cache_dir": cache}),
             embed.Config(model=tiny_ref.id, batch_size=4),
         )
     assert "15 image(s) computed; cache hits 0 memory, 0 disk" in caplog.text
@@ -189,7 +194,7 @@ def test_a_captures_record_depends_on_its_own_batches_only(tmp_path, tiny_ref, m
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="nvf"):
         split = embed.run(
-            Context(tmp_path / "split", data=data, device="cpu", paths={"cache": cache}),
+            Context(tmp_path / "split", data=data, device="cpu", paths={"cache_dir": cache}),
             embed.Config(model=tiny_ref.id),
         )
     assert "a batch of 5 items runs in slices of 2" in caplog.text
@@ -201,7 +206,7 @@ def test_a_captures_record_depends_on_its_own_batches_only(tmp_path, tiny_ref, m
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="nvf"):
         embed.run(
-            Context(tmp_path / "whole", data=data, device="cpu", paths={"cache": cache}),
+            Context(tmp_path / "whole", data=data, device="cpu", paths={"cache_dir": cache}),
             embed.Config(model=tiny_ref.id),
         )
     assert "15 image(s) computed; cache hits 0 memory, 0 disk" in caplog.text  # the split rows were not cached

@@ -93,8 +93,8 @@ def _transformers_classes(ref: models.ModelRef, image_path: Path) -> np.ndarray:
 
 def test_tiny_segformer_batched_equals_one_by_one_and_transformers(tmp_path, tiny_ref):
     data = _dataset(tmp_path / "data", captures=1)
-    batched = masks.run(Context(tmp_path / "b2", data=data, device="cpu", paths={"cache": tmp_path / "cache2"}), masks.Config(model_preset="tiny", batch_size=2))  # fmt: skip
-    single = masks.run(Context(tmp_path / "b1", data=data, device="cpu", paths={"cache": tmp_path / "cache1"}), masks.Config(model_preset="tiny", batch_size=1))  # fmt: skip
+    batched = masks.run(Context(tmp_path / "b2", data=data, device="cpu", paths={"cache_dir": tmp_path / "cache2"}), masks.Config(model_preset="tiny", batch_size=2))  # fmt: skip
+    single = masks.run(Context(tmp_path / "b1", data=data, device="cpu", paths={"cache_dir": tmp_path / "cache1"}), masks.Config(model_preset="tiny", batch_size=1))  # fmt: skip
     record = headmasks.load_masks(batched[0], "cap0")
     classes = record["classes"]
     assert classes.shape == (3, 40, 56) and classes.dtype == np.uint8
@@ -111,11 +111,11 @@ def test_resume_overwrite_cache_and_shards(tmp_path, monkeypatch, caplog):
     data = _dataset(tmp_path / "data", captures=2)
     cfg = masks.Config(model_preset="tiny", batch_size=2)
     cache = tmp_path / "cache"
-    first = masks.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache": cache}), cfg)
+    first = masks.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache_dir": cache}), cfg)
     assert [p.parent.name for p in first] == ["cap0", "cap1"]
     stamp = first[0].stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="nvf"):
-        assert masks.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache": cache}), cfg) == []
+        assert masks.run(Context(tmp_path / "work", data=data, device="cpu", paths={"cache_dir": cache}), cfg) == []
     assert "0 of 2 capture(s) to write" in caplog.text and first[0].stat().st_mtime_ns == stamp
     calls: list[int] = []
     original = masks.MaskPredictor.predict
@@ -125,15 +125,17 @@ def test_resume_overwrite_cache_and_shards(tmp_path, monkeypatch, caplog):
         return original(self, images, out_hw)
 
     monkeypatch.setattr(masks.MaskPredictor, "predict", counting)
-    again = masks.run(Context(tmp_path / "work", data=data, device="cpu", overwrite=True, paths={"cache": cache}), cfg)
+    again = masks.run(
+        Context(tmp_path / "work", data=data, device="cpu", overwrite=True, paths={"cache_dir": cache}), cfg
+    )
     assert len(again) == 2 and calls == []  # recomputed records, every map from the disk cache
     fresh = masks.run(
-        Context(tmp_path / "other", data=data, device="cpu", overwrite=True, paths={"cache": tmp_path / "c2"}), cfg
+        Context(tmp_path / "other", data=data, device="cpu", overwrite=True, paths={"cache_dir": tmp_path / "c2"}), cfg
     )
     assert calls == [2, 1, 2, 1]  # the model ran: 3 views per capture in batches of 2
     for a, b in zip(first, fresh, strict=True):
         assert a.read_bytes() == b.read_bytes()  # the record depends only on its inputs
-    shards = [masks.run(Context(tmp_path / f"s{k}", data=data, shard=worktree.Shard(k, 2), device="cpu", paths={"cache": cache}), cfg)
+    shards = [masks.run(Context(tmp_path / f"s{k}", data=data, shard=worktree.Shard(k, 2), device="cpu", paths={"cache_dir": cache}), cfg)
               for k in range(2)]  # fmt: skip
     assert sorted(p.parent.name for s in shards for p in s) == ["cap0", "cap1"] and all(len(s) == 1 for s in shards)
 
