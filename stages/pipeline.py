@@ -202,7 +202,8 @@ def stage_config(item: Step, module: ModuleType, cfg: Config) -> Any:
         if key in _SECTION_KEYS or key in getattr(module, "PATHS", {}):
             continue
         if key not in fields:
-            raise InputError(f"[stages.{item.name}] has no setting '{key}'; settings: {', '.join(fields)}")
+            raise InputError(f"[stages.{item.name}] has no setting '{key}' for {module.__name__}; settings: "
+                             f"{', '.join(fields)}")  # fmt: skip
         changes[key] = _coerce(value, fields[key], base)
     if item.name == "scan" and isinstance(changes.get("filters"), Mapping):
         changes["filters"] = dataset.Filters(**{k: tuple(v) if isinstance(v, list) else v
