@@ -42,9 +42,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from stages.core import batching, dataset, io, models, view_batches
+from stages.core import batching, contract, dataset, io, models, view_batches
 from stages.core.batching import effective_precision
-from stages.core.cache import ArrayCache
 from stages.core.contract import Context, require_data
 from stages.core.errors import InputError
 from stages.core.models import model_fingerprint
@@ -210,17 +209,7 @@ def _estimate_activation_bytes(config: Any, in_h: int, in_w: int, dtype: torch.d
     return 1.5 * elem * (attention + token_buffers + decoder)
 
 
-# ----------------------------------------------------------------------------------------------
-# The cache
-# ----------------------------------------------------------------------------------------------
-
-
 _MEMORY_CACHE_BYTES = 512 * 2**20  # in-memory LRU of depth maps for repeated access within a run
-
-
-def default_cache_folder() -> Path:
-    """``<nvf cache>/depth-cache``."""
-    return models.cache_dir() / "depth-cache"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,18 +235,17 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
 
     Writes ``WORK/<capture>/depth.safetensors`` per capture and returns those paths (captures whose
     record is up to date are skipped unless ``ctx.overwrite``). ``ctx.paths["cache_dir"]`` defaults to
-    `default_cache_folder()`; `cfg.cache = False` neither reads nor writes it.
+    ``<nvf cache>/depth-cache``; `cfg.cache = False` neither reads nor writes it.
     """
     if cfg.max_res is not None and cfg.max_res < 1:
         raise InputError(f"--max-res must be a positive number of pixels, got {cfg.max_res}")
     torch_device = batching.choose_device(ctx.device)
     precision = effective_precision(cfg.precision, torch_device)
     ref = models.resolve_model("depth", cfg.model_preset, cfg.model)
-    selected = ctx.select(dataset.scan(require_data(ctx, STAGE), cfg.layout).captures)
+    selected = contract.selected(ctx, STAGE, dataset.scan(require_data(ctx, STAGE), cfg.layout).captures)
     if not selected:
-        log.warning("depth: no captures in this shard/selection; nothing to do")
         return []
-    cache = ArrayCache((ctx.given("cache_dir") or default_cache_folder()) if cfg.cache else None, _MEMORY_CACHE_BYTES)
+    cache = view_batches.array_cache(ctx, STAGE, cfg.cache, _MEMORY_CACHE_BYTES)
     settings = {
         "stage": STAGE,
         "model": ref.id,

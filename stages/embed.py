@@ -43,9 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.core import batching, dataset, io, models, view_batches
+from stages.core import batching, contract, dataset, io, models, view_batches
 from stages.core.batching import effective_precision
-from stages.core.cache import ArrayCache
 from stages.core.contract import Context, require_data
 from stages.core.errors import InputError
 from stages.core.models import model_fingerprint
@@ -188,16 +187,6 @@ def loaded_embedder(
 
 
 # ----------------------------------------------------------------------------------------------
-# The cache
-# ----------------------------------------------------------------------------------------------
-
-
-def default_cache_folder() -> Path:
-    """``<nvf cache>/embed-cache``."""
-    return models.cache_dir() / "embed-cache"
-
-
-# ----------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------
 
@@ -210,7 +199,7 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
     """Embed every view of the selected captures of ``ctx.data``; write ``WORK/<capture>/embed.safetensors``.
 
     Returns the paths written (captures whose record is up to date are skipped unless ``ctx.overwrite``).
-    ``ctx.paths["cache_dir"]`` defaults to `default_cache_folder()`; `cfg.cache = False` neither reads nor writes it.
+    ``ctx.paths["cache_dir"]`` defaults to ``<nvf cache>/embed-cache``; `cfg.cache = False` neither reads nor writes it.
     """
     if cfg.workers < 1:
         raise InputError(f"--workers must be at least 1, got {cfg.workers}")
@@ -218,9 +207,8 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
     precision = effective_precision(cfg.precision, torch_device)
     ref = models.resolve_model("clip", cfg.model_preset, cfg.model)
     data = require_data(ctx, STAGE)
-    selected = ctx.select(dataset.scan(data, cfg.layout).captures)
+    selected = contract.selected(ctx, STAGE, dataset.scan(data, cfg.layout).captures)
     if not selected:
-        log.warning("embed: no captures in this shard/selection; nothing to do")
         return []
     settings = {
         "stage": STAGE,
@@ -230,7 +218,7 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
         "precision": precision,
         "rows": "unit embedding + norm",  # what the cache holds per image: [D + 1]
     }
-    cache = ArrayCache((ctx.given("cache_dir") or default_cache_folder()) if cfg.cache else None)
+    cache = view_batches.array_cache(ctx, STAGE, cfg.cache)
     max_batch = _CPU_MAX_BATCH if torch_device.type == "cpu" else _GPU_MAX_BATCH
     how = view_batches.Batching(cfg.batch_size, max_batch, cfg.workers, sized=False)
     plans = view_batches.plan(ctx, STAGE, "embed", selected, settings, how, cache)

@@ -37,10 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.core import batching, dataset, io, models, view_batches
+from stages.core import batching, contract, dataset, io, models, view_batches
 from stages.core import masks as headmasks
 from stages.core.batching import effective_precision
-from stages.core.cache import ArrayCache
 from stages.core.contract import Context, require_data
 from stages.core.models import model_fingerprint
 from stages.core.view_batches import CapturePlan, ImagePredictor, View
@@ -80,11 +79,6 @@ PRESETS: dict[str, Config] = {
     "tiny": Config(model_preset="tiny"),
     "fast": Config(precision="fp16"),
 }
-
-
-def default_cache_folder() -> Path:
-    """``<nvf cache>/masks-cache``."""
-    return models.cache_dir() / "masks-cache"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,9 +167,8 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
     """
     torch_device = batching.choose_device(ctx.device)
     precision = effective_precision(cfg.precision, torch_device)
-    selected = ctx.select(dataset.scan(require_data(ctx, STAGE), cfg.layout).captures)
+    selected = contract.selected(ctx, STAGE, dataset.scan(require_data(ctx, STAGE), cfg.layout).captures)
     if not selected:
-        log.warning("masks: no captures in this shard/selection; nothing to do")
         return []
     ref = models.resolve_model("masks", cfg.model_preset, cfg.model)
     labels = model_labels(ref)
@@ -194,7 +187,7 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
         "classes": json.dumps(headmasks.CLASSES),
         "label_classes": headmasks.label_map_json(labels, table_l),
     }
-    cache = ArrayCache((ctx.given("cache_dir") or default_cache_folder()) if cfg.cache else None, _MEMORY_CACHE_BYTES)
+    cache = view_batches.array_cache(ctx, STAGE, cfg.cache, _MEMORY_CACHE_BYTES)
     max_batch = _CPU_MAX_BATCH if torch_device.type == "cpu" else _GPU_MAX_BATCH
     how = view_batches.Batching(cfg.batch_size, max_batch, cfg.workers)
     plans = view_batches.plan(ctx, STAGE, headmasks.KIND, selected, settings, how, cache)

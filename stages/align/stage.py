@@ -111,12 +111,7 @@ def align_views(
 
 def work_captures(work: Path) -> list[dataset.Capture]:
     """The captures of a work tree: its sub-folders holding a depth record (subject from its metadata)."""
-    if not Path(work).is_dir():
-        raise InputError(f"{work}: no such work folder; run `nvf depth DATA --out {work}` first")
-    found = worktree.captures_with(work, "depth")
-    if not found:
-        raise InputError(f"{work}: no <capture>/depth.safetensors in it; run `nvf depth DATA --out {work}` first")
-    return found
+    return worktree.captures_with(work, "depth", f"run `nvf depth DATA --out {work}` first")
 
 
 def run(ctx: Context, cfg: Config = Config()) -> list[Path]:

@@ -25,12 +25,7 @@ log = logging.getLogger("nvf")
 
 def work_captures(work: Path) -> list[dataset.Capture]:
     """The captures of a work tree: its sub-folders holding an aligned record."""
-    if not Path(work).is_dir():
-        raise InputError(f"{work}: no such work folder; run nvf poses, depth and align into it first")
-    found = worktree.captures_with(work, "aligned")
-    if not found:
-        raise InputError(f"{work}: no <capture>/aligned.safetensors in it; run `nvf align {work}` first")
-    return found
+    return worktree.captures_with(work, "aligned", f"run nvf poses, depth and `nvf align {work}` into it first")
 
 
 def _check_config(cfg: Config) -> None:

@@ -77,6 +77,15 @@ class Context:
         return worktree.select_captures(captures, shard=self.shard, capture_ids=self.captures)
 
 
+def selected(ctx: Context, stage: str, captures: Sequence[Capture]) -> list[Capture]:
+    """`Context.select`, with a warning when the shard or the ``--captures`` list leaves nothing to do."""
+    chosen = ctx.select(captures)
+    if not chosen:
+        log.warning("%s: no captures in this shard/selection (shard %d/%d); nothing to do", stage, ctx.shard.index,
+                    ctx.shard.count)  # fmt: skip
+    return chosen
+
+
 def require_data(ctx: Context, stage: str) -> Path:
     """``ctx.data``, or an InputError saying the stage reads the dataset's images."""
     if ctx.data is None:
@@ -131,21 +140,20 @@ def for_each_capture(ctx: Context, stage: str, captures: Sequence[Capture], plan
     Captures are planned one at a time, just before they run, so a capture's inputs are read once
     and a failure stops the run with every earlier capture complete. Returns the paths written.
     """
-    selected = ctx.select(captures)
-    if not selected:
-        log.warning("%s: no captures in this shard/selection; nothing to do", stage)
+    chosen = selected(ctx, stage, captures)
+    if not chosen:
         return []
     written: list[Path] = []
     if ctx.progress is not None:
-        ctx.progress(0, len(selected))
-    for done, capture in enumerate(selected, start=1):
+        ctx.progress(0, len(chosen))
+    for done, capture in enumerate(chosen, start=1):
         job = plan(capture)
         if not ctx.overwrite and job.up_to_date():
             log.debug("%s: %s is up to date, skipped", stage, capture.id)
         else:
             written.extend(_write_job(job, compute))
         if ctx.progress is not None:
-            ctx.progress(done, len(selected))
+            ctx.progress(done, len(chosen))
     return written
 
 

@@ -78,6 +78,15 @@ class Batching:
     stored_hw: Callable[[tuple[int, int]], tuple[int, int]] = lambda hw: hw
 
 
+def array_cache(ctx: Context, stage: str, enabled: bool, memory_bytes: int = 0) -> ArrayCache:
+    """The stage's array cache: on disk in ``ctx.paths["cache_dir"]``, else ``<nvf cache>/<stage>-cache``
+    (none when not ``enabled``), with an in-memory LRU of ``memory_bytes``."""
+    from stages.core.models import cache_dir
+
+    folder = (ctx.given("cache_dir") or cache_dir() / f"{stage}-cache") if enabled else None
+    return ArrayCache(folder, memory_bytes)
+
+
 def plan(
     ctx: Context, stage: str, record: str, captures: Sequence[dataset.Capture], settings: dict[str, Any],
     how: Batching, cache: ArrayCache,
@@ -93,32 +102,31 @@ def plan(
                        io.hash_inputs(settings, list(zip(capture.names, digests, strict=False))), digests)
             for capture, digests in zip(captures, per_capture, strict=True)]  # fmt: skip
     plans = []
-    for job in pending(ctx, stage, jobs):
-        paths = [data / image.path for image in job.capture.images]
-        plans.append(_cut(stage, job, paths, settings, how, cache))
+    with ThreadPoolExecutor(workers, thread_name_prefix="nvf-size") as pool:
+        for job in pending(ctx, stage, jobs):
+            paths = [data / image.path for image in job.capture.images]
+            sizes = list(pool.map(io.image_hw, paths)) if how.sized else [UNSIZED] * len(paths)  # headers only
+            plans.append(_cut(stage, job, paths, sizes, settings, how, cache))
     return plans
 
 
-def _cut(stage: str, job: CaptureJob[list[str]], paths: list[Path], settings: dict[str, Any], how: Batching,
-         cache: ArrayCache) -> CapturePlan:  # fmt: skip
+def _cut(stage: str, job: CaptureJob[list[str]], paths: list[Path], sizes: list[tuple[int, int]],
+         settings: dict[str, Any], how: Batching, cache: ArrayCache) -> CapturePlan:  # fmt: skip
+    """One pending capture cut into its batches, each view keyed by its batch."""
     digests = job.state
-    if how.sized:
-        with ThreadPoolExecutor(min(8, max(1, how.workers)), thread_name_prefix="nvf-size") as pool:
-            sizes = list(pool.map(io.image_hw, paths))  # image headers only
-        stored = how.stored_hw(sizes[0])
-        if len(set(sizes)) > 1:
-            log.warning("%s: capture %s mixes image sizes %s; its arrays are all stored at %dx%d (image_hw keeps each size)",
-                        stage, job.capture.id, sorted(set(sizes)), stored[1], stored[0])  # fmt: skip
-    else:
-        sizes, stored = [UNSIZED] * len(paths), UNSIZED
+    stored = how.stored_hw(sizes[0]) if how.sized else UNSIZED
+    if len(set(sizes)) > 1:
+        log.warning("%s: capture %s mixes image sizes %s; its arrays are all stored at %dx%d (image_hw keeps each size)",
+                    stage, job.capture.id, sorted(set(sizes)), stored[1], stored[0])  # fmt: skip
     batches = _capture_batches(sizes, how.batch_size, how.max_batch)
     keys = [""] * len(paths)
     for batch in batches:  # a view's key names its whole batch: the same key, the same bits
+        if how.sized:
+            context, where = [(digests[row], sizes[row]) for row in batch], (stored,)
+        else:
+            context, where = [digests[row] for row in batch], ()
         for position, row in enumerate(batch):
-            if how.sized:
-                keys[row] = io.hash_inputs(settings, [(digests[r], sizes[r]) for r in batch], stored, position)
-            else:
-                keys[row] = io.hash_inputs(settings, [digests[r] for r in batch], position)
+            keys[row] = io.hash_inputs(settings, context, *where, position)
     views = [View(path, hw, stored, key) for path, hw, key in zip(paths, sizes, keys, strict=True)]
     missing = {view.key for view in views if not cache.contains(view.key)}
     return CapturePlan(job.capture, views, batches, job.inputs_hash, job.outputs[0], missing)

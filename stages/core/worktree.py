@@ -106,12 +106,13 @@ def select_captures(
     return shard.select(captures)
 
 
-def captures_with(work: str | os.PathLike, kind: str) -> list[Capture]:
+def captures_with(work: str | os.PathLike, kind: str, how_to_make: str) -> list[Capture]:
     """The captures of a work tree holding a record of ``kind`` (sorted; subject from the record's
-    metadata, else the folder name). InputError when ``work`` is not a folder."""
+    metadata, else the folder name). InputError, ending with ``how_to_make`` (e.g. "run nvf depth
+    DATA --out WORK first"), when ``work`` is not a folder or holds no such record."""
     work = Path(work)
     if not work.is_dir():
-        raise InputError(f"{work}: no such work folder")
+        raise InputError(f"{work}: no such work folder; {how_to_make}")
     found = []
     for path in sorted(work.glob(f"*/{RECORD_FILES[kind]}")):
         try:
@@ -119,6 +120,8 @@ def captures_with(work: str | os.PathLike, kind: str) -> list[Capture]:
         except Exception:  # unreadable: the stage that loads it says so
             subject = path.parent.name
         found.append(Capture(path.parent.name, subject, ()))
+    if not found:
+        raise InputError(f"{work}: no <capture>/{RECORD_FILES[kind]} in it; {how_to_make}")
     return found
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core import batching, dataset, digests, io, worktree
+from stages.core import batching, contract, dataset, digests, io, worktree
 from stages.core.contract import Context, require_data
 from stages.core.errors import InputError
 from stages.poses.capture import check_capture, complete_capture, sfm_capture
@@ -104,9 +104,8 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
     data, out = require_data(ctx, "poses"), Path(ctx.work)
     found = dataset.scan(data, cfg.layout)
     mode, rig = resolve_rig(cfg, found.layout)
-    selected = ctx.select(found.captures)
+    selected = contract.selected(ctx, "poses", found.captures)
     if not selected:
-        log.warning("poses: no captures selected (shard %s/%s)", ctx.shard.index, ctx.shard.count)
         return []
     groups = _groups(selected, mode)
     for capture in selected:

@@ -233,7 +233,7 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
     """The stage contract: `reconstruct` every selected capture of ``ctx.work`` that has poses."""
     out = ctx.path("out", PATHS["out"])
     written: list[Path] = []
-    for capture in ctx.select(worktree.captures_with(ctx.work, "poses")):
+    for capture in ctx.select(worktree.captures_with(ctx.work, "poses", f"run nvf poses DATA --out {ctx.work} first")):
         written += reconstruct(worktree.capture_dir(ctx.work, capture.id), out / capture.id, cfg, data=ctx.data,
                                overwrite=ctx.overwrite, device=ctx.device)  # fmt: skip
     return written

@@ -259,8 +259,7 @@ class TrainedModel:
 
     def null_z_cond(self, z_cond_bd: torch.Tensor) -> torch.Tensor:
         """z_cond with its CLIP part zeroed (the CFG-dropped condition)."""
-        clip, pose = io.split_z_cond(z_cond_bd, self.clip_dim)
-        return io.join_z_cond(torch.zeros_like(clip), pose)
+        return io.without_clip(z_cond_bd, self.clip_dim)
 
 
 def load_checkpoint(

@@ -89,8 +89,7 @@ def preview(
     scheduler.set_timesteps(steps, device=device)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(source_mean.shape, generator=g).to(device) * scheduler.init_noise_sigma
-    clip, pose = io.split_z_cond(z_cond, clip_dim)
-    null = io.join_z_cond(torch.zeros_like(clip), pose)
+    null = io.without_clip(z_cond, clip_dim)
     both_cond = torch.cat([z_cond, null])
     both_source = torch.cat([source_mean, torch.zeros_like(source_mean)])
     for t in scheduler.timesteps:

@@ -97,8 +97,7 @@ def model_inputs(
     z_cond = batch.z_cond.to(**to)
     if dropout is not None:
         drop_clip, drop_image = (m.to(device) for m in dropout_masks(draws.uniform, dropout))
-        clip, pose = io.split_z_cond(z_cond, clip_dim)
-        z_cond = io.join_z_cond(clip * (~drop_clip)[:, None], pose)
+        z_cond = io.without_clip(z_cond, clip_dim, keep=~drop_clip)
         source = source * (~drop_image)[:, None, None, None]
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(x0, noise, timesteps)

@@ -475,9 +475,8 @@ def test_z_cond_layout_widths_order_and_joins():
     clip = np.full((2, 3), 0.5)
     z = io.join_z_cond(clip, pose)
     assert z.dtype == np.float32 and z.shape == (2, 3 + 16) and z[0, :4].tolist() == [0.5, 0.5, 0.5, 0.0]
-    back_clip, back_pose = io.split_z_cond(z, 3)
-    np.testing.assert_array_equal(back_clip, clip)
-    np.testing.assert_array_equal(back_pose, pose)
+    np.testing.assert_array_equal(z[:, :3], clip)
+    np.testing.assert_array_equal(z[:, 3:], pose)
 
 
 def test_z_cond_of_torch_tensors_stays_torch():
@@ -485,4 +484,14 @@ def test_z_cond_of_torch_tensors_stays_torch():
     clip, pose = torch.ones(2, 3, dtype=torch.float16), torch.zeros(2, 12, dtype=torch.float16)
     z = io.join_z_cond(clip, pose)
     assert isinstance(z, torch.Tensor) and z.dtype == torch.float16 and tuple(z.shape) == (2, 15)
-    assert torch.equal(io.split_z_cond(z, 3)[1], pose)
+    assert torch.equal(z[:, 3:], pose)
+
+
+def test_without_clip_zeroes_the_clip_part_of_the_dropped_rows_only():
+    torch = pytest.importorskip("torch")
+    z = torch.arange(1.0, 11.0).reshape(2, 5)  # CLIP 3 + pose 2
+    null = io.without_clip(z, 3)
+    assert null.tolist() == [[0, 0, 0, 4, 5], [0, 0, 0, 9, 10]]
+    kept = io.without_clip(z, 3, keep=torch.tensor([True, False]))
+    assert kept.tolist() == [[1, 2, 3, 4, 5], [0, 0, 0, 9, 10]]
+    assert z[0, 0] == 1  # the input is not changed

@@ -70,7 +70,6 @@ from stages.core.io.records import (
     SCHEMAS,
     DepthKind,
     PoseLayout,
-    PoseSource,
     Record,
     depth_kind,
     join_z_cond,
@@ -81,7 +80,7 @@ from stages.core.io.records import (
     read_record_tensor,
     safetensors_bytes,
     save_record,
-    split_z_cond,
+    without_clip,
     z_cond_dim,
 )
 
@@ -107,7 +106,6 @@ __all__ = [
     "POSE_SOURCES",
     "PointCloud",
     "PoseLayout",
-    "PoseSource",
     "Record",
     "SCHEMAS",
     "atomic_dir",
@@ -140,7 +138,7 @@ __all__ = [
     "remove_owned_dir",
     "safetensors_bytes",
     "save_record",
-    "split_z_cond",
+    "without_clip",
     "to_jsonable",
     "transforms_image_paths",
     "write_colmap_text",

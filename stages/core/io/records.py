@@ -61,7 +61,6 @@ SCHEMAS: dict[str, dict[str, tuple[int | str, ...]]] = {
 # Contracts between stages: what a value in one stage's record means to the stages that read it
 # ----------------------------------------------------------------------------------------------
 
-PoseSource = Literal["sfm", "rig", "interp"]
 POSE_SOURCES: dict[str, int] = {"sfm": 0, "rig": 1, "interp": 2}
 """Where a view's pose came from, as the int8 ``source`` tensor of a poses record (and the
 ``pose_source`` of a triplet index) holds it; poses records also carry this table as JSON in their
@@ -72,7 +71,7 @@ trustworthy: `nvf triplets --exclude-interp` leaves them out). A poses record wi
 tensor (a rig or ground truth) counts as ``rig`` in a triplet index."""
 GROUNDTRUTH_STAGE = "groundtruth"
 """``nvf_stage`` of a poses record copied from a synthetic dataset's ground truth
-(`stages.pipeline.copy_groundtruth_poses`), so nothing mistakes it for estimated poses."""
+(`stages.groundtruth`), so nothing mistakes it for estimated poses."""
 
 DepthKind = Literal["depth", "disparity"]
 DEPTH_KINDS: tuple[DepthKind, ...] = ("depth", "disparity")
@@ -138,9 +137,13 @@ def join_z_cond(clip: Any, pose: Any) -> Any:
     return np.concatenate([clip, pose], axis=-1).astype(np.float32)
 
 
-def split_z_cond(z_cond: Any, clip_dim: int) -> tuple[Any, Any]:
-    """(CLIP part [..., clip_dim], pose part [..., P]) of z_cond (views, numpy or torch)."""
-    return z_cond[..., :clip_dim], z_cond[..., clip_dim:]
+def without_clip(z_cond: Any, clip_dim: int, keep: Any = None) -> Any:
+    """z_cond [B, D + P] (torch) with its CLIP part zeroed: the condition classifier-free guidance
+    drops. ``keep`` [B] bool keeps the CLIP part of the rows where it is True (training's dropout)."""
+    import torch
+
+    clip = torch.zeros_like(z_cond[:, :clip_dim]) if keep is None else z_cond[:, :clip_dim] * keep[:, None]
+    return torch.cat([clip, z_cond[:, clip_dim:]], dim=1)
 
 
 @dataclass(frozen=True)
