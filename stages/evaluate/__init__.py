@@ -216,7 +216,7 @@ folder (synth data), poses and depth of the work tree are scored against it."""
 def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
     """The stage contract: `evaluate` the inputs named in ``ctx.paths`` (or the work tree against
     ``DATA/groundtruth``) into the report folder."""
-    given = {name: Path(ctx.paths[name]) for name in PATHS if name != "out" and ctx.paths.get(name) is not None}
+    given = {name: path for name in PATHS if name != "out" and (path := ctx.given(name)) is not None}
     truth = Path(ctx.data) / "groundtruth" if ctx.data is not None else None
     if not given:
         if truth is None or not truth.is_dir():

@@ -227,7 +227,7 @@ def run(ctx: Context, cfg: Config = Config()) -> list[Path]:
     """
     out = ctx.path("out", PATHS["out"])
     triplets = ctx.path("triplets", PATHS["triplets"])
-    resume = str(ctx.paths["resume"]) if ctx.paths.get("resume") is not None else None
+    resume = str(ctx.given("resume")) if ctx.given("resume") is not None else None
     if resume is None and not ctx.overwrite and ckpt.list_checkpoints(out):
         resume = "latest"
     return train(triplets, out, cfg, device=ctx.device, resume=resume, overwrite=ctx.overwrite, progress=ctx.progress)
